@@ -1,0 +1,1 @@
+"""Diagnostics of trained flows: gradient variance, memorisation, straightness."""
