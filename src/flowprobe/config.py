@@ -35,7 +35,8 @@ class ConfigError(ValueError):
 def option(default: Any = dataclasses.MISSING, *, choices=None, ge=None, gt=None, le=None, lt=None,
            default_factory: Any = dataclasses.MISSING, help: str = ""):
     """A dataclass field with constraints checked by :func:`from_dict`."""
-    meta = {k: v for k, v in dict(choices=choices, ge=ge, gt=gt, le=le, lt=lt, help=help).items() if v not in (None, "")}
+    given = {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "help": help}
+    meta = {k: v for k, v in given.items() if v not in (None, "")}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

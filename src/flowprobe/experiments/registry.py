@@ -47,7 +47,8 @@ def experiment(name: str, config: type, quick: dict | None = None, claim: str = 
     """Decorator registering ``run(cfg, ctx) -> metrics`` as experiment ``name``."""
 
     def deco(fn):
-        REGISTRY[name] = Experiment(name, config, fn, dict(quick or {}), claim, description or (fn.__doc__ or "").strip())
+        doc = description or (fn.__doc__ or "").strip()
+        REGISTRY[name] = Experiment(name, config, fn, dict(quick or {}), claim, doc)
         return fn
 
     return deco
@@ -142,7 +143,8 @@ def _report(exp: Experiment, results: dict, ctx: RunContext) -> str:
              f"{results['wall_time_s']:.1f} s, flowprobe {__version__}.\n",
              f"## Criteria ({held}/{len(ctx.criteria)} held)\n"]
     for c in ctx.criteria:
-        parts.append(f"- {'HELD' if c['held'] else 'NOT HELD'}: {c['name']}" + (f" ({c['detail']})" if c["detail"] else ""))
+        detail = f" ({c['detail']})" if c["detail"] else ""
+        parts.append(f"- {'HELD' if c['held'] else 'NOT HELD'}: {c['name']}{detail}")
     parts.append("")
     for t in ctx.tables:
         parts += [f"## {t['title']}\n", _markdown_table(t["rows"], t["columns"])]
