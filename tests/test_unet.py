@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
+from flowprobe.fast import autocast, ema_update_, make_ema, make_optimizer, make_train_step, prepare_model
 from flowprobe.nets import UNet, count_parameters, unet_preset
 from flowprobe.nets.unet import attention
 from flowprobe.objectives import cfm_sample_loss
@@ -171,3 +173,91 @@ def test_forward_traces_as_one_graph():
     compiled = torch.compile(net, backend="eager", fullgraph=True)
     x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
     torch.testing.assert_close(compiled(t, x), net(t, x))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# flowprobe.fast
+
+
+def _cfm_objective(net, x0, x1, t):
+    """Mean over batch and dimensions of ||net(t, x_t) - (x1 - x0)||^2 on the straight path."""
+    tt = t[:, None, None, None]
+    x_t = (1 - tt) * x0 + tt * x1
+    return (net(t, x_t) - (x1 - x0)).pow(2).mean()
+
+
+def test_ema_update_matches_the_formula():
+    net = _randomise(_tiny(), seed=1)
+    ema = make_ema(net)
+    assert not any(p.requires_grad for p in ema.parameters()) and not ema.training
+    before = [p.detach().clone() for p in ema.parameters()]
+    _randomise(net, seed=2)
+    ema_update_(ema, net, decay=0.9)
+    for e, b, p in zip(ema.parameters(), before, net.parameters()):
+        torch.testing.assert_close(e, 0.9 * b + 0.1 * p.detach())
+    # Lists of tensors work as well, and decay 1 leaves the average unchanged.
+    a, b = [torch.randn(3), torch.randn(2, 2)], [torch.randn(3), torch.randn(2, 2)]
+    a0 = [x.clone() for x in a]
+    ema_update_(a, b, decay=1.0)
+    for x, y in zip(a, a0):
+        torch.testing.assert_close(x, y)
+    with pytest.raises(ValueError, match="decay"):
+        ema_update_(a, b, decay=1.5)
+
+
+def test_train_step_equals_a_plain_eager_step():
+    torch.manual_seed(0)
+    net = _randomise(_tiny(), seed=3, std=0.05)
+    ref = copy.deepcopy(net)
+    ema, ref_ema = make_ema(net), make_ema(ref)
+    x0, x1, t = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16), torch.rand(8)
+
+    opt = make_optimizer(net.parameters(), lr=1e-3, kind="adam")
+    step = make_train_step(net, opt, _cfm_objective, precision="fp32", compile=False, grad_clip=0.05, ema=ema,
+                           ema_decay=0.9)
+    out = step(x0, x1, t)
+
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-3, foreach=False)
+    loss = _cfm_objective(ref, x0, x1, t)
+    loss.backward()
+    norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in ref.parameters()))
+    assert norm > 0.05  # clipping is active
+    for p in ref.parameters():
+        p.grad.mul_(0.05 / (norm + 1e-6))
+    ref_opt.step()
+    with torch.no_grad():
+        for e, p in zip(ref_ema.parameters(), ref.parameters()):
+            e.mul_(0.9).add_(0.1 * p)
+
+    torch.testing.assert_close(out.loss, loss.detach())
+    torch.testing.assert_close(out.grad_norm, norm)
+    for a, b in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(ema.parameters(), ref_ema.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_step_overfits_a_tiny_problem(precision):
+    torch.manual_seed(0)
+    net = prepare_model(_tiny(image_size=8, attention_resolutions=(4,)), "cpu", channels_last=True)
+    assert net.input_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(0)
+    x0, x1, t = torch.randn(8, 3, 8, 8, generator=g), torch.randn(8, 3, 8, 8, generator=g), torch.rand(8, generator=g)
+    x0, x1 = (x.contiguous(memory_format=torch.channels_last) for x in (x0, x1))
+    opt = make_optimizer(net.parameters(), lr=3e-3)
+    step = make_train_step(net, opt, _cfm_objective, precision=precision, grad_clip=1.0)
+    losses = torch.stack([step(x0, x1, t).loss for _ in range(60)])
+    assert losses[-5:].mean() < 0.5 * losses[:3].mean()
+
+
+def test_precision_and_optimizer_arguments_are_checked():
+    with pytest.raises(ValueError, match="precision"):
+        autocast("cpu", "fp8")
+    with pytest.raises(ValueError, match="kind"):
+        make_optimizer([torch.zeros(1, requires_grad=True)], kind="sgd")
+    assert isinstance(autocast("cpu", "fp32"), contextlib.nullcontext)
+    with autocast("cpu", "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    opt = make_optimizer([torch.zeros(1, requires_grad=True)])
+    assert opt.defaults["foreach"] is True
