@@ -1,0 +1,287 @@
+"""Exact per-sample gradient norms without per-sample gradients ("ghost norms").
+
+For a linear map out = W a + b applied at T positions (T = 1 for an MLP layer, T = tokens for a Linear on
+a sequence, T = output pixels for a convolution after im2col), sample i has activations A_i (T x d_in) and
+output gradients B_i = d l_i / d out_i (T x d_out), and its weight gradient is g_i^W = B_i^T A_i. So
+
+    ||g_i^W||_F^2 = sum_{s,t} (A_i A_i^T)_{st} (B_i B_i^T)_{st}        ("Gram" form, cost T^2 (d_in + d_out))
+                  = ||B_i^T A_i||_F^2                                  (materialised, cost T d_in d_out)
+
+whichever is cheaper, and g_i^W . G = sum_t B_i[t] . (G A_i[t]) for any matrix G (the mean gradient, for
+the standard error). The bias gradient is g_i^b = sum_t B_i[t]. Grouped convolutions are G independent
+such maps. GroupNorm / LayerNorm affine parameters have per-sample gradients sum over positions of
+B_i * xhat_i (weight) and B_i (bias), with xhat the normalised input; these are small and materialised.
+
+A and B come from a forward hook (the module input) and a hook on the module output's gradient, in one
+backward pass of the **summed** loss sum_i l_i, so the output gradient of sample i is exactly
+d l_i / d out_i (a mean would scale it by 1/n). This needs every sample's output to depend only on its
+own input (true in eval mode; BatchNorm in train mode breaks it). A module called several times in one
+forward gets its positions concatenated (weights) or its per-sample gradients summed (norms).
+
+Covered: nn.Linear, nn.Conv1d, nn.Conv2d (zero padding), nn.GroupNorm, nn.LayerNorm. The parameters of
+any other module (and shared parameters) are computed with the exact ``torch.func`` per-sample method; a
+warning names those module types.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..objectives import squared_error
+
+__all__ = ["run_ghost", "ghost_plan", "GHOST_TYPES"]
+
+GHOST_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
+#: Elements of the largest temporary a ghost computation builds at once (per module, per sub-batch).
+_BUDGET = 1 << 26
+
+
+def _conv_padding(module) -> tuple[int, ...] | None:
+    """Explicit symmetric zero padding of a conv module, or None when the ghost rule does not apply."""
+    if module.padding_mode != "zeros":
+        return None
+    pad = module.padding
+    if isinstance(pad, str):
+        if pad == "valid":
+            return (0,) * len(module.kernel_size)
+        out = []
+        for k, d in zip(module.kernel_size, module.dilation):  # "same"
+            if (d * (k - 1)) % 2:
+                return None
+            out.append(d * (k - 1) // 2)
+        return tuple(out)
+    return tuple(pad)
+
+
+def _supported(module: nn.Module) -> bool:
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return _conv_padding(module) is not None
+    return isinstance(module, GHOST_TYPES)
+
+
+def ghost_plan(net: nn.Module, params: list[tuple[str, nn.Parameter]]):
+    """Which parameters get ghost norms: returns ([(module, {"weight"|"bias": param name})],
+    fallback param names, sorted fallback module type names)."""
+    pid = {id(p): name for name, p in params}
+    owners: dict[int, int] = {}
+    for mod in net.modules():
+        for p in mod.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    covered, fallback, types = [], [], set()
+    for mod in net.modules():
+        own = [(k, p) for k, p in mod.named_parameters(recurse=False) if id(p) in pid]
+        if not own:
+            continue
+        ok = _supported(mod) and all(k in ("weight", "bias") and owners[id(p)] == 1 for k, p in own)
+        if ok:
+            covered.append((mod, {k: pid[id(p)] for k, p in own}))
+        else:
+            fallback += [pid[id(p)] for _, p in own]
+            types.add(type(mod).__name__)
+    order = {name: k for k, (name, _) in enumerate(params)}
+    fallback.sort(key=order.__getitem__)
+    return covered, fallback, sorted(types)
+
+
+class _Recorder:
+    """Forward hooks that keep each covered module's input and register a hook for its output gradient."""
+
+    def __init__(self, modules):
+        self.active = False
+        self.acts: dict[nn.Module, list[Tensor]] = {m: [] for m in modules}
+        self.grads: dict[nn.Module, dict[int, Tensor]] = {m: {} for m in modules}
+        self.handles = [m.register_forward_hook(self._hook) for m in modules]
+
+    def _hook(self, module, inputs, output):
+        if not self.active:
+            return
+        k = len(self.acts[module])
+        self.acts[module].append(inputs[0].detach())
+        if isinstance(output, Tensor) and output.requires_grad:
+            def keep(g, module=module, k=k):
+                self.grads[module][k] = g.detach()
+            output.register_hook(keep)
+
+    def clear(self):
+        for m in self.acts:
+            self.acts[m].clear()
+            self.grads[m].clear()
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.clear()
+
+
+def _weight_sq_dot(A: Tensor, B: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample ||B_i^T A_i||_F^2 and <B_i^T A_i, ref> summed over G groups.
+
+    A: (m, G, T, Din), B: (m, G, T, Dout), ref: (G, Dout, Din). Returns two (m,) tensors.
+    """
+    T, Din, Dout = A.shape[2], A.shape[3], B.shape[3]
+    if T == 1:
+        a, b = A[:, :, 0], B[:, :, 0]
+        sq = (a.pow(2).sum(-1) * b.pow(2).sum(-1)).sum(1)
+        dot = torch.einsum("mgo,goi,mgi->m", b, ref, a)
+    elif T * T * (Din + Dout) < T * Din * Dout:
+        sq = ((A @ A.transpose(-1, -2)) * (B @ B.transpose(-1, -2))).sum((1, 2, 3))
+        dot = (B * (A @ ref.transpose(-1, -2))).sum((1, 2, 3))
+    else:
+        per = B.transpose(-1, -2) @ A  # (m, G, Dout, Din): the per-sample weight gradients
+        sq = per.pow(2).sum((1, 2, 3))
+        dot = (per * ref).sum((1, 2, 3))
+    return sq, dot
+
+
+def _sub_batches(m: int, per_sample: int):
+    step = max(1, _BUDGET // max(1, per_sample))
+    for a in range(0, m, step):
+        yield slice(a, min(m, a + step))
+
+
+def _module_sq_dot(mod: nn.Module, acts: list[Tensor], grads: dict[int, Tensor], names: dict[str, str],
+                   ref: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+    """{param name: (per-sample squared norms (m,), per-sample dots with ref (m,))} for one module."""
+    calls = [(a, grads[k]) for k, a in enumerate(acts) if k in grads]
+    m = acts[0].shape[0]
+    dev = acts[0].device
+    out = {}
+    if not calls:  # the module's output did not reach the loss: zero gradients
+        return {name: (torch.zeros(m, device=dev), torch.zeros(m, device=dev)) for name in names.values()}
+    dtype = calls[0][1].dtype
+
+    if isinstance(mod, (nn.GroupNorm, nn.LayerNorm)):
+        gw = gb = None
+        for a, b in calls:
+            a = a.to(dtype)
+            if isinstance(mod, nn.GroupNorm):
+                xhat = F.group_norm(a, mod.num_groups, eps=mod.eps)
+                pw, pb = (b * xhat).reshape(m, mod.num_channels, -1).sum(2), b.reshape(m, mod.num_channels, -1).sum(2)
+            else:
+                ns = tuple(mod.normalized_shape)
+                xhat = F.layer_norm(a, ns, eps=mod.eps)
+                pw, pb = (b * xhat).reshape(m, -1, *ns).sum(1), b.reshape(m, -1, *ns).sum(1)
+            gw = pw if gw is None else gw + pw
+            gb = pb if gb is None else gb + pb
+        for key, g in (("weight", gw), ("bias", gb)):
+            if key in names:
+                g = g.flatten(1)
+                r = ref[names[key]].to(g.dtype).flatten()
+                out[names[key]] = (g.pow(2).sum(1), g @ r)
+        return out
+
+    # Linear and convolutions: (m, G, T, Din) activations and (m, G, T, Dout) output gradients per call.
+    def layout(a: Tensor, b: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
+        a, b = a[rows].to(dtype), b[rows]
+        k = a.shape[0]
+        if isinstance(mod, nn.Linear):
+            return a.reshape(k, 1, -1, mod.in_features), b.reshape(k, 1, -1, mod.out_features)
+        G = mod.groups
+        pad = _conv_padding(mod)
+        if isinstance(mod, nn.Conv1d):
+            a = a.unsqueeze(2)
+            cols = F.unfold(a, (1, mod.kernel_size[0]), dilation=(1, mod.dilation[0]), padding=(0, pad[0]),
+                            stride=(1, mod.stride[0]))
+        else:
+            cols = F.unfold(a, mod.kernel_size, dilation=mod.dilation, padding=pad, stride=mod.stride)
+        cols = cols.reshape(k, G, cols.shape[1] // G, -1).transpose(-1, -2)
+        bb = b.reshape(k, G, b.shape[1] // G, -1).transpose(-1, -2)
+        return cols, bb
+
+    def bias_grad(b: Tensor, rows: slice) -> Tensor:
+        b = b[rows]
+        if isinstance(mod, nn.Linear):
+            return b.reshape(b.shape[0], -1, mod.out_features).sum(1)
+        return b.reshape(b.shape[0], b.shape[1], -1).sum(2)
+
+    w = mod.weight
+    G = 1 if isinstance(mod, nn.Linear) else mod.groups
+    d_out = w.shape[0] // G
+    wref = ref[names["weight"]].to(dtype).reshape(G, d_out, -1) if "weight" in names else None
+    # size of one sample's largest temporary (activations after im2col, Gram matrices or per-sample grads)
+    a0, b0 = layout(*calls[0], slice(0, 1))
+    T = sum(layout(a, b, slice(0, 1))[0].shape[2] for a, b in calls)
+    din = a0.shape[3]
+    per_sample = G * (T * (din + d_out) + min(2 * T * T, d_out * din))
+    sqw, dotw, sqb, dotb = [], [], [], []
+    for rows in _sub_batches(m, per_sample):
+        if wref is not None:
+            parts = [layout(a, b, rows) for a, b in calls]
+            A = torch.cat([p[0] for p in parts], 2) if len(parts) > 1 else parts[0][0]
+            B = torch.cat([p[1] for p in parts], 2) if len(parts) > 1 else parts[0][1]
+            s, d = _weight_sq_dot(A, B, wref)
+            sqw.append(s)
+            dotw.append(d)
+        if "bias" in names:
+            gb = sum(bias_grad(b, rows) for _, b in calls)
+            r = ref[names["bias"]].to(gb.dtype).flatten()
+            sqb.append(gb.pow(2).sum(1))
+            dotb.append(gb @ r)
+    if wref is not None:
+        out[names["weight"]] = (torch.cat(sqw), torch.cat(dotw))
+    if "bias" in names:
+        out[names["bias"]] = (torch.cat(sqb), torch.cat(dotb))
+    return out
+
+
+def run_ghost(net, params, t, x, u, reduction, chunk_size, mom) -> tuple[Tensor, list[str]]:
+    """The ghost-norm pass of :func:`flowprobe.probes.gradvar.per_sample_grad_stats`.
+
+    Per chunk: one forward and one backward of sum_i l_i with hooks give sum_i g_i (the ordinary batch
+    gradient) and, per covered parameter, ||g_i||^2 and g_i . g_ref; fallback parameters go through
+    ``torch.func``. g_ref (the mean gradient, for the SE) comes from the same pass when the n samples fit
+    in one chunk, else from one ordinary chunked backward pass first. Returns (losses, fallback types).
+    """
+    from .gradvar import _batch_gradient, _chunks, _vmap_grads
+
+    n = x.shape[0]
+    covered, fallback, types = ghost_plan(net, params)
+    if fallback:
+        warnings.warn(f"ghost norms do not cover module types {types}; their {len(fallback)} parameter tensors "
+                      "use the exact per-sample (torch.func) method", stacklevel=3)
+    single = n <= chunk_size
+    losses = None
+    if not single:
+        sums, losses = _batch_gradient(net, params, t, x, u, reduction, chunk_size)
+        mom.ref = {nm: s / n for nm, s in sums.items()}
+    col = {nm: k for k, nm in enumerate(mom.pnames)}
+    by_name = dict(params)
+    plist = [p for _, p in params]
+    rec = _Recorder([mod for mod, _ in covered])
+    chunk_losses = []
+    try:
+        for a, b in _chunks(n, chunk_size):
+            rec.clear()
+            rec.active = True
+            try:
+                l = squared_error(net(t[a:b], x[a:b]), u[a:b], reduction)
+                grads = torch.autograd.grad(l.sum(), plist, allow_unused=True)
+            finally:
+                rec.active = False
+            chunk_losses.append(l.detach())
+            for (nm, p), g in zip(params, grads):
+                mom.add_sum(nm, torch.zeros_like(p) if g is None else g)
+            if single:
+                mom.ref = {nm: s / n for nm, s in mom.sums.items()}
+            m = b - a
+            sq = torch.zeros(m, len(params), dtype=torch.float64)
+            dot = torch.zeros(m, len(params), dtype=torch.float64)
+            for mod, names in covered:
+                for nm, (s, d) in _module_sq_dot(mod, rec.acts[mod], rec.grads[mod], names, mom.ref).items():
+                    sq[:, col[nm]] = s.double().cpu()
+                    dot[:, col[nm]] = d.double().cpu()
+            rec.clear()
+            if fallback:
+                fg = _vmap_grads(net, fallback, by_name, t[a:b], x[a:b], u[a:b], reduction)
+                for nm in fallback:
+                    g = fg[nm].flatten(1).double()
+                    sq[:, col[nm]] = g.pow(2).sum(1).cpu()
+                    dot[:, col[nm]] = (g @ mom.ref[nm].flatten().to(g.device)).cpu()
+            mom.add_norms(sq, dot)
+    finally:
+        rec.remove()
+    return (torch.cat(chunk_losses) if losses is None else losses), types
