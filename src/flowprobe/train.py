@@ -1,26 +1,60 @@
-"""The training loop shared by every model (toy MLPs, image UNets, experiments).
+"""The training loop shared by every model (toy MLPs, image UNets, experiments), and the train/sample CLI.
 
-``fit`` is the low-level loop: a net, a coupling (anything with ``sample(n, generator) -> Pairing``),
-a :class:`~flowprobe.objectives.CFMObjective` and a step budget. It returns the trained net.
+:func:`fit` is the low-level loop: a net, a coupling (anything with ``sample(n, generator) -> Pairing``),
+an objective (:class:`~flowprobe.objectives.CFMObjective` or anything called ``objective(net, pairing,
+generator) -> scalar loss``) and a step budget. One step is one AdamW update on a batch of
+``batch_size`` pairs:
+
+    theta <- AdamW(theta, grad_theta L(theta)),   L = mean_i l_i  (the objective's batch loss),
+
+with learning rate lr_k = lr * w(k) * c(k) (linear warm-up w, constant or cosine decay c; see
+:func:`learning_rate`), optional gradient-norm clipping, an optional EMA copy
+e <- d e + (1 - d) theta after every update, fp32 or bf16 autocast, optional ``torch.compile``, checkpoints
+(:mod:`flowprobe.checkpoint`) that resume *exactly*, metrics appended to a JSONL file, and data-parallel
+training through ``torch.distributed`` (DistributedDataParallel) when a process group is initialised.
+
+:class:`TrainConfig` describes a whole run in YAML (data, model, path, coupling, optimiser, sampling);
+:func:`train_from_config` runs it into a folder, and ``flowprobe train`` / ``flowprobe sample`` are the
+command-line front ends (registered by :func:`register_cli`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
+import os
+import signal
+import threading
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from . import __version__
+from .config import ConfigError, load_config, option, to_dict
+from .io import append_jsonl, atomic_write, write_json
 from .objectives import CFMObjective
+from .solvers import METHODS
 
-__all__ = ["fit", "TrainState"]
+__all__ = [
+    "fit", "TrainState", "learning_rate", "LR_SCHEDULES", "PRECISIONS", "ema_update", "distributed_info",
+    "TrainConfig", "DataConfig", "ModelConfig", "PathConfig", "CouplingConfig", "OptimConfig", "SampleConfig",
+    "build_run", "train_from_config", "sample_checkpoint", "default_config_path", "register_cli",
+]
+
+LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
 class TrainState:
-    """What ``fit`` returns: the trained net, its EMA copy (None without EMA), the number of optimiser
-    steps taken and the logged losses. ``model`` is what to sample: the EMA when there is one."""
+    """What ``fit`` returns (and what a callback receives): the trained net, its EMA copy (None without
+    EMA), the number of optimiser steps taken and the per-step training losses (host floats; inside a
+    callback, the losses up to the current step). ``model`` is what to sample: the EMA when there is one."""
 
     net: nn.Module
     ema: nn.Module | None = None
@@ -32,40 +66,692 @@ class TrainState:
         return self.ema if self.ema is not None else self.net
 
 
+def learning_rate(step: int, *, lr: float, steps: int, warmup: int = 0, schedule: str = "constant") -> float:
+    """Learning rate of optimiser step ``step`` (0-based) out of ``steps``:
+
+        lr_k = lr * min(1, (k + 1) / warmup) * c(k),   c(k) = 1 (constant) or (1 + cos(pi k / steps)) / 2 (cosine).
+
+    Without warm-up (``warmup = 0``) the first factor is 1.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
+    f = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    if schedule == "cosine":
+        f *= 0.5 * (1 + math.cos(math.pi * step / steps))
+    return lr * f
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
+    """e <- decay * e + (1 - decay) * theta for every parameter (one fused ``_foreach_lerp_``); buffers are
+    copied."""
+    e_params = [p for p in ema.parameters()]
+    n_params = [p.detach() for p in net.parameters()]
+    if e_params:
+        torch._foreach_lerp_(e_params, n_params, 1.0 - decay)
+    for eb, nb in zip(ema.buffers(), net.buffers()):
+        eb.copy_(nb)
+
+
+def distributed_info() -> tuple[int, int]:
+    """(rank, world size) of the initialised ``torch.distributed`` process group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _describe(obj: Any) -> dict | None:
+    d = getattr(obj, "describe", None)
+    if callable(d):
+        try:
+            return d()
+        except Exception:  # a description must never stop training
+            return {"type": type(obj).__name__}
+    return {"type": type(obj).__name__} if obj is not None else None
+
+
+def _objective_description(objective) -> dict:
+    desc = _describe(objective) if hasattr(objective, "describe") else {"objective": type(objective).__name__}
+    if isinstance(objective, CFMObjective):
+        desc = {"objective": "cfm", "reduction": objective.reduction}
+    return desc
+
+
+class _GracefulInterrupt:
+    """First Ctrl-C: finish the current step, checkpoint, then raise KeyboardInterrupt. Second: at once."""
+
+    def __init__(self, active: bool):
+        self.active = active and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        if self.active:
+            self._old = signal.getsignal(signal.SIGINT)
+
+            def handler(signum, frame):
+                if self.requested:
+                    raise KeyboardInterrupt
+                self.requested = True
+
+            signal.signal(signal.SIGINT, handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def _batch_loss(model, objective, coupling, generator, batch_size: int, rank: int, world: int):
+    """Loss of one optimiser step. Every rank draws the *global* batch from the shared generator (so the
+    generator stays in step everywhere), then keeps its slice; the mean over the slice, averaged over ranks
+    by DDP's gradient all-reduce, is the single-process batch mean."""
+    pairing = coupling.sample(batch_size, generator)
+    if world == 1:
+        return objective(model, pairing, generator)
+    t, x_t, u_t = objective.draw(pairing, generator)
+    per = batch_size // world
+    sl = slice(rank * per, (rank + 1) * per)
+    return objective.losses(model, t[sl], x_t[sl], u_t[sl]).mean()
+
+
 def fit(net: nn.Module, coupling, objective: CFMObjective, *, steps: int, batch_size: int, lr: float = 1e-3,
         seed: int = 0, lr_schedule: str = "constant", warmup: int = 0, grad_clip: float | None = None,
-        weight_decay: float = 0.0, device: str | torch.device = "cpu", progress: bool = False) -> TrainState:
-    """Train ``net`` for ``steps`` AdamW steps on batches drawn from ``coupling``.
+        weight_decay: float = 0.0, device: str | torch.device = "cpu", progress: bool = False,
+        ema_decay: float | None = None, precision: str = "fp32", compile: bool | str = False,
+        log_path: str | Path | None = None, log_every: int = 100, ckpt_dir: str | Path | None = None,
+        ckpt_every: int | None = None, ckpt_keep: int | None = None, resume_from: str | Path | None = None,
+        callback: Callable[[TrainState], Any] | None = None, callback_every: int | None = None,
+        optimizer_kwargs: dict | None = None, gradvar_every: int | None = None, gradvar_times=None,
+        gradvar_samples: int = 256, config: Any = None) -> TrainState:
+    """Train ``net`` for ``steps`` AdamW optimiser steps on batches of ``batch_size`` drawn from ``coupling``.
 
-    Learning rate: linear warm-up over ``warmup`` steps, then constant or cosine decay to 0.
-    Randomness comes only from a generator seeded with ``seed`` (on ``device``).
+    Learning rate: :func:`learning_rate` (linear warm-up over ``warmup`` steps, then constant or cosine
+    decay to 0 at ``steps``). ``grad_clip`` clips the global gradient norm. All randomness (pairs, times,
+    noise) comes from one generator on ``device`` seeded with ``seed``; its state is checkpointed, so
+    ``resume_from`` (a checkpoint file or folder) continues exactly where the run stopped: training N
+    steps straight, or N/2, stopping, and resuming to N, gives the same parameters. ``steps`` is the total
+    (the schedule's horizon), not the number of steps left.
+
+    Options: ``ema_decay`` d keeps e <- d e + (1 - d) theta after every step; ``precision="bf16"`` runs
+    the forward pass under bf16 autocast (parameters, optimiser and EMA stay fp32); ``compile`` compiles the
+    training forward with ``torch.compile`` (True, or a backend name); ``optimizer_kwargs`` go to AdamW
+    (e.g. ``fused=True``). ``log_path`` receives one JSON line per ``log_every`` steps (mean loss over the
+    window, lr, throughput) after a start record describing path, coupling and objective. ``ckpt_dir``
+    receives a checkpoint every ``ckpt_every`` steps and at the end (``ckpt_keep`` keeps only the newest
+    k); ``config`` is stored in their sidecars. ``callback(state)`` runs every ``callback_every`` steps
+    (default ``log_every``). ``gradvar_every`` appends the gradient-variance profile at ``gradvar_times``
+    (``gradvar_samples`` per time) to the metrics log.
+
+    Data-parallel: when a ``torch.distributed`` process group is initialised with world size W > 1, the
+    net is wrapped in DistributedDataParallel, ``batch_size`` is the global batch (divisible by W), each
+    rank draws the global batch from the shared generator and trains on its slice, and only rank 0 writes
+    logs and checkpoints. The step counter counts optimiser steps. Per-step losses are accumulated on the
+    device and copied to the host only at log, callback and checkpoint times.
     """
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if ema_decay is not None and not 0 <= ema_decay < 1:
+        raise ValueError(f"ema_decay must be in [0, 1) or None, got {ema_decay!r}")
+    if log_every < 1:
+        raise ValueError(f"log_every must be >= 1, got {log_every}")
+    for name, v in (("ckpt_every", ckpt_every), ("callback_every", callback_every), ("gradvar_every", gradvar_every),
+                    ("ckpt_keep", ckpt_keep)):
+        if v is not None and v < 1:
+            raise ValueError(f"{name} must be >= 1 or None, got {v}")
+
     device = torch.device(device)
+    rank, world = distributed_info()
+    is_main = rank == 0
+    if world > 1:
+        if batch_size % world:
+            raise ValueError(f"batch_size {batch_size} must be divisible by the world size {world}")
+        if not (hasattr(objective, "draw") and hasattr(objective, "losses")):
+            raise ValueError("data-parallel training needs an objective with draw() and losses() (like CFMObjective)")
+
     net.to(device).train()
     gen = torch.Generator(device=device).manual_seed(seed)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    gradvar_gen = torch.Generator(device=device).manual_seed(seed + 7919)
+    generators = {"train": gen, "gradvar": gradvar_gen}
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay, **(optimizer_kwargs or {}))
+    ema = None
+    if ema_decay is not None:
+        ema = copy.deepcopy(net).requires_grad_(False)
+        ema.eval()
 
-    def lr_at(step: int) -> float:
-        f = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-        if lr_schedule == "cosine":
-            f *= 0.5 * (1 + math.cos(math.pi * step / steps))
-        return lr * f
+    start = 0
+    prior_losses: list[float] = []
+    if resume_from is not None:
+        from .checkpoint import load_checkpoint
 
-    losses = []
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        pairing = coupling.sample(batch_size, gen)
-        loss = objective(net, pairing, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-        opt.step()
-        losses.append(loss.item())
+        ck = load_checkpoint(resume_from, net=net, ema=ema, optimizer=opt, generators=generators,
+                             restore_global_rng=True)
+        start = ck.step
+        prior_losses = ck.losses[:start]
+        if start > steps:
+            raise ValueError(f"checkpoint {ck.path} is at step {start}, beyond steps={steps}")
+
+    model: nn.Module = net
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile:
+        model = torch.compile(model) if compile is True else torch.compile(model, backend=compile)
+
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext())
+
+    loss_buf = torch.zeros(max(steps, 1), device=device, dtype=torch.float32)
+    losses: list[float] = list(prior_losses)  # host copy, extended lazily from loss_buf
+    synced = start
+    if callback is not None and callback_every is None:
+        callback_every = log_every
+    if gradvar_every is not None:
+        gradvar_fn = _import_gradvar()
+
+    path_desc = _describe(getattr(objective, "path", None))
+    run_desc = {"path": path_desc, "coupling": _describe(coupling), "objective": _objective_description(objective)}
+    log_path = Path(log_path) if (log_path is not None and is_main) else None
+    if log_path is not None:
+        append_jsonl(log_path, {"event": "resume" if start else "start", "step": start, "steps": steps,
+                                "batch_size": batch_size, "world_size": world, "lr": lr, "lr_schedule": lr_schedule,
+                                "warmup": warmup, "grad_clip": grad_clip, "weight_decay": weight_decay,
+                                "ema_decay": ema_decay, "precision": precision, "compile": bool(compile),
+                                "seed": seed, "device": str(device), "version": __version__, **run_desc})
+
+    def sync_losses(upto: int) -> None:
+        nonlocal synced
+        if upto > synced:
+            chunk = loss_buf[synced:upto]
+            if world > 1:
+                import torch.distributed as dist
+
+                chunk = chunk.clone()
+                dist.all_reduce(chunk)
+                chunk /= world
+            losses.extend(chunk.tolist())
+            synced = upto
+
+    def save(step: int) -> None:
+        if not (is_main and ckpt_dir is not None):
+            return
+        from .checkpoint import checkpoint_path, list_checkpoints, save_checkpoint
+
+        save_checkpoint(checkpoint_path(ckpt_dir, step), net=net, ema=ema, optimizer=opt, step=step, config=config,
+                        generators=generators, losses=losses[:step],
+                        extra={"descriptions": run_desc, "world_size": world, "batch_size": batch_size})
+        if ckpt_keep is not None:
+            for old in list_checkpoints(ckpt_dir)[:-ckpt_keep]:
+                old.with_suffix(".json").unlink(missing_ok=True)
+                old.unlink(missing_ok=True)
+
+    bar = _progress_bar(progress and is_main, steps, start)
+    t_window, s_window = time.perf_counter(), start
+    last_saved = start if resume_from is not None else -1
+    with bar, _GracefulInterrupt(world == 1) as interrupt:
+        task = bar.add_task("training", total=steps, completed=start, loss=float("nan"))
+        for step in range(start, steps):
+            for g in opt.param_groups:
+                g["lr"] = learning_rate(step, lr=lr, steps=steps, warmup=warmup, schedule=lr_schedule)
+            with autocast:
+                loss = _batch_loss(model, objective, coupling, gen, batch_size, rank, world)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip:
+                nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+            opt.step()
+            if ema is not None:
+                ema_update(ema, net, ema_decay)
+            loss_buf[step] = loss.detach().float()
+            done = step + 1
+
+            if done % log_every == 0 or done == steps:
+                sync_losses(done)
+                now = time.perf_counter()
+                window = losses[s_window:done]
+                mean_loss = sum(window) / max(len(window), 1)
+                if log_path is not None:
+                    append_jsonl(log_path, {"event": "train", "step": done, "loss": mean_loss,
+                                            "lr": opt.param_groups[0]["lr"],
+                                            "steps_per_s": (done - s_window) / max(now - t_window, 1e-9),
+                                            "samples_seen": done * batch_size})
+                bar.update(task, loss=mean_loss)
+                t_window, s_window = now, done
+            bar.update(task, completed=done)
+
+            if gradvar_every is not None and done % gradvar_every == 0 and is_main:
+                record = _gradvar_record(gradvar_fn, net, objective, coupling, gradvar_times, gradvar_samples,
+                                         gradvar_gen, done)
+                if log_path is not None:
+                    append_jsonl(log_path, record)
+            if callback is not None and done % callback_every == 0 and is_main:
+                sync_losses(done)
+                callback(TrainState(net=net, ema=ema, step=done, losses=losses))
+                net.train()
+            if ckpt_every is not None and done % ckpt_every == 0:
+                sync_losses(done)
+                save(done)
+                last_saved = done
+            if interrupt.requested:
+                sync_losses(done)
+                if last_saved != done:
+                    save(done)
+                raise KeyboardInterrupt
+    sync_losses(steps)
+    if last_saved != steps and steps > start:
+        save(steps)
     net.eval()
-    return TrainState(net=net, step=steps, losses=losses)
+    return TrainState(net=net, ema=ema, step=steps, losses=losses)
 
 
-def register_cli(subparsers) -> None:  # replaced by the full train/sample commands
-    pass
+def _progress_bar(enabled: bool, steps: int, start: int):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4g}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=Console(stderr=True), disable=not enabled, transient=False)
+
+
+def _import_gradvar():
+    try:
+        from .probes.gradvar import gradient_variance
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("flowprobe"):
+            raise NotImplementedError("gradvar_every needs flowprobe.probes.gradvar, which is not available") from None
+        raise
+    return gradient_variance
+
+
+def _gradvar_record(gradient_variance, net, objective, coupling, times, n_samples, generator, step) -> dict:
+    if times is None:
+        times = [0.05, 0.25, 0.5, 0.75, 0.95]
+    times = torch.as_tensor(times, dtype=torch.float32)
+    was_training = net.training
+    net.eval()
+    result = gradient_variance(net, objective.path, coupling, times, n_samples=n_samples, method="exact",
+                               generator=generator, reduction=getattr(objective, "reduction", "sum"))
+    net.train(was_training)
+    return {"event": "gradvar", "step": step, **result.to_dict()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configs and runs
+
+
+def _toy_names() -> tuple[str, ...]:
+    from .data.toy import TOY_DISTRIBUTIONS
+
+    return tuple(TOY_DISTRIBUTIONS)
+
+
+@dataclass
+class DataConfig:
+    """Source (t = 0) and target (t = 1) distributions: 2-D toys from :mod:`flowprobe.data.toy`, with their
+    keyword parameters. ``n_train`` > 0 draws a finite training set of that many source and target points
+    once (a fixed pool; with ``coupling.kind: fixed_pairs`` row i of each is a fixed pair)."""
+
+    source: str = option("eight_gaussians", choices=_toy_names())
+    target: str = option("moons", choices=_toy_names())
+    source_params: dict = option(default_factory=dict)
+    target_params: dict = option(default_factory=dict)
+    n_train: int | None = option(None, ge=1)
+
+
+@dataclass
+class ModelConfig:
+    """The velocity network: an MLP on [x, sinusoidal embedding of 1000 t]."""
+
+    arch: str = option("mlp", choices=("mlp",))
+    width: int = option(256, ge=1)
+    depth: int = option(3, ge=1)
+    time_embed_dim: int = option(32, ge=0)
+    activation: str = option("silu", choices=("silu", "relu", "gelu", "tanh", "selu"))
+
+
+@dataclass
+class PathConfig:
+    """The interpolant: sigma = 0 is the straight line (rectified flow); sigma > 0 adds g(t) z with
+    g = sigma (constant) or sigma sqrt(t (1 - t)) (bridge)."""
+
+    sigma: float = option(0.0, ge=0)
+    schedule: str = option("constant", choices=("constant", "bridge"))
+
+
+@dataclass
+class CouplingConfig:
+    """How pairs are drawn: independent, minibatch OT (exact, lsa or sinkhorn with ``reg``), or fixed pairs
+    (needs ``data.n_train``)."""
+
+    kind: str = option("independent", choices=("independent", "minibatch_ot", "fixed_pairs"))
+    method: str = option("exact", choices=("exact", "lsa", "sinkhorn"))
+    reg: float = option(0.05, gt=0)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warm-up, constant or cosine decay, gradient clipping and weight decay."""
+
+    lr: float = option(1e-3, gt=0)
+    warmup: int = option(0, ge=0)
+    lr_schedule: str = option("constant", choices=LR_SCHEDULES)
+    grad_clip: float | None = option(None, gt=0)
+    weight_decay: float = option(0.0, ge=0)
+    fused: bool = False
+
+
+@dataclass
+class SampleConfig:
+    """Samples drawn after training: ``n`` points integrated with ``solver`` over ``steps`` steps;
+    ``trajectories`` of them are drawn as paths in the plot."""
+
+    n: int = option(2000, ge=1)
+    steps: int = option(100, ge=1)
+    solver: str = option("euler", choices=METHODS)
+    trajectories: int = option(256, ge=0)
+    plot: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run. Sections: data, model, path, coupling, optim, sample."""
+
+    data: DataConfig = option(default_factory=DataConfig)
+    model: ModelConfig = option(default_factory=ModelConfig)
+    path: PathConfig = option(default_factory=PathConfig)
+    coupling: CouplingConfig = option(default_factory=CouplingConfig)
+    optim: OptimConfig = option(default_factory=OptimConfig)
+    sample: SampleConfig = option(default_factory=SampleConfig)
+    reduction: str = option("mean", choices=("mean", "sum"))
+    ema_decay: float | None = option(None, ge=0, lt=1)
+    precision: str = option("fp32", choices=PRECISIONS)
+    compile: bool = False
+    steps: int = option(2000, ge=1)
+    batch_size: int = option(256, ge=1)
+    seed: int = 0
+    log_every: int = option(100, ge=1)
+    ckpt_every: int | None = option(None, ge=1)
+    ckpt_keep: int | None = option(None, ge=1)
+
+    def __post_init__(self):
+        if self.coupling.kind == "fixed_pairs" and self.data.n_train is None:
+            raise ConfigError("coupling.kind: fixed_pairs needs data.n_train (the number of fixed pairs)")
+
+
+def default_config_path() -> Path:
+    """The packaged toy config (``flowprobe/configs/toy.yaml``)."""
+    from importlib.resources import files
+
+    return Path(str(files("flowprobe") / "configs" / "toy.yaml"))
+
+
+def _make_sampler(name: str, params: dict, key: str, device, dtype=torch.float32):
+    from .data.toy import make_toy
+
+    try:
+        return make_toy(name, device=device, dtype=dtype, **params)
+    except TypeError as e:
+        raise ConfigError(f"data.{key}_params: {e}") from None
+    except ValueError as e:
+        raise ConfigError(f"data.{key}_params: {e}") from None
+
+
+def build_run(cfg: TrainConfig, device: str | torch.device = "cpu"):
+    """(net, coupling, objective, source, target) for a config, on ``device``.
+
+    With ``data.n_train`` the finite pools are drawn once from a generator seeded with seed + 1.
+    """
+    from .couplings import FixedPairs, IndependentCoupling, MinibatchOTCoupling, TensorSampler
+    from .nets import MLP
+    from .paths import make_path
+
+    device = torch.device(device)
+    source = _make_sampler(cfg.data.source, cfg.data.source_params, "source", device)
+    target = _make_sampler(cfg.data.target, cfg.data.target_params, "target", device)
+    src, tgt = source, target
+    if cfg.data.n_train is not None:
+        g = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        x0, _ = source.sample(cfg.data.n_train, g)
+        x1, _ = target.sample(cfg.data.n_train, g)
+        src, tgt = TensorSampler(x0), TensorSampler(x1)
+    kind = cfg.coupling.kind
+    if kind == "independent":
+        coupling = IndependentCoupling(src, tgt)
+    elif kind == "minibatch_ot":
+        coupling = MinibatchOTCoupling(src, tgt, cfg.coupling.method, cfg.coupling.reg)
+    else:
+        coupling = FixedPairs(src.data, tgt.data)
+    torch.manual_seed(cfg.seed)  # network initialisation
+    net = MLP(2, cfg.model.width, cfg.model.depth, cfg.model.time_embed_dim, cfg.model.activation).to(device)
+    objective = CFMObjective(make_path(cfg.path.sigma, cfg.path.schedule), reduction=cfg.reduction)
+    return net, coupling, objective, source, target
+
+
+def _resolve_device(device: str | None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device: {device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {device!r} requested but CUDA is not available; use cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device: {device!r} requested but MPS is not available; use cpu")
+    return dev
+
+
+def _fit_kwargs(cfg: TrainConfig) -> dict:
+    o = cfg.optim
+    return dict(steps=cfg.steps, batch_size=cfg.batch_size, lr=o.lr, seed=cfg.seed, lr_schedule=o.lr_schedule,
+                warmup=o.warmup, grad_clip=o.grad_clip, weight_decay=o.weight_decay, ema_decay=cfg.ema_decay,
+                precision=cfg.precision, compile=cfg.compile, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
+                ckpt_keep=cfg.ckpt_keep, optimizer_kwargs={"fused": True} if o.fused else None)
+
+
+def _generate(model, source, n: int, solver: str, steps: int, seed: int, device, trajectory: bool = False):
+    """Push n source draws (generator seeded ``seed``) through the learned ODE from t = 0 to t = 1."""
+    from .solvers import integrate
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    x0, _ = source.sample(n, g)
+    model.eval()
+    return integrate(model, x0, method=solver, steps=steps, return_trajectory=trajectory)
+
+
+def train_from_config(cfg: TrainConfig, out: str | Path, device: str | torch.device | None = None,
+                      resume: bool = False, progress: bool = True) -> TrainState:
+    """Run ``cfg`` into folder ``out``: config.yaml, run.json, metrics.jsonl, checkpoints/ and (2-D) samples.png.
+
+    After training, rank 0 draws ``cfg.sample.n`` samples with the configured solver and records in
+    metrics.jsonl (event "eval") the energy distance to a fresh target draw, with the solver, steps and
+    number of function evaluations (nfe) that produced it, next to the same statistic for the source
+    (the untrained baseline).
+    """
+    import yaml
+
+    from .checkpoint import latest_checkpoint
+    from .data.toy import energy_distance
+    from .experiments.registry import machine_info
+
+    out = Path(out)
+    dev = device if isinstance(device, torch.device) else _resolve_device(device)
+    rank, world = distributed_info()
+    if world > 1 and cfg.batch_size % world:
+        raise ConfigError(f"batch_size: {cfg.batch_size} must be divisible by the number of processes ({world})")
+    ckpt_dir = out / "checkpoints"
+    resume_from = latest_checkpoint(ckpt_dir) if resume else None
+    if not resume and latest_checkpoint(ckpt_dir) is not None:
+        raise ConfigError(f"out: {out} already holds checkpoints; pass --resume to continue or choose another --out")
+    net, coupling, objective, source, target = build_run(cfg, dev)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+        atomic_write(out / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+        write_json(out / "run.json", {
+            "version": __version__, "device": str(dev), "world_size": world, "machine": machine_info(dev),
+            "path": _describe(objective.path), "coupling": _describe(coupling),
+            "objective": _objective_description(objective), "source": _describe(source), "target": _describe(target),
+            "n_parameters": sum(p.numel() for p in net.parameters()), "config": to_dict(cfg)})
+        if resume_from is None and (out / "metrics.jsonl").exists():
+            (out / "metrics.jsonl").unlink()
+    state = fit(net, coupling, objective, device=dev, progress=progress, log_path=out / "metrics.jsonl",
+                ckpt_dir=ckpt_dir, resume_from=resume_from, config=cfg, **_fit_kwargs(cfg))
+    if rank == 0:
+        s = cfg.sample
+        res = _generate(state.model, source, s.n, s.solver, s.steps, cfg.seed + 2, dev, trajectory=s.plot)
+        ref, _ = target.sample(s.n, torch.Generator(device=dev).manual_seed(cfg.seed + 3))
+        x0 = res.trajectory[0] if res.trajectory is not None else None
+        record = {"event": "eval", "step": state.step, "model": "ema" if state.ema is not None else "net",
+                  "solver": s.solver, "steps": s.steps, "nfe": res.nfe, "n": s.n,
+                  "energy_distance": energy_distance(res.x, ref),
+                  "energy_distance_source": energy_distance(x0, ref) if x0 is not None else None,
+                  "statistic": "squared energy distance to a fresh target draw of the same size"}
+        append_jsonl(out / "metrics.jsonl", record)
+        if s.plot and res.trajectory is not None:
+            from .data.toy import plot_flow_2d
+
+            plot_flow_2d(out / "samples.png", res.trajectory, target=ref, n_paths=s.trajectories,
+                         title=f"{cfg.data.source} -> {cfg.data.target}, {cfg.coupling.kind}, sigma={cfg.path.sigma}, "
+                               f"{s.solver} {s.steps} steps (nfe {res.nfe})")
+    return state
+
+
+def sample_checkpoint(checkpoint: str | Path, n: int, steps: int, solver: str = "euler", seed: int = 0,
+                      device: str | torch.device | None = None, use_ema: bool = True, trajectory: bool = False):
+    """Load a checkpoint written by ``flowprobe train`` and integrate ``n`` source draws from t = 0 to 1.
+
+    Returns (SolveResult, info dict with checkpoint, step, model, solver, steps, nfe, n, seed).
+    """
+    from .checkpoint import load_checkpoint
+    from .config import from_dict
+
+    dev = device if isinstance(device, torch.device) else _resolve_device(device)
+    ck = load_checkpoint(checkpoint)
+    if ck.config is None:
+        raise ConfigError(f"{ck.path}: checkpoint carries no training config; cannot rebuild the model")
+    cfg = from_dict(TrainConfig, ck.config)
+    net, _, _, source, _ = build_run(cfg, dev)
+    which = "ema" if (use_ema and ck.has_ema) else "net"
+    net.load_state_dict({k: v.to(dev) for k, v in ck.state_dict(which).items()})
+    if solver not in METHODS:
+        raise ConfigError(f"solver: {solver!r} is not allowed; choose from {', '.join(METHODS)}")
+    res = _generate(net, source, n, solver, steps, seed, dev, trajectory=trajectory)
+    info = {"checkpoint": str(ck.path), "step": ck.step, "model": which, "solver": solver, "steps": steps,
+            "nfe": res.nfe, "n": n, "seed": seed, "version": __version__}
+    return res, info, cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def register_cli(subparsers) -> None:
+    """Add ``flowprobe train`` and ``flowprobe sample``."""
+    p = subparsers.add_parser("train", help="train a flow from a YAML config (default: the packaged 2-D toy)",
+                              description="Train a flow-matching model from a YAML config. Multi-GPU: "
+                                          "torchrun --nproc_per_node=N -m flowprobe.cli train CONFIG ...")
+    p.add_argument("config", nargs="?", default=None, help="YAML config (default: the packaged configs/toy.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
+    p.add_argument("--out", default=None, help="run folder (default runs/<config name>)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    p.add_argument("--precision", default=None, choices=PRECISIONS, help="override the config's precision")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cli_train)
+
+    s = subparsers.add_parser("sample", help="draw samples from a trained checkpoint with an ODE solver")
+    s.add_argument("checkpoint", help="a step_*.safetensors checkpoint, its checkpoints/ folder or the run folder")
+    s.add_argument("--n", type=int, default=1000, help="number of samples")
+    s.add_argument("--steps", type=int, default=100, help="solver steps (ignored by dopri5)")
+    s.add_argument("--solver", default="euler", choices=METHODS)
+    s.add_argument("--out", required=True, help="output file: .safetensors or .npy (plus a .json record)")
+    s.add_argument("--plot", default=None, metavar="PNG", help="also plot samples and trajectories (2-D only)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default=None)
+    s.add_argument("--no-ema", action="store_true", help="use the raw weights even when an EMA copy exists")
+    s.set_defaults(func=_cli_sample)
+
+
+def _init_distributed(device: str | None) -> tuple[torch.device | None, bool]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, else gloo) and pick this
+    rank's device. Returns (device or None, whether a group was started here)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return None, False
+    dev = _resolve_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return dev, True
+
+
+def _cli_train(args) -> int:
+    src = args.config or default_config_path()
+    cfg = load_config(TrainConfig, src, args.overrides)
+    if args.precision:
+        cfg.precision = args.precision
+    out = Path(args.out) if args.out else Path("runs") / Path(str(src)).stem
+    dev, started = _init_distributed(args.device)
+    try:
+        state = train_from_config(cfg, out, dev if dev is not None else args.device, resume=args.resume,
+                                  progress=not args.no_progress)
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    rank, _ = distributed_info()
+    if rank == 0:
+        last = state.losses[-1] if state.losses else float("nan")
+        print(f"trained {state.step} steps (final loss {last:.4g}); wrote {out}/metrics.jsonl, {out}/checkpoints/"
+              + (f", {out}/samples.png" if cfg.sample.plot else ""))
+    return 0
+
+
+def _cli_sample(args) -> int:
+    import numpy as np
+
+    if args.n < 1 or args.steps < 1:
+        raise ConfigError(f"--n and --steps must be >= 1, got n={args.n}, steps={args.steps}")
+    out = Path(args.out)
+    if out.suffix not in (".safetensors", ".npy"):
+        raise ConfigError(f"--out: {out.name} must end in .safetensors or .npy")
+    res, info, cfg = sample_checkpoint(args.checkpoint, args.n, args.steps, args.solver, args.seed, args.device,
+                                       use_ema=not args.no_ema, trajectory=args.plot is not None)
+    x = res.x.detach().float().cpu()
+    if out.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        meta = {k: str(v) for k, v in info.items()}
+        atomic_write(out, lambda tmp: save_file({"samples": x.contiguous()}, tmp, metadata=meta))
+    else:
+        def w(tmp):
+            with open(tmp, "wb") as f:
+                np.save(f, x.numpy())
+
+        atomic_write(out, w)
+    write_json(out.with_suffix(".json"), {**info, "file": out.name, "shape": list(x.shape)})
+    if args.plot is not None:
+        if x.shape[1:] != (2,):
+            raise ConfigError(f"--plot: samples have shape {tuple(x.shape[1:])}; plots are for 2-D data only")
+        from .data.toy import plot_flow_2d
+
+        plot_flow_2d(args.plot, res.trajectory, title=f"{info['solver']} {info['steps']} steps (nfe {info['nfe']})")
+    print(f"wrote {args.n} samples to {out} ({info['solver']}, {info['steps']} steps, nfe {info['nfe']}, "
+          f"{info['model']} weights of step {info['step']})")
+    return 0
