@@ -1,0 +1,539 @@
+"""Closed forms for Gaussian endpoints: marginal fields, irreducible losses, OT maps, Bures-Wasserstein.
+
+Setting. The source is x0 ~ N(m0, S0) (usually N(0, I)) and the target x1 ~ N(m1, S1). Two kinds of
+coupling are covered, both jointly Gaussian in (x0, x1):
+
+- the linear deterministic coupling x1 = mu + A x0 (:class:`LinearGaussianCoupling`): the OT map
+  A = M^{1/2} (for S0 = I), a rotated OT map A = M^{1/2} R, the 180-degree pairing A = -I, ...;
+- the independent coupling x0 independent of x1 (:class:`IndependentGaussianCoupling`).
+
+Along an affine path x_t = a(t) x0 + b(t) x1 + g(t) z with target u_t = a'(t) x0 + b'(t) x1 + g'(t) z
+(any :class:`flowprobe.paths.Path`: the linear path, constant noise g = sigma, the Brownian bridge
+g = sigma sqrt(t(1-t)) whose target includes g'(t) z) the triple (x0, x1, z) is Gaussian, so x_t and u_t
+are jointly Gaussian at each t with
+
+    E x_t = a m0 + b m1                              E u_t = a' m0 + b' m1
+    C_xx  = a^2 S00 + b^2 S11 + a b (S01 + S10) + g^2 I
+    C_ux  = a' a S00 + b' b S11 + a' b S01 + b' a S10 + g' g I       (= Cov(u_t, x_t))
+    C_uu  = a'^2 S00 + b'^2 S11 + a' b' (S01 + S10) + g'^2 I
+
+and the minimiser of the CFM loss (the *marginal field*) and the loss it leaves are
+
+    v*(x, t) = E[u_t | x_t = x] = E u_t + C_ux C_xx^{-1} (x - E x_t)
+    L*(t)    = E || u_t - v*(x_t, t) ||^2 = tr Cov(u_t | x_t) = tr(C_uu - C_ux C_xx^{-1} C_xu).
+
+For the deterministic linear coupling (g = 0) the marginal field is the pair field of Lemma 1: with
+Theta = A - I, x_t - t mu = (I + t Theta) x0, so v*(x, t) = mu + Theta (I + t Theta)^{-1} (x - t mu),
+defined wherever I + t Theta = (1 - t) I + t A is invertible.
+
+Everything is written in torch and keeps the dtype of its inputs, so float64 in gives float64 out.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .couplings import Pairing
+from .paths import LinearPath, Path
+
+__all__ = [
+    "sqrtm_psd", "rotation_matrix", "gaussian_ot_matrix", "gaussian_ot_map", "bures_wasserstein_squared",
+    "bures_wasserstein", "lemma_one_field", "LemmaOneField", "linear_coupling_field", "antipodal_field",
+    "antipodal_irreducible_loss", "GaussianCoupling", "LinearGaussianCoupling", "IndependentGaussianCoupling",
+    "lemma_one_gradient_moments", "lemma_one_per_sample_gradients",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Matrix helpers, OT map and Bures-Wasserstein distance
+# ----------------------------------------------------------------------------------------------------------------
+
+def _sym(S: Tensor) -> Tensor:
+    return (S + S.transpose(-1, -2)) / 2
+
+
+def sqrtm_psd(S: Tensor) -> Tensor:
+    """The symmetric square root S^{1/2} of a symmetric positive semi-definite matrix (V diag(sqrt(l)) V^T from
+    the eigendecomposition S = V diag(l) V^T; tiny negative eigenvalues from rounding are clamped to 0)."""
+    if S.dim() < 2 or S.shape[-1] != S.shape[-2]:
+        raise ValueError(f"S must be a square matrix (or a batch of them), got shape {tuple(S.shape)}")
+    evals, evecs = torch.linalg.eigh(_sym(S))
+    return (evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)) @ evecs.transpose(-1, -2)
+
+
+def rotation_matrix(angle_degrees: float, dim: int = 2, plane: tuple[int, int] = (0, 1),
+                    dtype: torch.dtype = torch.float64, device=None) -> Tensor:
+    """The rotation by ``angle_degrees`` in the coordinate plane ``plane`` of R^dim (identity elsewhere):
+    R[i, i] = R[j, j] = cos a, R[i, j] = -sin a, R[j, i] = sin a for plane = (i, j)."""
+    i, j = plane
+    if dim < 2 or not (0 <= i < dim and 0 <= j < dim and i != j):
+        raise ValueError(f"plane must name two different axes of R^{dim}, got {plane}")
+    a = math.radians(angle_degrees)
+    R = torch.eye(dim, dtype=dtype, device=device)
+    c, s = math.cos(a), math.sin(a)
+    # exact values at multiples of 90 degrees (cos(pi) = -1, sin(pi) = 0 without 1e-16 residue)
+    if float(angle_degrees) % 90 == 0:
+        c, s = round(c), round(s)
+    R[i, i], R[j, j], R[i, j], R[j, i] = c, c, -s, s
+    return R
+
+
+def gaussian_ot_matrix(S0: Tensor, S1: Tensor) -> Tensor:
+    """The linear part A of the Brenier (W2-optimal) map x -> m1 + A (x - m0) from N(m0, S0) to N(m1, S1):
+
+        A = S0^{-1/2} (S0^{1/2} S1 S0^{1/2})^{1/2} S0^{-1/2}     (symmetric positive semi-definite),
+
+    which is S1^{1/2} for S0 = I. S0 must be positive definite."""
+    r0 = sqrtm_psd(S0)
+    r0_inv = torch.linalg.inv(r0)
+    return _sym(r0_inv @ sqrtm_psd(r0 @ S1 @ r0) @ r0_inv)
+
+
+def gaussian_ot_map(x: Tensor, m0: Tensor, S0: Tensor, m1: Tensor, S1: Tensor) -> Tensor:
+    """T(x) = m1 + A (x - m0) with A = :func:`gaussian_ot_matrix` (x batch-first, shape (B, d))."""
+    A = gaussian_ot_matrix(S0, S1).to(x.dtype)
+    return m1.to(x.dtype) + (x - m0.to(x.dtype)) @ A.T
+
+
+def bures_wasserstein_squared(m0: Tensor, S0: Tensor, m1: Tensor, S1: Tensor) -> Tensor:
+    """W2^2 between N(m0, S0) and N(m1, S1) (the squared Bures-Wasserstein distance):
+
+        W2^2 = ||m0 - m1||^2 + tr(S0 + S1 - 2 (S0^{1/2} S1 S0^{1/2})^{1/2}),
+
+    the trace of the square root computed as sum_k sqrt(lambda_k(S0^{1/2} S1 S0^{1/2}))."""
+    r0 = sqrtm_psd(S0)
+    cross = torch.linalg.eigvalsh(_sym(r0 @ S1 @ r0)).clamp_min(0).sqrt().sum()
+    w2 = (m0 - m1).pow(2).sum() + torch.trace(S0) + torch.trace(S1) - 2 * cross
+    return w2.clamp_min(0)
+
+
+def bures_wasserstein(m0: Tensor, S0: Tensor, m1: Tensor, S1: Tensor) -> Tensor:
+    """W2 between two Gaussians: the square root of :func:`bures_wasserstein_squared`."""
+    return bures_wasserstein_squared(m0, S0, m1, S1).sqrt()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Lemma-1 family
+# ----------------------------------------------------------------------------------------------------------------
+
+def lemma_one_field(t: Tensor, x: Tensor, theta: Tensor, Theta: Tensor) -> Tensor:
+    """The Lemma-1 field v(x, t) = theta + Theta (I + t Theta)^{-1} (x - t theta), batched.
+
+    t has shape (B,) (or is a scalar), x has shape (B, d), theta (d,), Theta (d, d). The linear system
+    (I + t Theta) w = x - t theta is solved without a singularity check (``torch.linalg.solve_ex``), so at a
+    time where I + t Theta is singular (e.g. t = 1/2 for Theta = -2 I) the result is inf or nan instead of an
+    exception: the field is not defined there.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must have shape (B, d), got {tuple(x.shape)}")
+    d = x.shape[1]
+    if theta.shape != (d,) or Theta.shape != (d, d):
+        raise ValueError(f"theta must have shape ({d},) and Theta ({d}, {d}), got {tuple(theta.shape)} "
+                         f"and {tuple(Theta.shape)}")
+    t = t.to(x.dtype).reshape(-1).expand(x.shape[0])
+    theta, Theta = theta.to(x.dtype), Theta.to(x.dtype)
+    y = x - t[:, None] * theta
+    eye = torch.eye(d, dtype=x.dtype, device=x.device)
+    Mt = eye + t[:, None, None] * Theta
+    w = torch.linalg.solve_ex(Mt, y.unsqueeze(-1))[0].squeeze(-1)
+    return theta + w @ Theta.T
+
+
+def linear_coupling_field(t: Tensor, x: Tensor, mu: Tensor, A: Tensor) -> Tensor:
+    """Marginal (= pair) field of the deterministic coupling x1 = mu + A x0 under the linear path:
+
+        v(x, t) = mu + Theta (I + t Theta)^{-1} (x - t mu),  Theta = A - I
+
+    (Lemma 1 with theta = mu). Valid for any source law, because x_t - t mu = (I + t Theta) x0 and
+    x1 - x0 = mu + Theta x0."""
+    d = mu.shape[0]
+    return lemma_one_field(t, x, mu, A - torch.eye(d, dtype=A.dtype, device=A.device))
+
+
+class LemmaOneField(nn.Module):
+    """The Lemma-1 family as a module with parameters theta (d,) and Theta (d, d):
+
+        net(t, x) = theta + Theta (I + t Theta)^{-1} (x - t theta).
+
+    Defaults: theta = 0, Theta = 0. Works under ``torch.func`` (``functional_call`` + ``vmap(grad)``), so the
+    gradient-variance probe can take per-sample gradients with respect to (theta, Theta).
+    """
+
+    def __init__(self, d: int, theta: Tensor | None = None, Theta: Tensor | None = None, dtype=torch.float64):
+        super().__init__()
+        if d < 1:
+            raise ValueError(f"d must be >= 1, got {d}")
+        theta = torch.zeros(d, dtype=dtype) if theta is None else torch.as_tensor(theta, dtype=dtype).clone()
+        Theta = torch.zeros(d, d, dtype=dtype) if Theta is None else torch.as_tensor(Theta, dtype=dtype).clone()
+        if theta.shape != (d,) or Theta.shape != (d, d):
+            raise ValueError(f"theta must have shape ({d},) and Theta ({d}, {d})")
+        self.d = d
+        self.theta = nn.Parameter(theta)
+        self.Theta = nn.Parameter(Theta)
+
+    @classmethod
+    def from_linear_coupling(cls, mu: Tensor, A: Tensor) -> "LemmaOneField":
+        """The pair-optimal member for x1 = mu + A x0: theta = mu, Theta = A - I."""
+        d = mu.shape[0]
+        return cls(d, mu, A - torch.eye(d, dtype=A.dtype, device=A.device), dtype=mu.dtype)
+
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        return lemma_one_field(t, x, self.theta, self.Theta)
+
+
+def antipodal_field(t: Tensor, x: Tensor, mu: Tensor, sigma: float = 0.0, schedule: str = "constant") -> Tensor:
+    """Marginal field of the 180-degree pairing x1 = mu - x0, x0 ~ N(0, I), written out (y = x - t mu, s = 1 - 2t):
+
+    - sigma = 0:                 v0(x, t) = mu - 2 y / s             (singular at t = 1/2; inf/nan there)
+    - constant noise g = sigma:  v(x, t)  = mu - 2 s / (s^2 + sigma^2) y
+    - bridge g = sigma sqrt(t(1-t)), target x1 - x0 + g' z:
+                                 v(x, t)  = mu - (2 - sigma^2 / 2) s / (s^2 + sigma^2 t (1 - t)) y
+
+    (from E[u | x_t] = E u + C_ux C_xx^{-1}(x - E x_t) with C_xx = s^2 + g^2, C_ux = -2 s + g g' per
+    coordinate, g g' = sigma^2 s / 2 for the bridge). For every sigma > 0 the field is smooth and its flow
+    map is the OT map x0 -> x0 + mu.
+    """
+    if schedule not in ("constant", "bridge"):
+        raise ValueError(f"schedule must be 'constant' or 'bridge', got {schedule!r}")
+    t = t.to(x.dtype).reshape(-1).expand(x.shape[0])[:, None]
+    mu = mu.to(x.dtype)
+    y = x - t * mu
+    s = 1 - 2 * t
+    if sigma == 0:
+        return mu - 2 * y / s
+    if schedule == "constant":
+        return mu - 2 * s / (s * s + sigma ** 2) * y
+    return mu - (2 - sigma ** 2 / 2) * s / (s * s + sigma ** 2 * t * (1 - t)) * y
+
+
+def antipodal_irreducible_loss(t: Tensor, d: int, sigma: float, schedule: str = "constant") -> Tensor:
+    """tr Cov(u | x_t) for the 180-degree pairing (x0 ~ N(0, I_d), x1 = mu - x0), s = 1 - 2t:
+
+    constant noise: d * 4 sigma^2 / (s^2 + sigma^2);
+    bridge:         d * (4 + g'^2 - (g g' - 2 s)^2 / (s^2 + g^2)),
+                    with g = sigma sqrt(t(1-t)) and g' = sigma s / (2 sqrt(t(1-t)))
+    (0 for sigma = 0 except at t = 1/2)."""
+    s = 1 - 2 * t
+    if schedule == "constant":
+        return d * 4 * sigma ** 2 / (s * s + sigma ** 2)
+    if schedule != "bridge":
+        raise ValueError(f"schedule must be 'constant' or 'bridge', got {schedule!r}")
+    g2 = sigma ** 2 * t * (1 - t)
+    dg = sigma * s / (2 * torch.sqrt(t * (1 - t)))
+    return d * (4 + dg * dg - (sigma ** 2 * s / 2 - 2 * s) ** 2 / (s * s + g2))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Jointly Gaussian couplings
+# ----------------------------------------------------------------------------------------------------------------
+
+def _as_tensor(v, d: int | None, dtype, device, name: str, matrix: bool = False) -> Tensor:
+    T = torch.as_tensor(v, dtype=dtype, device=device)
+    if matrix:
+        if T.dim() != 2 or T.shape[0] != T.shape[1] or (d is not None and T.shape[0] != d):
+            raise ValueError(f"{name} must be a ({d}, {d}) matrix, got shape {tuple(T.shape)}")
+    elif T.dim() != 1 or (d is not None and T.shape[0] != d):
+        raise ValueError(f"{name} must be a vector of length {d}, got shape {tuple(T.shape)}")
+    return T
+
+
+class GaussianCoupling:
+    """A jointly Gaussian coupling of x0 ~ N(m0, S00) and x1 ~ N(m1, S11) with cross-covariance S01 = Cov(x0, x1).
+
+    Subclasses say how to sample; this class gives the closed forms along any affine path (module docstring):
+    :meth:`moments`, :meth:`marginal_field` (E[u_t | x_t]), :meth:`irreducible_loss` (tr Cov(u_t | x_t)) and
+    :meth:`field` (the marginal field as a ``net(t, x)`` callable for the solvers). ``sample(n, generator)``
+    returns a :class:`~flowprobe.couplings.Pairing`, so a coupling can be passed to ``flowprobe.train.fit``
+    (fresh pairs every step: population training).
+    """
+
+    #: True for x1 = mu + A x0 (then ``mu`` and ``A`` are set).
+    deterministic_linear: bool = False
+
+    def __init__(self, m0: Tensor, S00: Tensor, m1: Tensor, S11: Tensor, S01: Tensor,
+                 dtype: torch.dtype = torch.float64, device=None):
+        d = torch.as_tensor(m0).shape[0]
+        self.d = d
+        self.dtype, self.device = dtype, torch.device(device or "cpu")
+        self.m0 = _as_tensor(m0, d, dtype, self.device, "m0")
+        self.m1 = _as_tensor(m1, d, dtype, self.device, "m1")
+        self.S00 = _as_tensor(S00, d, dtype, self.device, "S00", matrix=True)
+        self.S11 = _as_tensor(S11, d, dtype, self.device, "S11", matrix=True)
+        self.S01 = _as_tensor(S01, d, dtype, self.device, "S01", matrix=True)
+        self._r00 = sqrtm_psd(self.S00)
+
+    # -- sampling -------------------------------------------------------------------------------------------------
+    def _source(self, n: int, generator: torch.Generator) -> Tensor:
+        z = torch.randn(n, self.d, generator=generator, device=generator.device, dtype=self.dtype).to(self.device)
+        return self.m0 + z @ self._r00.T
+
+    def sample(self, n: int, generator: torch.Generator) -> Pairing:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- closed forms ---------------------------------------------------------------------------------------------
+    def moments(self, t: Tensor, path: Path | None = None) -> dict[str, Tensor]:
+        """Per-t moments of (x_t, u_t): ``mean_x``, ``mean_u`` (T, d) and ``C_xx``, ``C_ux``, ``C_uu`` (T, d, d),
+        with the formulas of the module docstring. ``path`` defaults to the linear path."""
+        path = path or LinearPath()
+        t = torch.as_tensor(t, dtype=self.dtype, device=self.device).reshape(-1)
+        a, b, g = path.a(t), path.b(t), path.g(t)
+        da, db, dg = path.da(t), path.db(t), path.dg(t)
+        def col(s):
+            return s[:, None]
+
+        def mat(s):
+            return s[:, None, None]
+
+        S00, S11, S01 = self.S00, self.S11, self.S01
+        S10 = S01.T
+        eye = torch.eye(self.d, dtype=self.dtype, device=self.device)
+        mean_x = col(a) * self.m0 + col(b) * self.m1
+        mean_u = col(da) * self.m0 + col(db) * self.m1
+        C_xx = mat(a * a) * S00 + mat(b * b) * S11 + mat(a * b) * (S01 + S10) + mat(g * g) * eye
+        C_ux = mat(da * a) * S00 + mat(db * b) * S11 + mat(da * b) * S01 + mat(db * a) * S10 + mat(dg * g) * eye
+        C_uu = mat(da * da) * S00 + mat(db * db) * S11 + mat(da * db) * (S01 + S10) + mat(dg * dg) * eye
+        return {"mean_x": mean_x, "mean_u": mean_u, "C_xx": C_xx, "C_ux": C_ux, "C_uu": C_uu}
+
+    def marginal_field(self, t: Tensor, x: Tensor, path: Path | None = None) -> Tensor:
+        """E[u_t | x_t = x] = E u_t + C_ux C_xx^{-1} (x - E x_t), batched over t (B,) and x (B, d).
+
+        For a deterministic linear coupling on a deterministic path this is evaluated as the Lemma-1 formula
+        (see :func:`linear_coupling_field`), which is exact also where C_xx is ill-conditioned."""
+        path = path or LinearPath()
+        t = t.to(x.dtype).reshape(-1).expand(x.shape[0])
+        if self.deterministic_linear and path.deterministic and isinstance(path, LinearPath):
+            return linear_coupling_field(t, x, self.mu, self.A)
+        m = self.moments(t.to(self.dtype), path)
+        gain = torch.linalg.solve_ex(m["C_xx"], m["C_ux"].transpose(-1, -2))[0].transpose(-1, -2)  # C_ux C_xx^{-1}
+        out = m["mean_u"] + (gain @ (x.to(self.dtype) - m["mean_x"]).unsqueeze(-1)).squeeze(-1)
+        return out.to(x.dtype)
+
+    def field(self, path: Path | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+        """The marginal field as a callable ``field(t, x)`` (for :func:`flowprobe.solvers.integrate`)."""
+        return lambda t, x: self.marginal_field(t, x, path)
+
+    def conditional_covariance(self, t: Tensor, path: Path | None = None) -> Tensor:
+        """Cov(u_t | x_t) = C_uu - C_ux C_xx^+ C_xu, shape (T, d, d). The pseudo-inverse makes the formula exact
+        also where x_t is degenerate (e.g. x_t = mu / 2 at t = 1/2 for the 180-degree pairing)."""
+        m = self.moments(t, path)
+        gain = m["C_ux"] @ torch.linalg.pinv(m["C_xx"], hermitian=True)
+        return _sym(m["C_uu"] - gain @ m["C_ux"].transpose(-1, -2))
+
+    def irreducible_loss(self, t: Tensor, path: Path | None = None) -> Tensor:
+        """L*(t) = E || u_t - E[u_t | x_t] ||^2 = tr Cov(u_t | x_t), the lowest CFM loss any field can reach at
+        time t (shape (T,))."""
+        return torch.diagonal(self.conditional_covariance(t, path), dim1=-2, dim2=-1).sum(-1).clamp_min(0)
+
+    def describe(self) -> dict:
+        return {"coupling": type(self).__name__}
+
+
+class LinearGaussianCoupling(GaussianCoupling):
+    """The deterministic coupling x1 = mu + A x0, x0 ~ N(m0, S0) (default N(0, I)).
+
+    Then x1 ~ N(mu + A m0, A S0 A^T) and Cov(x0, x1) = S0 A^T. Constructors for the paper's cases:
+    :meth:`ot` (A = M^{1/2}), :meth:`rotated_ot` (A = M^{1/2} R) and :meth:`antipodal` (A = -I, the
+    180-degree pairing whose interpolation lines all cross at t = 1/2).
+    """
+
+    deterministic_linear = True
+
+    def __init__(self, mu, A, m0=None, S0=None, dtype: torch.dtype = torch.float64, device=None, name: str = ""):
+        mu = _as_tensor(mu, None, dtype, device, "mu")
+        d = mu.shape[0]
+        A = _as_tensor(A, d, dtype, device, "A", matrix=True)
+        m0 = torch.zeros(d, dtype=dtype, device=device) if m0 is None else _as_tensor(m0, d, dtype, device, "m0")
+        S0 = torch.eye(d, dtype=dtype, device=device) if S0 is None else _as_tensor(S0, d, dtype, device, "S0", True)
+        super().__init__(m0, S0, mu + A @ m0, A @ S0 @ A.T, S0 @ A.T, dtype, device)
+        self.mu, self.A = mu.detach().clone(), A.detach().clone()
+        self.name = name or "linear"
+
+    @classmethod
+    def ot(cls, mu, M, **kw) -> "LinearGaussianCoupling":
+        """OT from N(0, I) to N(mu, M): x1 = mu + M^{1/2} x0."""
+        M = torch.as_tensor(M, dtype=kw.get("dtype", torch.float64))
+        return cls(mu, sqrtm_psd(M), name="ot", **kw)
+
+    @classmethod
+    def rotated_ot(cls, mu, M, angle_degrees: float, plane=(0, 1), **kw) -> "LinearGaussianCoupling":
+        """Rotated OT x1 = mu + M^{1/2} R x0 with R the rotation by ``angle_degrees`` (R x0 ~ N(0, I), so it still
+        pushes N(0, I) to N(mu, M)). 180 degrees in d = 2 with M = I is the antipodal pairing."""
+        dtype = kw.get("dtype", torch.float64)
+        M = torch.as_tensor(M, dtype=dtype)
+        R = rotation_matrix(angle_degrees, M.shape[0], plane, dtype=dtype)
+        return cls(mu, sqrtm_psd(M) @ R, name=f"rotation-{angle_degrees:g}", **kw)
+
+    @classmethod
+    def antipodal(cls, mu, **kw) -> "LinearGaussianCoupling":
+        """The 180-degree pairing x1 = mu - x0 (A = -I): every line (1 - t) x0 + t x1 passes through mu / 2 at
+        t = 1/2."""
+        mu = torch.as_tensor(mu, dtype=kw.get("dtype", torch.float64))
+        return cls(mu, -torch.eye(mu.shape[0], dtype=mu.dtype), name="antipodal", **kw)
+
+    @property
+    def Theta(self) -> Tensor:
+        """Theta = A - I, the Lemma-1 matrix of the pair field."""
+        return self.A - torch.eye(self.d, dtype=self.dtype, device=self.device)
+
+    def pair_map(self, x0: Tensor) -> Tensor:
+        """x1 = mu + A x0 (batch-first)."""
+        return self.mu.to(x0.dtype) + x0 @ self.A.to(x0.dtype).T
+
+    def sample(self, n: int, generator: torch.Generator) -> Pairing:
+        """Fresh x0 ~ N(m0, S0) and x1 = mu + A x0; i0 = i1 = position in the draw."""
+        x0 = self._source(n, generator)
+        idx = torch.arange(n, device=self.device)
+        return Pairing(x0, self.pair_map(x0), idx, idx)
+
+    def describe(self) -> dict:
+        return {"coupling": "linear_gaussian", "name": self.name, "mu": self.mu.tolist(), "A": self.A.tolist()}
+
+
+class IndependentGaussianCoupling(GaussianCoupling):
+    """x0 ~ N(m0, S0) and x1 ~ N(m1, S1) drawn independently (S01 = 0). Defaults m0 = 0, S0 = I."""
+
+    def __init__(self, m1, S1, m0=None, S0=None, dtype: torch.dtype = torch.float64, device=None):
+        m1 = _as_tensor(m1, None, dtype, device, "m1")
+        d = m1.shape[0]
+        S1 = _as_tensor(S1, d, dtype, device, "S1", matrix=True)
+        m0 = torch.zeros(d, dtype=dtype, device=device) if m0 is None else _as_tensor(m0, d, dtype, device, "m0")
+        S0 = torch.eye(d, dtype=dtype, device=device) if S0 is None else _as_tensor(S0, d, dtype, device, "S0", True)
+        super().__init__(m0, S0, m1, S1, torch.zeros(d, d, dtype=dtype, device=device), dtype, device)
+        self._r11 = sqrtm_psd(self.S11)
+
+    def sample(self, n: int, generator: torch.Generator) -> Pairing:
+        """x0 ~ N(m0, S0) then x1 ~ N(m1, S1), independent; i0 = i1 = position in the draw."""
+        x0 = self._source(n, generator)
+        z1 = torch.randn(n, self.d, generator=generator, device=generator.device, dtype=self.dtype).to(self.device)
+        x1 = self.m1 + z1 @ self._r11.T
+        idx = torch.arange(n, device=self.device)
+        return Pairing(x0, x1, idx, idx)
+
+    def describe(self) -> dict:
+        return {"coupling": "independent_gaussian", "m1": self.m1.tolist(), "S1": self.S11.tolist()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss and gradient variance of the Lemma-1 family, in closed form
+# ----------------------------------------------------------------------------------------------------------------
+
+def lemma_one_per_sample_gradients(t: Tensor, x_t: Tensor, u_t: Tensor, theta: Tensor, Theta: Tensor):
+    """Per-sample gradients of l = ||u_t - v(x_t, t)||^2 for the Lemma-1 field, written out.
+
+    With W = (I + t Theta)^{-1}, y = x_t - t theta and r = u_t - v: dv = W dtheta + W dTheta W y (because
+    I - t Theta W = W), so grad_theta l = -2 W^T r and grad_Theta l = -2 (W^T r)(W y)^T. Returns
+    (grad_theta (B, d), grad_Theta (B, d, d)). An independent check of autograd-based probes.
+    """
+    d = theta.shape[0]
+    eye = torch.eye(d, dtype=x_t.dtype, device=x_t.device)
+    W = torch.linalg.inv(eye + t.to(x_t.dtype)[:, None, None] * Theta.to(x_t.dtype))
+    y = x_t - t.to(x_t.dtype)[:, None] * theta.to(x_t.dtype)
+    q = (W @ y.unsqueeze(-1)).squeeze(-1)
+    r = u_t - (theta.to(x_t.dtype) + q @ Theta.to(x_t.dtype).T)
+    p = (W.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1)
+    return -2 * p, -2 * p.unsqueeze(-1) * q.unsqueeze(-2)
+
+
+def _gauss_legendre(lo: float, hi: float, panels: int, order: int, dtype, device) -> tuple[Tensor, Tensor]:
+    import numpy as np
+
+    x, w = np.polynomial.legendre.leggauss(order)
+    edges = np.linspace(lo, hi, panels + 1)
+    half = (edges[1:] - edges[:-1]) / 2
+    mid = (edges[1:] + edges[:-1]) / 2
+    nodes = (mid[:, None] + half[:, None] * x[None, :]).reshape(-1)
+    weights = (half[:, None] * w[None, :]).reshape(-1)
+    return (torch.as_tensor(nodes, dtype=dtype, device=device), torch.as_tensor(weights, dtype=dtype, device=device))
+
+
+def lemma_one_gradient_moments(coupling: GaussianCoupling, theta: Tensor, Theta: Tensor, path: Path | None = None,
+                               panels: int = 64, order: int = 16) -> dict[str, float]:
+    """Closed-form loss and gradient variance of the Lemma-1 field at (theta, Theta), t ~ U(path.time_range).
+
+    Given t, xi = (x0, x1, z) is Gaussian, and r = u_t - v(x_t, t), p = W^T r and q = W y (W = (I + t Theta)^{-1},
+    y = x_t - t theta) are affine in xi. With g_theta = -2 p and g_Theta = -2 p q^T
+    (:func:`lemma_one_per_sample_gradients`), Isserlis' theorem gives, for each t (m: means, S: covariances),
+
+        E ||r||^2          = ||m_r||^2 + tr S_rr                                          (the loss)
+        E ||g_theta||^2    = 4 (||m_p||^2 + tr S_pp)
+        E ||g_Theta||_F^2  = 4 (||m_p||^2 ||m_q||^2 + ||m_p||^2 tr S_qq + ||m_q||^2 tr S_pp + 4 m_p^T S_pq m_q
+                                + tr S_pp tr S_qq + 2 tr(S_pq S_pq^T))
+        E g_theta = -2 m_p,   E g_Theta = -2 (S_pq + m_p m_q^T),
+
+    integrated over t by composite Gauss-Legendre quadrature (``panels`` x ``order`` nodes; exact for the
+    polynomial integrands at Theta = 0 and constant noise). Returns ``loss``, ``second_moment`` (E||g||^2),
+    ``mean_grad_sq`` (||E g||^2) and ``gv`` = tr Cov(g) = E||g||^2 - ||E g||^2.
+
+    If I + t Theta is singular for some t in the time range (Theta has a real eigenvalue <= -1/t_hi), the
+    integrals diverge unless the residual r vanishes identically, which happens only for the pair field of a
+    deterministic linear coupling on a noiseless path (theta = mu, Theta = A - I): ``loss`` and ``gv`` are then 0
+    for that field and +inf otherwise (``singular`` is True in both cases).
+    """
+    path = path or LinearPath()
+    dt, dev, d = coupling.dtype, coupling.device, coupling.d
+    theta = torch.as_tensor(theta, dtype=dt, device=dev)
+    Theta = torch.as_tensor(Theta, dtype=dt, device=dev)
+    lo, hi = getattr(path, "time_range", (0.0, 1.0))
+    t, w = _gauss_legendre(lo, hi, panels, order, dt, dev)
+    w = w / (hi - lo)  # t ~ U(lo, hi)
+    T = t.shape[0]
+    eye = torch.eye(d, dtype=dt, device=dev)
+    # xi = (x0, x1, z): mean and covariance
+    m_xi = torch.cat([coupling.m0, coupling.m1, torch.zeros(d, dtype=dt, device=dev)])
+    Z = torch.zeros(d, d, dtype=dt, device=dev)
+    S_xi = torch.cat([torch.cat([coupling.S00, coupling.S01, Z], 1),
+                      torch.cat([coupling.S01.T, coupling.S11, Z], 1),
+                      torch.cat([Z, Z, eye], 1)], 0)
+    def mat(s):
+        return s[:, None, None] * eye
+
+    X = torch.cat([mat(path.a(t)), mat(path.b(t)), mat(path.g(t))], dim=2)     # x_t = X xi
+    U = torch.cat([mat(path.da(t)), mat(path.db(t)), mat(path.dg(t))], dim=2)  # u_t = U xi
+    W = torch.linalg.inv(eye + t[:, None, None] * Theta)
+    TW = Theta @ W
+    # r = (U - Theta W X) xi - theta + t Theta W theta ;  y = X xi - t theta ;  p = W^T r ;  q = W y
+    R_lin = U - TW @ X
+    r0 = -theta + t[:, None] * (TW @ theta)
+    P_lin, p0 = W.transpose(-1, -2) @ R_lin, (W.transpose(-1, -2) @ r0.unsqueeze(-1)).squeeze(-1)
+    Q_lin, q0 = W @ X, -(t[:, None] * (W @ theta))
+    m_r = R_lin @ m_xi + r0
+    m_p = P_lin @ m_xi + p0
+    m_q = Q_lin @ m_xi + q0
+    S_rr = R_lin @ S_xi @ R_lin.transpose(-1, -2)
+    S_pp = P_lin @ S_xi @ P_lin.transpose(-1, -2)
+    S_qq = Q_lin @ S_xi @ Q_lin.transpose(-1, -2)
+    S_pq = P_lin @ S_xi @ Q_lin.transpose(-1, -2)
+    def tr(S):
+        return torch.diagonal(S, dim1=-2, dim2=-1).sum(-1)
+
+    loss_t = (m_r.pow(2).sum(-1) + tr(S_rr)).clamp_min(0)  # sums of squares: clamp rounding below 0
+    mp2, mq2 = m_p.pow(2).sum(-1), m_q.pow(2).sum(-1)
+    g_theta_sq = 4 * (mp2 + tr(S_pp))
+    g_Theta_sq = 4 * (mp2 * mq2 + mp2 * tr(S_qq) + mq2 * tr(S_pp)
+                      + 4 * (m_p.unsqueeze(-2) @ S_pq @ m_q.unsqueeze(-1)).reshape(T)
+                      + tr(S_pp) * tr(S_qq) + 2 * S_pq.pow(2).sum((-1, -2))).clamp_min(0)
+    g_theta_sq = g_theta_sq.clamp_min(0)
+    mean_g_theta = -2 * (w[:, None] * m_p).sum(0)
+    mean_g_Theta = -2 * (w[:, None, None] * (S_pq + m_p.unsqueeze(-1) * m_q.unsqueeze(-2))).sum(0)
+    loss = float((w * loss_t).sum())
+    second = float((w * (g_theta_sq + g_Theta_sq)).sum())
+    mean_sq = float(mean_g_theta.pow(2).sum() + mean_g_Theta.pow(2).sum())
+    # singularity of I + t Theta on [lo, hi]: a real eigenvalue lambda with 1 + t lambda = 0
+    ev = torch.linalg.eigvals(Theta)
+    real = ev[ev.imag.abs() < 1e-12].real
+    singular = bool(((real < 0) & (-1 / real >= lo) & (-1 / real <= hi)).any()) if real.numel() else False
+    if singular:
+        # The residual vanishes identically only for the pair field of a deterministic linear coupling on a
+        # noiseless path (theta = mu, Theta = A - I); otherwise the t-integrals diverge at the singular time.
+        pair_optimal = (coupling.deterministic_linear and path.deterministic
+                        and torch.allclose(theta, coupling.mu) and torch.allclose(Theta, coupling.Theta))
+        if pair_optimal:
+            return {"loss": 0.0, "second_moment": 0.0, "mean_grad_sq": 0.0, "gv": 0.0, "singular": True}
+        return {"loss": math.inf, "second_moment": math.inf, "mean_grad_sq": math.nan, "gv": math.inf,
+                "singular": True}
+    return {"loss": loss, "second_moment": second, "mean_grad_sq": mean_sq, "gv": max(second - mean_sq, 0.0),
+            "singular": False}
