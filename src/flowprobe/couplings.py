@@ -170,7 +170,7 @@ def sinkhorn_pairing(x0: Tensor, x1: Tensor, reg: float, generator: torch.Genera
     n, m = x0.shape[0], x1.shape[0]
     C = squared_distances(x0, x1).cpu().numpy()
     C = C / max(C.mean(), 1e-300)
-    plan = ot.sinkhorn(np.full(n, 1.0 / n), np.full(m, 1.0 / m), C, reg, numItermax=10_000)
+    plan = ot.sinkhorn(np.full(n, 1.0 / n), np.full(m, 1.0 / m), C, reg, method="sinkhorn_log", numItermax=10_000)
     p = torch.from_numpy(plan).clamp_min(0)
     p = p / p.sum(1, keepdim=True)
     j = torch.multinomial(p.to(generator.device), 1, generator=generator).squeeze(1)
