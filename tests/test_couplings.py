@@ -29,7 +29,8 @@ def test_exact_ot_equals_brute_force(method, seed):
 
 def test_squared_distances_brute_force():
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(5, 2, 3, generator=g, dtype=torch.float64), torch.randn(4, 2, 3, generator=g, dtype=torch.float64)
+    a = torch.randn(5, 2, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(4, 2, 3, generator=g, dtype=torch.float64)
     C = squared_distances(a, b)
     ref = torch.tensor([[((a[i] - b[j]) ** 2).sum().item() for j in range(4)] for i in range(5)], dtype=torch.float64)
     torch.testing.assert_close(C, ref)
