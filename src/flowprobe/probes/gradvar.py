@@ -60,7 +60,7 @@ from ..paths import Path
 
 __all__ = [
     "METHODS", "GradStats", "GradVarResult", "gradient_variance", "per_sample_grad_stats", "parse_times",
-    "resolve_groups", "register_cli", "probe_gradvar_cli", "plot_profiles",
+    "resolve_groups", "register_cli", "probe_gradvar_cli", "plot_profiles", "ProbeTarget", "load_probe_target",
 ]
 
 METHODS = ("exact", "naive", "microbatch", "ghost")
@@ -585,7 +585,10 @@ def plot_profiles(profiles: Sequence[tuple[str, GradVarResult]], path, title: st
         t, gv, se = res.times, res.gv, res.gv_se
         lo = np.minimum(se, gv * (1 - 1e-9))  # keep the lower bar above 0 on a log axis
         axes[0].errorbar(t, gv, yerr=[lo, se], marker="o", ms=3, capsize=2, label=label)
-        axes[1].errorbar(t, res.loss, yerr=res._col("loss_se"), marker="o", ms=3, capsize=2, label=label)
+        line = axes[1].errorbar(t, res.loss, yerr=res._col("loss_se"), marker="o", ms=3, capsize=2, label=label)
+        oracle = res._col("oracle_loss")
+        if np.isfinite(oracle).any():
+            axes[1].plot(t, oracle, ls="--", color=line[0].get_color(), label=f"{label}: oracle")
     axes[0].set_yscale("log")
     axes[0].set_xlabel("t")
     axes[0].set_ylabel("tr Cov(per-sample gradient)")
@@ -599,9 +602,133 @@ def plot_profiles(profiles: Sequence[tuple[str, GradVarResult]], path, title: st
     return save_figure(fig, path)
 
 
-def probe_gradvar_cli(*args, **kwargs):  # completed below
-    raise NotImplementedError
+
+@dataclass
+class ProbeTarget:
+    """A model to probe: the network, its training path and pair sampler, and where it came from."""
+
+    label: str
+    net: nn.Module
+    path: Path
+    sampler: object
+    info: dict = field(default_factory=dict)
+
+
+def load_probe_target(checkpoint, device="cpu", use_ema: bool = True) -> ProbeTarget:
+    """Rebuild the network, path and coupling of a ``flowprobe train`` checkpoint (safetensors + JSON
+    sidecar holding the training config) and load its weights (the EMA copy when there is one)."""
+    from ..checkpoint import load_checkpoint
+    from ..config import ConfigError, from_dict
+    from ..train import TrainConfig, build_run
+
+    ck = load_checkpoint(checkpoint)
+    if ck.config is None:
+        raise ConfigError(f"{ck.path}: checkpoint carries no training config; cannot rebuild the model")
+    cfg = from_dict(TrainConfig, ck.config)
+    net, coupling, objective, _, _ = build_run(cfg, device)
+    which = "ema" if (use_ema and ck.has_ema) else "net"
+    net.load_state_dict({k: v.to(device) for k, v in ck.state_dict(which).items()})
+    run = ck.path.parent.parent.name if ck.path.parent.name == "checkpoints" else ck.path.parent.name
+    return ProbeTarget(label=f"{run}/step{ck.step}", net=net, path=objective.path, sampler=coupling,
+                       info={"checkpoint": str(ck.path), "step": ck.step, "weights": which})
+
+
+def _override_path(path: Path, sigma: float | None, schedule: str | None) -> Path:
+    if sigma is None and schedule is None:
+        return path
+    from ..paths import make_path
+
+    base_sigma = float(getattr(path, "sigma", 0.0))
+    base_schedule = getattr(path, "schedule", "constant")
+    return make_path(base_sigma if sigma is None else sigma, base_schedule if schedule is None else schedule)
+
+
+def probe_gradvar_cli(targets: Sequence[ProbeTarget], out, *, times="0:1:21", samples: int = 256,
+                      method: str = "exact", directions: Sequence[str] = ("forward",), sigma: float | None = None,
+                      schedule: str | None = None, chunk_size: int = 64, micro_batch_size: int = 8,
+                      groups="layer", reduction: str = "sum", seed: int = 0, progress: bool = True) -> dict:
+    """Profile every target in every direction and write ``out/gradvar.json`` and ``out/gradvar.png``.
+
+    Every profile uses a generator seeded with ``seed`` (on the sampler's device), so several
+    checkpoints are compared on the same draws (common random numbers). ``sigma``/``schedule``
+    override the checkpoint's path. Returns the JSON document.
+    """
+    from pathlib import Path as FsPath
+
+    from ..config import ConfigError
+    from ..io import write_json
+
+    out = FsPath(out)
+    if samples < 2:
+        raise ConfigError(f"--samples must be >= 2, got {samples}")
+    try:
+        parse_times(times)
+    except ValueError as e:
+        raise ConfigError(f"--times: {e}") from None
+    profiles, docs = [], []
+    for target in targets:
+        path = _override_path(target.path, sigma, schedule)
+        for direction in directions:
+            gen = torch.Generator(device=_infer_device(target.sampler)).manual_seed(seed)
+            res = gradient_variance(target.net, path, target.sampler, times, n_samples=samples, method=method,
+                                    chunk_size=chunk_size, generator=gen, reduction=reduction, groups=groups,
+                                    direction=direction, progress=progress, micro_batch_size=micro_batch_size)
+            label = target.label if len(directions) == 1 else f"{target.label} ({direction})"
+            taken = {lab for lab, _ in profiles}
+            if label in taken:
+                label = next(f"{label} #{k}" for k in range(2, len(taken) + 2) if f"{label} #{k}" not in taken)
+            profiles.append((label, res))
+            docs.append({"label": label, **target.info, **res.to_dict()})
+    doc = {"probe": "gradvar", "seed": seed, "profiles": docs}
+    write_json(out / "gradvar.json", doc)
+    plot_profiles(profiles, out / "gradvar.png", title=f"gradient variance ({method}, n = {samples})")
+    return doc
+
+
+def _cli(args) -> int:
+    from ..config import ConfigError
+    from ..train import _resolve_device
+
+    device = _resolve_device(args.device)
+    directions = ("forward", "backward") if args.direction == "both" else (args.direction,)
+    if args.sigma is not None and args.sigma < 0:
+        raise ConfigError(f"--sigma must be >= 0, got {args.sigma}")
+    targets = [load_probe_target(c, device, use_ema=not args.no_ema) for c in args.checkpoints]
+    doc = probe_gradvar_cli(targets, args.out, times=args.times, samples=args.samples, method=args.method,
+                            directions=directions, sigma=args.sigma, schedule=args.schedule,
+                            chunk_size=args.chunk_size, micro_batch_size=args.micro_batch_size, groups=args.groups,
+                            reduction=args.reduction, seed=args.seed, progress=not args.no_progress)
+    for p in doc["profiles"]:
+        peak = max(p["rows"], key=lambda r: r["gv"] or 0.0)
+        print(f"{p['label']}: GV peaks at t = {peak['t']:.3g} ({peak['gv']:.4g} +- {peak['gv_se']:.2g})")
+    print(f"wrote {args.out}/gradvar.json and {args.out}/gradvar.png")
+    return 0
 
 
 def register_cli(subparsers) -> None:
-    pass
+    """Add ``flowprobe probe gradvar``."""
+    p = subparsers.add_parser(
+        "gradvar", help="gradient variance of the CFM loss versus t for trained checkpoints",
+        description="Per-sample gradient variance tr Cov(grad l_i) of the CFM loss on a grid of times, for one or "
+                    "more checkpoints (overlaid in one plot). Writes OUT/gradvar.json and OUT/gradvar.png.")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                   help="step_*.safetensors checkpoints (with their .json), checkpoint folders or run folders")
+    p.add_argument("--times", default="0:1:21",
+                   help=f"'a:b:K' (K points from a to b, clipped to [{ENDPOINT_MARGIN}, {1 - ENDPOINT_MARGIN}] and to "
+                        "the path's range) or 'uniform:K' (K bins, per-sample t uniform in each); default 0:1:21")
+    p.add_argument("--samples", type=int, default=256, help="samples per time (default 256)")
+    p.add_argument("--method", default="exact", choices=METHODS)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--direction", default="forward", choices=("forward", "backward", "both"),
+                   help="backward swaps every pair (source <-> target); both overlays the two")
+    p.add_argument("--sigma", type=float, default=None, help="override the checkpoint's path noise level")
+    p.add_argument("--schedule", default=None, choices=("constant", "bridge"), help="override the noise schedule")
+    p.add_argument("--chunk-size", type=int, default=64, help="samples per vmap / backward chunk (memory)")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="micro-batch size m for --method microbatch")
+    p.add_argument("--groups", default="layer", choices=("layer", "block", "all"), help="per-group breakdown")
+    p.add_argument("--reduction", default="sum", choices=REDUCTIONS, help="loss over dimensions (default sum)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--no-ema", action="store_true", help="probe the raw weights even when an EMA copy exists")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cli)
