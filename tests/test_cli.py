@@ -1,0 +1,116 @@
+"""The train and sample commands, end to end on a tiny config; config errors are one line, exit code 2."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from flowprobe.cli import main
+from flowprobe.config import load_config
+from flowprobe.train import TrainConfig, default_config_path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--set", "steps=30", "--set", "batch_size=32", "--set", "model.width=16", "--set", "model.depth=1",
+        "--set", "log_every=10", "--set", "ckpt_every=15", "--set", "sample.n=200", "--set", "sample.steps=5",
+        "--set", "sample.trajectories=20", "--no-progress"]
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("train", "sample", "reproduce", "probe"):
+        assert f"    {cmd}" in out
+
+
+def test_bad_override_is_one_line_exit_2():
+    """Through the real entry point: no traceback, one line naming the key and what is allowed."""
+    r = subprocess.run([sys.executable, "-m", "flowprobe.cli", "train", str(REPO / "configs" / "toy.yaml"),
+                        "--set", "optim.lrr=0.1", "--out", "unused"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "optim.lrr" in lines[0] and "lr" in lines[0] and "warmup" in lines[0]
+    assert not Path("unused").exists()
+
+
+@pytest.mark.parametrize("override, words", [
+    ("precision=fp16", ["precision", "fp32", "bf16"]),
+    ("steps=-3", ["steps", ">= 1"]),
+    ("batch_size=abc", ["batch_size", "integer"]),
+    ("coupling.kind=fixed_pairs", ["fixed_pairs", "data.n_train"]),
+    ("data.target_params={radius: 2}", ["data.target_params", "radius"]),
+    ("data.source=spiral", ["data.source", "eight_gaussians"]),
+])
+def test_bad_values_are_one_line_exit_2(tmp_path, capsys, override, words):
+    code = main(["train", "--set", override, "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    for w in words:
+        assert w in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_packaged_config_is_the_repository_config():
+    assert default_config_path().read_text() == (REPO / "configs" / "toy.yaml").read_text()
+    cfg = load_config(TrainConfig, default_config_path())
+    assert cfg.data.source == "eight_gaussians" and cfg.data.target == "moons"
+
+
+def test_train_then_sample(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(REPO / "configs" / "toy.yaml"), "--out", str(run), *TINY]) == 0
+    for f in ("config.yaml", "run.json", "metrics.jsonl", "samples.png", "checkpoints/step_00000015.safetensors",
+              "checkpoints/step_00000030.safetensors", "checkpoints/step_00000030.json"):
+        assert (run / f).is_file(), f
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["event"] == "train"] == [10, 20, 30]
+    ev = [r for r in recs if r["event"] == "eval"]
+    assert len(ev) == 1 and ev[0]["solver"] == "euler" and ev[0]["steps"] == 5 and ev[0]["nfe"] == 5
+    assert recs[0]["coupling"] == {"coupling": "minibatch_ot", "method": "exact", "reg": 0.05}
+    info = json.loads((run / "run.json").read_text())
+    assert info["path"] == {"path": "LinearPath"} and info["config"]["steps"] == 30
+    assert (run / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a second train into the same folder needs --resume
+    assert main(["train", "--out", str(run), *TINY]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", "--out", str(run), *TINY, "--set", "steps=40", "--resume"]) == 0
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["event"] == "resume"] == [30]
+    assert [r["step"] for r in recs if r["event"] == "train"] == [10, 20, 30, 40]
+
+    npy = tmp_path / "s.npy"
+    assert main(["sample", str(run), "--n", "64", "--steps", "3", "--solver", "heun", "--out", str(npy),
+                 "--plot", str(tmp_path / "s.png")]) == 0
+    x = np.load(npy, allow_pickle=False)
+    assert x.shape == (64, 2) and np.isfinite(x).all()
+    rec = json.loads(npy.with_suffix(".json").read_text())
+    assert rec["nfe"] == 6 and rec["solver"] == "heun" and rec["steps"] == 3 and rec["step"] == 40
+    assert rec["model"] == "ema"
+    assert (tmp_path / "s.png").is_file()
+
+    st = tmp_path / "s.safetensors"
+    ck = run / "checkpoints" / "step_00000015.safetensors"
+    assert main(["sample", str(ck), "--n", "10", "--steps", "4", "--solver", "rk4", "--out", str(st),
+                 "--seed", "3"]) == 0
+    with safe_open(str(st), "pt") as f:
+        assert f.get_tensor("samples").shape == (10, 2)
+        meta = f.metadata()
+    assert meta["nfe"] == "16" and meta["step"] == "15"
+    # same seed, same samples; the .npy path gives the same numbers
+    assert main(["sample", str(ck), "--n", "10", "--steps", "4", "--solver", "rk4", "--out", str(tmp_path / "t.npy"),
+                 "--seed", "3"]) == 0
+    with safe_open(str(st), "pt") as f:
+        assert np.array_equal(f.get_tensor("samples").numpy(), np.load(tmp_path / "t.npy"))
+
+    assert main(["sample", str(ck), "--n", "10", "--steps", "4", "--out", str(tmp_path / "x.txt")]) == 2
+    assert main(["sample", str(tmp_path / "nope"), "--n", "10", "--steps", "4", "--out", str(st)]) == 2
+    assert main(["train", "--device", "quantum", "--out", str(tmp_path / "r2"), *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("flowprobe: error:") for line in err)
