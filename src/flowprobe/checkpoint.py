@@ -6,7 +6,7 @@ A checkpoint ``DIR/step_00001000.safetensors`` holds every tensor of the trainin
 - ``optim.<param index>.<key>``: tensor entries of the optimiser state (AdamW: step, exp_avg, exp_avg_sq);
 - ``rng.<name>``: states of the run's ``torch.Generator``s and of torch's global CPU/CUDA generators
   (and numpy's global state), as uint8/uint32 tensors;
-- ``losses``: the per-step training losses so far (float32).
+- ``losses``: the per-step training losses so far (float64).
 
 The sidecar ``DIR/step_00001000.json`` holds everything else: the step (optimiser steps taken), the run
 config, the library version, the optimiser's param groups and non-tensor state, python's global RNG
@@ -193,7 +193,7 @@ def save_checkpoint(path: str | Path, *, net: nn.Module, step: int, ema: nn.Modu
     rng_t, rng_side = _rng_parts(generators)
     tensors.update({k: _cpu(v) for k, v in rng_t.items()})
     if losses is not None:
-        tensors["losses"] = _cpu(torch.as_tensor(losses, dtype=torch.float32).reshape(-1))
+        tensors["losses"] = _cpu(torch.as_tensor(losses, dtype=torch.float64).reshape(-1))
     meta = {"format": FORMAT, "step": str(int(step)), "flowprobe_version": __version__}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     sidecar = {"format": FORMAT, "step": int(step), "tensors": path.name, "version": __version__,

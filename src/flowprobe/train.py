@@ -219,6 +219,12 @@ def fit(net: nn.Module, coupling, objective: CFMObjective, *, steps: int, batch_
             raise ValueError("data-parallel training needs an objective with draw() and losses() (like CFMObjective)")
 
     net.to(device).train()
+    model: nn.Module = net
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # DDP broadcasts rank 0's parameters and buffers into ``net`` here, before the EMA copy is taken.
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     gen = torch.Generator(device=device).manual_seed(seed)
     gradvar_gen = torch.Generator(device=device).manual_seed(seed + 7919)
     generators = {"train": gen, "gradvar": gradvar_gen}
@@ -240,18 +246,14 @@ def fit(net: nn.Module, coupling, objective: CFMObjective, *, steps: int, batch_
         if start > steps:
             raise ValueError(f"checkpoint {ck.path} is at step {start}, beyond steps={steps}")
 
-    model: nn.Module = net
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     if compile:
         model = torch.compile(model) if compile is True else torch.compile(model, backend=compile)
 
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
 
-    loss_buf = torch.zeros(max(steps, 1), device=device, dtype=torch.float32)
+    # float64 so the host copy holds the exact value of a float64 loss (MPS has no float64)
+    loss_buf = torch.zeros(max(steps, 1), device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
     losses: list[float] = list(prior_losses)  # host copy, extended lazily from loss_buf
     synced = start
     if callback is not None and callback_every is None:
@@ -312,7 +314,7 @@ def fit(net: nn.Module, coupling, objective: CFMObjective, *, steps: int, batch_
             opt.step()
             if ema is not None:
                 ema_update(ema, net, ema_decay)
-            loss_buf[step] = loss.detach().float()
+            loss_buf[step] = loss.detach()
             done = step + 1
 
             if done % log_every == 0 or done == steps:
