@@ -132,3 +132,24 @@ def test_compile_gives_the_same_training(tiny_problem):
     assert sa.losses == pytest.approx(sb.losses, rel=1e-6)
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_gradvar_log_is_the_probe_on_the_weights_of_that_step(tmp_path, tiny_problem):
+    from flowprobe.probes.gradvar import gradient_variance
+    from flowprobe.train import GRADVAR_SEED_OFFSET
+
+    net, coupling, objective = tiny_problem()
+    straight_net, _, _ = tiny_problem()
+    log = tmp_path / "m.jsonl"
+    state = fit(net, coupling, objective, steps=4, batch_size=16, seed=2, log_path=log, gradvar_every=4,
+                gradvar_times=[0.1, 0.9], gradvar_samples=32)
+    recs = [json.loads(line) for line in log.read_text().splitlines() if '"gradvar"' in line]
+    assert len(recs) == 1 and recs[0]["step"] == 4 and recs[0]["reduction"] == "sum"
+    expected = gradient_variance(state.net, objective.path, coupling, [0.1, 0.9], n_samples=32, method="exact",
+                                 generator=torch.Generator().manual_seed(2 + GRADVAR_SEED_OFFSET), reduction="sum")
+    assert [r["t"] for r in recs[0]["rows"]] == [0.1, 0.9]
+    for got, exp in zip(recs[0]["rows"], expected.rows):
+        assert got["gv"] == pytest.approx(exp["gv"], rel=1e-9) and got["gv"] > 0
+    # the probe does not disturb training: same weights as a run without it
+    fit(straight_net, coupling, objective, steps=4, batch_size=16, seed=2)
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), straight_net.parameters()))

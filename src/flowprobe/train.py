@@ -48,6 +48,10 @@ __all__ = [
 
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
+#: Default times of the gradient-variance log (0.01, 0.1, ..., 0.9, 0.99: see probes.gradvar.parse_times).
+GRADVAR_TIMES = "0:1:11"
+#: The gradient-variance probe draws from its own generator, seeded with seed + GRADVAR_SEED_OFFSET.
+GRADVAR_SEED_OFFSET = 7919
 
 
 @dataclass
@@ -183,8 +187,10 @@ def fit(net: nn.Module, coupling, objective: CFMObjective, *, steps: int, batch_
     window, lr, throughput) after a start record describing path, coupling and objective. ``ckpt_dir``
     receives a checkpoint every ``ckpt_every`` steps and at the end (``ckpt_keep`` keeps only the newest
     k); ``config`` is stored in their sidecars. ``callback(state)`` runs every ``callback_every`` steps
-    (default ``log_every``). ``gradvar_every`` appends the gradient-variance profile at ``gradvar_times``
-    (``gradvar_samples`` per time) to the metrics log.
+    (default ``log_every``). ``gradvar_every`` appends the gradient-variance profile
+    (:func:`flowprobe.probes.gradvar.gradient_variance`, exact per-sample gradients, sum reduction) at
+    ``gradvar_times`` (a list or "a:b:K"; default ``GRADVAR_TIMES``) with ``gradvar_samples`` pairs per time
+    to the metrics log (rank 0; its own generator, so training is unchanged).
 
     Data-parallel: when a ``torch.distributed`` process group is initialised with world size W > 1, the
     net is wrapped in DistributedDataParallel, ``batch_size`` is the global batch (divisible by W), each
@@ -209,6 +215,8 @@ def fit(net: nn.Module, coupling, objective: CFMObjective, *, steps: int, batch_
         if v is not None and v < 1:
             raise ValueError(f"{name} must be >= 1 or None, got {v}")
 
+    if gradvar_every is not None and log_path is None:
+        raise ValueError("gradvar_every needs log_path (the profile is appended to the metrics log)")
     device = torch.device(device)
     rank, world = distributed_info()
     is_main = rank == 0
@@ -226,7 +234,7 @@ def fit(net: nn.Module, coupling, objective: CFMObjective, *, steps: int, batch_
         # DDP broadcasts rank 0's parameters and buffers into ``net`` here, before the EMA copy is taken.
         model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     gen = torch.Generator(device=device).manual_seed(seed)
-    gradvar_gen = torch.Generator(device=device).manual_seed(seed + 7919)
+    gradvar_gen = torch.Generator(device=device).manual_seed(seed + GRADVAR_SEED_OFFSET)
     generators = {"train": gen, "gradvar": gradvar_gen}
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay, **(optimizer_kwargs or {}))
     ema = None
@@ -377,14 +385,12 @@ def _import_gradvar():
 
 
 def _gradvar_record(gradient_variance, net, objective, coupling, times, n_samples, generator, step) -> dict:
-    if times is None:
-        times = [0.05, 0.25, 0.5, 0.75, 0.95]
-    times = torch.as_tensor(times, dtype=torch.float32)
-    was_training = net.training
-    net.eval()
-    result = gradient_variance(net, objective.path, coupling, times, n_samples=n_samples, method="exact",
-                               generator=generator, reduction=getattr(objective, "reduction", "sum"))
-    net.train(was_training)
+    """The gradient-variance profile of the current (raw) weights at ``times`` (the probe's own generator,
+    so training draws are untouched), as a metrics record. The paper's per-sample loss (sum over
+    dimensions) is used, whatever reduction training uses."""
+    result = gradient_variance(net, objective.path, coupling, GRADVAR_TIMES if times is None else times,
+                               n_samples=n_samples, method="exact", generator=generator, reduction="sum")
+    net.train()
     return {"event": "gradvar", "step": step, **result.to_dict()}
 
 
@@ -485,6 +491,9 @@ class TrainConfig:
     log_every: int = option(100, ge=1)
     ckpt_every: int | None = option(None, ge=1)
     ckpt_keep: int | None = option(None, ge=1)
+    gradvar_every: int | None = option(None, ge=1)
+    gradvar_times: str = GRADVAR_TIMES
+    gradvar_samples: int = option(256, ge=2)
 
     def __post_init__(self):
         if self.coupling.kind == "fixed_pairs" and self.data.n_train is None:
@@ -559,7 +568,8 @@ def _fit_kwargs(cfg: TrainConfig) -> dict:
     return dict(steps=cfg.steps, batch_size=cfg.batch_size, lr=o.lr, seed=cfg.seed, lr_schedule=o.lr_schedule,
                 warmup=o.warmup, grad_clip=o.grad_clip, weight_decay=o.weight_decay, ema_decay=cfg.ema_decay,
                 precision=cfg.precision, compile=cfg.compile, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
-                ckpt_keep=cfg.ckpt_keep, optimizer_kwargs={"fused": True} if o.fused else None)
+                ckpt_keep=cfg.ckpt_keep, gradvar_every=cfg.gradvar_every, gradvar_times=cfg.gradvar_times,
+                gradvar_samples=cfg.gradvar_samples, optimizer_kwargs={"fused": True} if o.fused else None)
 
 
 def _generate(model, source, n: int, solver: str, steps: int, seed: int, device, trajectory: bool = False):
