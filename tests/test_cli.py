@@ -114,3 +114,20 @@ def test_train_then_sample(tmp_path, capsys):
     assert main(["train", "--device", "quantum", "--out", str(tmp_path / "r2"), *TINY]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("flowprobe: error:") for line in err)
+
+
+def _readme_block(after: str) -> str:
+    text = (REPO / "README.md").read_text()
+    i = text.index(after)
+    a = text.index("```bash\n", i) + len("```bash\n")
+    return text[a:text.index("```", a)].strip()
+
+
+def test_ci_runs_the_readme_commands():
+    setup, tests = _readme_block("Set up"), _readme_block("Tests:")
+    assert setup == 'pip install torch==2.13.0 && pip install -e ".[dev]" && pip install --no-deps torchcfm==1.0.7'
+    assert tests == "python -m pytest tests"
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert any(line.startswith(setup + " ||") or line == setup for line in ci)
+    assert any(line.startswith(tests + " ||") or line == tests for line in ci)
+    assert _readme_block("Main job").startswith("flowprobe ")
