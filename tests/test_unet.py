@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
-from flowprobe.fast import autocast, ema_update_, make_ema, make_optimizer, make_train_step, prepare_model
+from flowprobe.fast import (autocast, ema_update_, make_ema, make_optimizer, make_train_step, prepare_model,
+                            set_tf32)
 from flowprobe.nets import UNet, count_parameters, unet_preset
 from flowprobe.nets.unet import attention
 from flowprobe.objectives import cfm_sample_loss
@@ -261,3 +262,33 @@ def test_precision_and_optimizer_arguments_are_checked():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     opt = make_optimizer([torch.zeros(1, requires_grad=True)])
     assert opt.defaults["foreach"] is True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("compile_mode", [None, "reduce-overhead"])
+def test_compiled_step_matches_eager_on_cuda(compile_mode):
+    # Compiled (and CUDA-graphed) steps follow the same trajectory as eager steps (fp32, no TF32, no dropout).
+    previous = set_tf32(False)
+    try:
+        torch.manual_seed(0)
+        base = _randomise(_tiny(dropout=0.0), seed=5, std=0.05).cuda()
+        g = torch.Generator(device="cuda").manual_seed(0)
+        batches = [tuple(torch.randn(8, 3, 16, 16, device="cuda", generator=g) for _ in range(2))
+                   + (torch.rand(8, device="cuda", generator=g),) for _ in range(4)]
+        nets, losses = [], []
+        for compile in (False, True):
+            net = copy.deepcopy(base)
+            ema = make_ema(net)
+            opt = make_optimizer(net.parameters(), lr=1e-3)
+            step = make_train_step(net, opt, _cfm_objective, grad_clip=1.0, ema=ema, ema_decay=0.9, compile=compile,
+                                   compile_mode=compile_mode if compile else None)
+            losses.append(torch.stack([step(*b).loss for b in batches]))
+            nets.append((net, ema))
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
+        for a, b in zip(nets[1][0].parameters(), nets[0][0].parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        for a, b in zip(nets[1][1].parameters(), nets[0][1].parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    finally:
+        set_tf32(previous[0])
+        torch.backends.cudnn.allow_tf32 = previous[1]
