@@ -1,0 +1,45 @@
+"""Helpers shared by the low-dimensional experiments (pair memorisation, GMM, reflow, forward/backward):
+train a time-conditioned MLP on a coupling and push sources through its flow."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..nets import MLP
+from ..objectives import CFMObjective
+from ..paths import make_path
+from ..solvers import integrate
+from ..train import fit
+
+__all__ = ["train_velocity", "push_forward", "run_seed"]
+
+
+def run_seed(ctx, offset: int) -> int:
+    """An integer seed for ``fit`` derived from the run seed (``offset`` separates streams)."""
+    return ctx.seed * 1_000_003 + offset
+
+
+def train_velocity(dim: int, coupling, sigma: float, *, width: int, depth: int, steps: int, batch_size: int,
+                   lr: float, seed: int, device, reduction: str = "mean", schedule: str = "constant",
+                   time_embed_dim: int = 32, lr_schedule: str = "cosine") -> tuple[nn.Module, list]:
+    """Fit an MLP velocity v(t, x) with the CFM objective of path ``make_path(sigma, schedule)`` on
+    ``coupling``; returns (net in eval mode, per-step losses). The net is initialised from ``seed``."""
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation, global RNG left untouched
+        torch.manual_seed(seed)
+        net = MLP(dim, width, depth, time_embed_dim)
+    net = net.to(device)
+    state = fit(net, coupling, CFMObjective(make_path(sigma, schedule), reduction=reduction), steps=steps,
+                batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, seed=seed, device=device)
+    model = state.model
+    model.eval()
+    return model, state.losses
+
+
+@torch.no_grad()
+def push_forward(net: nn.Module, x0: Tensor, method: str = "rk4", steps: int = 50, chunk_size: int = 8192,
+                 t0: float = 0.0, t1: float = 1.0) -> Tensor:
+    """Phi(x0): integrate dx/dt = net(t, x) from t0 to t1, ``chunk_size`` rows at a time."""
+    outs = [integrate(net, x0[s:s + chunk_size], method=method, steps=steps, t0=t0, t1=t1).x
+            for s in range(0, x0.shape[0], chunk_size)]
+    return torch.cat(outs)

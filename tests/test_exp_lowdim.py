@@ -1,0 +1,120 @@
+"""The low-dimensional experiments: tiny end-to-end pipelines (fast) and the --quick runs (slow)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from flowprobe.experiments import run_experiment
+from flowprobe.experiments.forward_backward import SwappedCoupling
+from flowprobe.experiments.reflow import MappedCoupling
+from flowprobe.couplings import GaussianSampler, IndependentCoupling
+
+TINY = {
+    "pair-memorization": ["width=16", "steps=10", "n_pairs=16", "control_n_pairs=16", "sigmas=[0, 0.5, 1, 2]",
+                          "solver_steps=4", "phase=true", "phase_dims=[3]", "phase_n_pairs=[8]",
+                          "phase_sigmas=[0, 1]", "phase_steps=5", "batch_size=8"],
+    "gmm": ["dims=[2]", "width=16", "steps=10", "base_steps=10", "n_pairs=32", "n_eval=32", "solver_steps=4",
+            "train_seeds=2", "eval_repeats=2", "batch_size=16"],
+    "reflow": ["width=16", "steps=10", "base_steps=10", "n_pairs=32", "n_eval=32", "solver_steps=4", "rounds=2",
+               "batch_size=16", "floor=true"],
+    "forward-backward": ["width=16", "steps=10", "n_samples=8", "times=[0.01, 0.5, 0.99]", "dim=4", "batch_size=16"],
+}
+
+
+def _finite(v):
+    return v is None or (isinstance(v, (int, float)) and math.isfinite(v))
+
+
+def test_pair_memorization_pipeline(tmp_path):
+    res = run_experiment("pair-memorization", tmp_path, seed=0, overrides=TINY["pair-memorization"], device="cpu",
+                         verbose=False)
+    runs = res["runs"]
+    roles = [r["role"] for r in runs]
+    assert roles.count("sweep") == 4 and roles.count("control") == 1 and roles.count("phase") == 2
+    for r in runs:
+        for k in ("dim", "n_pairs", "sigma", "nn_acc_assigned", "nn_acc_ot", "l2_assigned", "l2_ot"):
+            assert k in r and _finite(r[k])
+        assert 0 <= r["nn_acc_assigned"] <= 1 and r["l2_assigned"] >= 0
+    assert [c["name"][:8] for c in res["criteria"]][:2] == ["sigma = ", "sigma = "]
+    assert len(res["criteria"]) == 4
+    assert (tmp_path / "sigma_sweep.png").stat().st_size > 0
+    assert (tmp_path / "phase_diagram.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["runs"][0]["nn_acc_assigned"] == runs[0]["nn_acc_assigned"]
+
+
+def test_pair_memorization_is_reproducible(tmp_path):
+    over = TINY["pair-memorization"] + ["control=false", "phase=false", "sigmas=[0]"]
+    a = run_experiment("pair-memorization", tmp_path / "a", seed=3, overrides=over, device="cpu", verbose=False)
+    b = run_experiment("pair-memorization", tmp_path / "b", seed=3, overrides=over, device="cpu", verbose=False)
+    assert a["runs"][0]["l2_assigned"] == b["runs"][0]["l2_assigned"]
+
+
+def test_gmm_pipeline(tmp_path):
+    res = run_experiment("gmm", tmp_path, seed=0, overrides=TINY["gmm"], device="cpu", verbose=False)
+    runs = res["runs"]
+    assert {(r["pairing"], r["sigma"]) for r in runs} == {("random", 0.0), ("random", 0.05), ("reflow", 0.0),
+                                                          ("reflow", 0.05)}
+    for r in runs:
+        assert r["dim"] == 2
+        assert r["mmd_generalization"] >= 0 and r["mmd_memorization"] >= 0  # biased estimates
+        assert _finite(r["mmd_generalization_unbiased"]) and r["mmd_generalization_std"] > 0
+    assert len(res["criteria"]) == 4
+    assert (tmp_path / "gmm_mmd.png").exists()
+
+
+def test_reflow_pipeline(tmp_path):
+    res = run_experiment("reflow", tmp_path, seed=0, overrides=TINY["reflow"], device="cpu", verbose=False)
+    rounds = res["rounds"]
+    # per start: round 0 + 2 sigmas x 2 rounds
+    assert len(rounds) == 2 * (1 + 2 * 2)
+    for r in rounds:
+        assert r["start"] in ("independent", "rot180")
+        for k in ("round", "sigma", "l2_to_generated", "straightness", "transport_cost", "ot_cost", "w2_to_target"):
+            assert k in r and _finite(r[k])
+        # a coupling of two point sets costs at least the optimal one
+        assert r["transport_cost"] >= r["ot_cost"] - 1e-6 * max(1.0, r["ot_cost"])
+    base = [r for r in rounds if r["round"] == 0]
+    assert [r["l2_to_generated"] is None for r in base] == [True, False]  # independent vs rot180
+    assert len(res["retrain_floor"]) == 2
+    assert len(res["criteria"]) == 2
+
+
+def test_forward_backward_pipeline(tmp_path):
+    res = run_experiment("forward-backward", tmp_path, seed=0, overrides=TINY["forward-backward"], device="cpu",
+                         verbose=False)
+    runs = res["runs"]
+    assert [(r["data"], r["direction"], r["sigma"]) for r in runs] == [
+        ("low_variance", "forward", 0.0), ("low_variance", "backward", 0.0), ("low_variance", "forward", 0.05),
+        ("low_variance", "backward", 0.05), ("control", "forward", 0.0), ("control", "backward", 0.0)]
+    for r in runs:
+        assert r["times"] == [0.01, 0.5, 0.99]
+        assert all(g > 0 and _finite(g) for g in r["gv"]) and len(r["gv_se"]) == 3 and len(r["loss"]) == 3
+        expect = r["gv"][-1] / r["gv"][0] if r["direction"] == "forward" else r["gv"][0] / r["gv"][-1]
+        assert r["endpoint_ratio"] == pytest.approx(expect)
+    assert len(res["criteria"]) == 6
+    assert (tmp_path / "gradvar_forward_backward.png").exists()
+
+
+def test_helper_couplings():
+    g = torch.Generator().manual_seed(0)
+    mu = torch.tensor([5.0, 5.0])
+    p = MappedCoupling(GaussianSampler((2,)), lambda x: mu - x).sample(10, g)
+    assert torch.allclose(p.x0 + p.x1, mu.expand(10, 2))
+    base = IndependentCoupling(GaussianSampler((2,)), GaussianSampler((2,), mean=10.0))
+    a = base.sample(6, torch.Generator().manual_seed(1))
+    b = SwappedCoupling(base).sample(6, torch.Generator().manual_seed(1))
+    assert torch.equal(a.x0, b.x1) and torch.equal(a.x1, b.x0)
+
+
+# ---------------------------------------------------------------------------------------------------- slow
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["pair-memorization", "gmm", "reflow", "forward-backward"])
+def test_quick_experiment_criteria_hold(name, tmp_path):
+    res = run_experiment(name, tmp_path, quick=True, seed=0, device="cpu", verbose=False)
+    failed = [c for c in res["criteria"] if not c["held"] and not c["name"].startswith("control")]
+    assert not failed, failed
