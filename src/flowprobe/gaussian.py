@@ -282,6 +282,7 @@ class GaussianCoupling:
         t = torch.as_tensor(t, dtype=self.dtype, device=self.device).reshape(-1)
         a, b, g = path.a(t), path.b(t), path.g(t)
         da, db, dg = path.da(t), path.db(t), path.dg(t)
+
         def col(s):
             return s[:, None]
 
@@ -307,10 +308,34 @@ class GaussianCoupling:
         t = t.to(x.dtype).reshape(-1).expand(x.shape[0])
         if self.deterministic_linear and path.deterministic and isinstance(path, LinearPath):
             return linear_coupling_field(t, x, self.mu, self.A)
+        if x.shape[0] > 1 and bool((t == t[0]).all()):  # one time for the whole batch (an ODE step): fast path
+            gain, mean_x, mean_u = self._affine_at(float(t[0]), path)
+            gain, mean_x, mean_u = (torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in (gain, mean_x, mean_u))
+            return mean_u + (x - mean_x) @ gain.T
         m = self.moments(t.to(self.dtype), path)
         gain = torch.linalg.solve_ex(m["C_xx"], m["C_ux"].transpose(-1, -2))[0].transpose(-1, -2)  # C_ux C_xx^{-1}
         out = m["mean_u"] + (gain @ (x.to(self.dtype) - m["mean_x"]).unsqueeze(-1)).squeeze(-1)
         return out.to(x.dtype)
+
+    def _affine_at(self, t: float, path: Path):
+        """(C_ux C_xx^{-1}, E x_t, E u_t) at a single time, in numpy float64: the same formulas as :meth:`moments`
+        with scalar coefficients (an ODE solver calls the field once per stage with one shared t)."""
+        import numpy as np
+
+        if not hasattr(self, "_np"):
+            mats = (self.S00, self.S11, self.S01, self.m0, self.m1)
+            self._np = tuple(v.detach().cpu().double().numpy() for v in mats)
+        S00, S11, S01, m0, m1 = self._np
+        tt = torch.tensor([t], dtype=torch.float64)
+        a, b, g, da, db, dg = (float(f(tt)[0]) for f in (path.a, path.b, path.g, path.da, path.db, path.dg))
+        eye = np.eye(self.d)
+        C_xx = a * a * S00 + b * b * S11 + a * b * (S01 + S01.T) + g * g * eye
+        C_ux = da * a * S00 + db * b * S11 + da * b * S01 + db * a * S01.T + dg * g * eye
+        try:
+            gain = np.linalg.solve(C_xx, C_ux.T).T
+        except np.linalg.LinAlgError:  # x_t degenerate at this time: the field is not defined
+            gain = np.full((self.d, self.d), np.nan)
+        return gain, a * m0 + b * m1, da * m0 + db * m1
 
     def field(self, path: Path | None = None) -> Callable[[Tensor, Tensor], Tensor]:
         """The marginal field as a callable ``field(t, x)`` (for :func:`flowprobe.solvers.integrate`)."""
