@@ -337,8 +337,7 @@ def downsample(images: np.ndarray, resolution: int) -> np.ndarray:
 def _source_kind(path: Path, kind: str | None) -> str:
     if kind:
         return kind
-    name = path.name.lower()
-    if "celeba" in str(path).lower() or name == "img_align_celeba":
+    if "img_align_celeba" in (part.lower() for part in path.parts):
         return "celeba"
     return "plain"
 
@@ -394,7 +393,8 @@ def load_images(source: str | Path, *, root: str | Path | None = None, split: st
         resolution: downsample the decoded images to resolution x resolution.
         limit: keep the first ``limit`` images in sorted order.
         size: decode size for arbitrary folders of mixed sizes (centre square crop + bicubic resize).
-        kind: "celeba" (centre crop + 64x64 bicubic) or "plain"; guessed from the path when None.
+        kind: "celeba" (centre crop + 64x64 bicubic) or "plain"; when None, "celeba" for a path inside an
+            ``img_align_celeba`` folder, else "plain".
         cache / cache_path: use the ``.npy`` cache (folder ``cache_path``, see :func:`cache_dir`).
     """
     if limit is not None and limit < 1:

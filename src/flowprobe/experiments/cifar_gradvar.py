@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..config import option, to_dict
+from ..io import write_json
 from ..couplings import GaussianSampler, IndependentCoupling, Pairing
 from ..data.images import ImageSampler, load_images, to_tensor
 from ..paths import make_path
@@ -56,7 +57,7 @@ class CifarGradvarConfig:
     directions: list[str] = option(default_factory=lambda: ["forward", "backward"], choices=("forward", "backward"))
     sigmas: list[float] = option(default_factory=lambda: [0.0, 0.05], ge=0)
     model: ImageModelConfig = field(default_factory=lambda: ImageModelConfig(preset="cifar10", model_channels=64))
-    steps: int = option(3000, ge=1)
+    steps: int = option(4000, ge=1)
     batch_size: int = option(128, ge=1)
     lr: float = option(2e-4, gt=0)
     warmup: int = option(0, ge=0)
@@ -129,6 +130,7 @@ def run(cfg: CifarGradvarConfig, ctx) -> dict:
                        "argmax_t": float(res.times[int(np.nanargmax(res.gv))]), "steps": cfg.steps,
                        "final_train_loss": sum(tail) / max(1, len(tail)), "train_s": train_s, "gv_s": gv_s}
             runs.append(run_row)
+            write_json(ctx.out / "partial.json", {"runs": runs})  # survives a timeout
             profiles.append((f"{direction} sigma={sigma:g}", res))
             ctx.log(f"{direction} sigma={sigma:g}: argmax_t GV = {run_row['argmax_t']:g}; GV(t_first) "
                     f"{gv[0]:.4g}, GV(t_last) {gv[-1]:.4g} (train {train_s:.0f} s, probe {gv_s:.0f} s)")
