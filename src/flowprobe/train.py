@@ -543,8 +543,10 @@ def build_run(cfg: TrainConfig, device: str | torch.device = "cpu"):
         coupling = MinibatchOTCoupling(src, tgt, cfg.coupling.method, cfg.coupling.reg)
     else:
         coupling = FixedPairs(src.data, tgt.data)
-    torch.manual_seed(cfg.seed)  # network initialisation
-    net = MLP(2, cfg.model.width, cfg.model.depth, cfg.model.time_embed_dim, cfg.model.activation).to(device)
+    with torch.random.fork_rng(devices=[]):  # initialise from the config's seed without touching global state
+        torch.manual_seed(cfg.seed)
+        net = MLP(2, cfg.model.width, cfg.model.depth, cfg.model.time_embed_dim, cfg.model.activation)
+    net = net.to(device)
     objective = CFMObjective(make_path(cfg.path.sigma, cfg.path.schedule), reduction=cfg.reduction)
     return net, coupling, objective, source, target
 

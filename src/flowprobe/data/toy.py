@@ -86,9 +86,14 @@ class EightGaussians(_Toy2D):
         ang = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
         return self.radius * torch.stack([torch.cos(ang), torch.sin(ang)], dim=1)
 
+    def _centers_on(self, device: torch.device) -> Tensor:
+        # built on the device itself: copying a CPU tensor to the GPU at every draw would synchronise
+        ang = torch.arange(8, device=device, dtype=torch.float64) * (2 * math.pi / 8)
+        return (self.radius * torch.stack([torch.cos(ang), torch.sin(ang)], dim=1)).to(self.dtype)
+
     def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         k = torch.randint(8, (n,), generator=generator, device=generator.device)
-        mu = self.centers.to(device=generator.device, dtype=self.dtype)[k]
+        mu = self._centers_on(generator.device)[k]
         return self._out(mu + self.std * self._randn((n, 2), generator))
 
     def describe(self) -> dict:
@@ -111,8 +116,8 @@ class Moons(_Toy2D):
         outer_pt = torch.stack([torch.cos(th), torch.sin(th)], dim=1)
         inner_pt = torch.stack([1 - torch.cos(th), 0.5 - torch.sin(th)], dim=1)
         x = torch.where(inner[:, None], inner_pt, outer_pt) + self.noise * self._randn((n, 2), generator)
-        offset = torch.tensor([0.5, 0.25], dtype=self.dtype, device=x.device)
-        return self._out(self.scale * (x - offset))
+        x = torch.stack([x[:, 0] - 0.5, x[:, 1] - 0.25], dim=1)  # scalar offsets: no host-to-device copy
+        return self._out(self.scale * x)
 
     def describe(self) -> dict:
         return {"distribution": "moons", "noise": self.noise, "scale": self.scale}
