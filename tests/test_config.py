@@ -60,15 +60,3 @@ def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="YAML"):
         load_config(Outer, unsafe)
 
-
-def test_atomic_write_gives_normal_permissions(tmp_path):
-    import os
-
-    from flowprobe.io import write_json
-
-    umask = os.umask(0o022)
-    try:
-        p = write_json(tmp_path / "r.json", {"a": 1})
-    finally:
-        os.umask(umask)
-    assert (p.stat().st_mode & 0o777) == 0o644
