@@ -8,9 +8,13 @@ output gradients B_i = d l_i / d out_i (T x d_out), and its weight gradient is g
                   = ||B_i^T A_i||_F^2                                  (materialised, cost T d_in d_out)
 
 whichever is cheaper, and g_i^W . G = sum_t B_i[t] . (G A_i[t]) for any matrix G (the mean gradient, for
-the standard error). The bias gradient is g_i^b = sum_t B_i[t]. Grouped convolutions are G independent
-such maps. GroupNorm / LayerNorm affine parameters have per-sample gradients sum over positions of
-B_i * xhat_i (weight) and B_i (bias), with xhat the normalised input; these are small and materialised.
+the standard error). The bias gradient is g_i^b = sum_t B_i[t]. nn.Linear uses these formulas. For
+convolutions the T positions are the output pixels after im2col; rather than copying the im2col matrix,
+the per-sample weight gradients B_i^T A_i are materialised by the convolution weight-gradient kernel run
+once over all samples as a grouped convolution (groups = samples x conv groups): the same work as the
+weight gradient of an ordinary backward pass, sub-batched so memory stays bounded.
+GroupNorm / LayerNorm affine parameters have per-sample gradients sum over positions of B_i * xhat_i
+(weight) and B_i (bias), with xhat the normalised input; these are small and materialised.
 
 A and B come from a forward hook (the module input) and a hook on the module output's gradient, in one
 backward pass of the **summed** loss sum_i l_i, so the output gradient of sample i is exactly
@@ -174,57 +178,63 @@ def _module_sq_dot(mod: nn.Module, acts: list[Tensor], grads: dict[int, Tensor],
                 out[names[key]] = (g.pow(2).sum(1), g @ r)
         return out
 
-    # Linear and convolutions: (m, G, T, Din) activations and (m, G, T, Dout) output gradients per call.
-    def layout(a: Tensor, b: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
-        a, b = a[rows].to(dtype), b[rows]
-        k = a.shape[0]
-        if isinstance(mod, nn.Linear):
-            return a.reshape(k, 1, -1, mod.in_features), b.reshape(k, 1, -1, mod.out_features)
-        G = mod.groups
-        pad = _conv_padding(mod)
-        if isinstance(mod, nn.Conv1d):
-            a = a.unsqueeze(2)
-            cols = F.unfold(a, (1, mod.kernel_size[0]), dilation=(1, mod.dilation[0]), padding=(0, pad[0]),
-                            stride=(1, mod.stride[0]))
-        else:
-            cols = F.unfold(a, mod.kernel_size, dilation=mod.dilation, padding=pad, stride=mod.stride)
-        cols = cols.reshape(k, G, cols.shape[1] // G, -1).transpose(-1, -2)
-        bb = b.reshape(k, G, b.shape[1] // G, -1).transpose(-1, -2)
-        return cols, bb
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+        return _conv_sq_dot(mod, calls, names, ref, m, dtype)
+    return _linear_sq_dot(mod, calls, names, ref, m, dtype)
 
-    def bias_grad(b: Tensor, rows: slice) -> Tensor:
-        b = b[rows]
-        if isinstance(mod, nn.Linear):
-            return b.reshape(b.shape[0], -1, mod.out_features).sum(1)
-        return b.reshape(b.shape[0], b.shape[1], -1).sum(2)
 
-    w = mod.weight
-    G = 1 if isinstance(mod, nn.Linear) else mod.groups
-    d_out = w.shape[0] // G
-    wref = ref[names["weight"]].to(dtype).reshape(G, d_out, -1) if "weight" in names else None
-    # size of one sample's largest temporary (activations after im2col, Gram matrices or per-sample grads)
-    a0, b0 = layout(*calls[0], slice(0, 1))
-    T = sum(layout(a, b, slice(0, 1))[0].shape[2] for a, b in calls)
-    din = a0.shape[3]
-    per_sample = G * (T * (din + d_out) + min(2 * T * T, d_out * din))
-    sqw, dotw, sqb, dotb = [], [], [], []
-    for rows in _sub_batches(m, per_sample):
-        if wref is not None:
-            parts = [layout(a, b, rows) for a, b in calls]
-            A = torch.cat([p[0] for p in parts], 2) if len(parts) > 1 else parts[0][0]
-            B = torch.cat([p[1] for p in parts], 2) if len(parts) > 1 else parts[0][1]
-            s, d = _weight_sq_dot(A, B, wref)
-            sqw.append(s)
-            dotw.append(d)
-        if "bias" in names:
-            gb = sum(bias_grad(b, rows) for _, b in calls)
-            r = ref[names["bias"]].to(gb.dtype).flatten()
-            sqb.append(gb.pow(2).sum(1))
-            dotb.append(gb @ r)
-    if wref is not None:
-        out[names["weight"]] = (torch.cat(sqw), torch.cat(dotw))
+def _linear_sq_dot(mod: nn.Linear, calls, names, ref, m, dtype):
+    """nn.Linear on inputs (m, ..., d_in): the T positions are all middle dimensions; several calls are
+    concatenated along T. Gram or materialised form, whichever is cheaper (see _weight_sq_dot)."""
+    out = {}
+    d_in, d_out = mod.in_features, mod.out_features
+    T = sum(a[0].numel() // d_in for a, _ in calls)
+    if "weight" in names:
+        wref = ref[names["weight"]].to(dtype).reshape(1, d_out, d_in)
+        per_sample = T * (d_in + d_out) + min(2 * T * T, d_out * d_in) + T * d_out
+        sq, dot = [], []
+        for rows in _sub_batches(m, per_sample):
+            A = torch.cat([a[rows].to(dtype).reshape(-1, 1, a[0].numel() // d_in, d_in) for a, _ in calls], 2)
+            B = torch.cat([b[rows].reshape(-1, 1, b[0].numel() // d_out, d_out) for _, b in calls], 2)
+            s_, d_ = _weight_sq_dot(A, B, wref)
+            sq.append(s_)
+            dot.append(d_)
+        out[names["weight"]] = (torch.cat(sq), torch.cat(dot))
     if "bias" in names:
-        out[names["bias"]] = (torch.cat(sqb), torch.cat(dotb))
+        gb = sum(b.reshape(m, -1, d_out).sum(1) for _, b in calls)
+        out[names["bias"]] = (gb.pow(2).sum(1), gb @ ref[names["bias"]].to(gb.dtype).flatten())
+    return out
+
+
+def _conv_sq_dot(mod, calls, names, ref, m, dtype):
+    """nn.Conv1d / nn.Conv2d: per-sample weight gradients materialised with the convolution weight-gradient
+    kernel, all samples at once as one grouped convolution (groups = samples x module groups): no im2col
+    copy, and the same work as the weight gradient of an ordinary backward pass. Sub-batched by memory."""
+    from torch.nn.grad import conv1d_weight, conv2d_weight
+
+    out = {}
+    conv_weight = conv1d_weight if isinstance(mod, nn.Conv1d) else conv2d_weight
+    pad = _conv_padding(mod)
+    w_shape = tuple(mod.weight.shape)
+    if "weight" in names:
+        wref = ref[names["weight"]].to(dtype).flatten()
+        per_sample = mod.weight.numel() + sum(a[0].numel() + b[0].numel() for a, b in calls)
+        sq, dot = [], []
+        for rows in _sub_batches(m, per_sample):
+            per = None
+            for a, b in calls:
+                a, b = a[rows].to(dtype), b[rows]
+                k = a.shape[0]
+                g = conv_weight(a.reshape(1, -1, *a.shape[2:]), (k * w_shape[0], *w_shape[1:]),
+                                b.reshape(1, -1, *b.shape[2:]), stride=mod.stride, padding=pad,
+                                dilation=mod.dilation, groups=k * mod.groups).reshape(k, -1)
+                per = g if per is None else per + g
+            sq.append(per.pow(2).sum(1))
+            dot.append(per @ wref)
+        out[names["weight"]] = (torch.cat(sq), torch.cat(dot))
+    if "bias" in names:
+        gb = sum(b.reshape(m, b.shape[1], -1).sum(2) for _, b in calls)
+        out[names["bias"]] = (gb.pow(2).sum(1), gb @ ref[names["bias"]].to(gb.dtype).flatten())
     return out
 
 

@@ -151,9 +151,11 @@ class _Moments:
         """grads: name -> (m, *shape) per-unit gradients for every param (in ``pnames`` order)."""
         sq, dot = [], []
         for name in self.pnames:
-            g = grads[name].detach().flatten(1).double()
-            sq.append(g.pow(2).sum(1))
-            dot.append(g @ self.ref[name].flatten().to(g.device))
+            # reductions over one chunk in the gradients' dtype (a float64 copy of n x P would cost more
+            # than the gradients themselves); accumulation across chunks in float64
+            g = grads[name].detach().flatten(1)
+            sq.append(g.pow(2).sum(1).double())
+            dot.append((g @ self.ref[name].flatten().to(device=g.device, dtype=g.dtype)).double())
             if add_sums:
                 self.add_sum(name, g.sum(0))
         self.sq.append(torch.stack(sq, 1).cpu())
@@ -332,7 +334,7 @@ def _run_exact(net, params, t, x, u, reduction, chunk_size, mom: _Moments):
     by_name = dict(params)
     if n <= chunk_size:  # one chunk: the mean gradient comes from the per-sample gradients themselves
         grads = _vmap_grads(net, names, by_name, t, x, u, reduction)
-        mom.ref = {nm: grads[nm].double().mean(0) for nm in names}
+        mom.ref = {nm: grads[nm].sum(0).double() / n for nm in names}
         mom.add_per_unit(grads)
         with torch.no_grad():
             losses = squared_error(net(t, x), u, reduction)
