@@ -134,8 +134,17 @@ def main(argv=None) -> int:
         else:
             chunk = 32 if (args.model == "unet" and method == "exact") else n
         ts = times if method != "naive" else times[:naive_k]
-        secs, res = time_profile(net, sampler, ts, n, method, chunk, device, args.micro_batch_size,
-                                 1 if method == "naive" else args.repeat)
+        while True:
+            try:
+                secs, res = time_profile(net, sampler, ts, n, method, chunk, device, args.micro_batch_size,
+                                         1 if method == "naive" else args.repeat)
+                break
+            except torch.cuda.OutOfMemoryError:
+                if chunk <= 1:
+                    raise
+                chunk //= 2  # retry with half the chunk (more chunks: one extra ordinary backward pass)
+                torch.cuda.empty_cache()
+                print(f"{method}: out of GPU memory, retrying with chunk {chunk}")
         if len(ts) < len(times):
             secs *= len(times) / len(ts)
         results[method] = res
