@@ -37,9 +37,10 @@ Standard errors (delta method, i.e. the first-order term of the U-statistic vari
 d_i = ||g_i - g_bar||^2 (per group, or per micro-batch scaled by m for ``"microbatch"``), GV is
 n/(n-1) mean(d_i) and SE(GV) = sd(d_i) / sqrt(n). Checked against the spread over independent repetitions
 (tests): the ratio SE / spread was 0.91-0.97 for 128 per-sample gradients and 0.80-0.86 for 16 micro-batches
-(the first-order term slightly underestimates when the number of units is small). The dots g_i . g_bar need g_bar before the per-sample
-pass: when the n samples fit in one chunk it comes from that chunk, otherwise one ordinary chunked
-backward pass computes it first (about the cost of one training step). The loss SE is sd(l_i)/sqrt(n).
+(the first-order term slightly underestimates when the number of units is small).
+The dots g_i . g_bar need g_bar before the per-sample pass: when the n samples fit in one chunk it comes
+from that chunk, otherwise one ordinary chunked backward pass computes it first (about the cost of one
+training step). The loss SE is sd(l_i)/sqrt(n).
 
 The network is put in eval mode for the probe (and restored afterwards): dropout in train mode would
 add its own noise to every g_i and change what is measured; BatchNorm in train mode would also couple
