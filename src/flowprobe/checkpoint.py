@@ -134,6 +134,20 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, side: dict)
     for idx, st in side.get("state", {}).items():
         state.setdefault(int(idx), {}).update(st)
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+    _match_parameter_layout(optimizer)
+
+
+def _match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give per-parameter state (Adam's moments) the memory layout of its parameter again.
+
+    Tensors are stored contiguous; a channels_last parameter's moments are created channels_last, and the
+    fused / foreach kernels expect matching strides. Values are unchanged (an exact copy)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p, {})
+            for key, v in st.items():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    st[key] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 def _rng_parts(generators: dict[str, torch.Generator] | None) -> tuple[dict, dict]:

@@ -9,7 +9,10 @@ The pieces, each usable alone:
 - :func:`make_ema` / :func:`ema_update_`: an exponential moving average of the parameters with
   multi-tensor (``torch._foreach``) kernels: ema <- decay * ema + (1 - decay) * theta;
 - :func:`make_train_step`: forward + backward + gradient clipping + optimiser step (+ EMA), with no
-  host-device synchronisation (nothing calls ``.item()``), optionally compiled.
+  host-device synchronisation (nothing calls ``.item()``), optionally compiled;
+- :func:`compile_options`: what ``compile=True | "backend" | "mode"`` means for ``torch.compile``.
+
+:func:`flowprobe.train.fit` is built from these pieces (its step is a :class:`TrainStep`).
 
 Typical use::
 
@@ -30,12 +33,15 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PRECISIONS", "set_tf32", "configure_backends", "autocast", "prepare_model", "make_optimizer",
-           "make_ema", "ema_update_", "make_train_step", "StepOutput", "TrainStep", "has_conv"]
+__all__ = ["PRECISIONS", "COMPILE_MODES", "set_tf32", "configure_backends", "autocast", "prepare_model",
+           "make_optimizer", "make_ema", "ema_update_", "make_train_step", "StepOutput", "TrainStep", "has_conv",
+           "compile_options"]
 
 #: "fp32": plain float32; "tf32": float32 storage with TF32 tensor-core matmuls/convolutions (CUDA);
 #: "bf16": float32 parameters and optimiser, forward under bfloat16 autocast.
 PRECISIONS = ("fp32", "tf32", "bf16")
+#: ``torch.compile`` modes (inductor); "reduce-overhead" adds CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _check_precision(precision: str) -> str:
@@ -72,34 +78,59 @@ def autocast(device: str | torch.device, precision: str = "fp32"):
     return contextlib.nullcontext()
 
 
+def compile_options(compile: bool | str | None, compile_mode: str | None = None) -> dict | None:
+    """Keyword arguments for ``torch.compile`` from a ``compile`` setting, or None for no compilation.
+
+    ``False`` / ``None``: no compilation; ``True``: the default backend (inductor) with ``compile_mode``;
+    a mode of :data:`COMPILE_MODES` (e.g. "reduce-overhead"): inductor with that mode; any other string:
+    a backend name of ``torch.compiler.list_backends`` (e.g. "eager", "aot_eager", "inductor").
+    """
+    if compile is None or compile is False:
+        return None
+    if compile is True:
+        return {"mode": compile_mode}
+    if not isinstance(compile, str):
+        raise ValueError(f"compile must be a bool, a mode or a backend name, got {compile!r}")
+    if compile in COMPILE_MODES:
+        return {"mode": compile}
+    backends = torch.compiler.list_backends(exclude_tags=())
+    if compile not in backends:
+        raise ValueError(f"compile must be True/False, a mode ({', '.join(COMPILE_MODES)}) or a backend "
+                         f"({', '.join(backends)}), got {compile!r}")
+    return {"backend": compile, "mode": compile_mode} if compile == "inductor" else {"backend": compile}
+
+
 def has_conv(net: nn.Module) -> bool:
     """True when ``net`` holds a 2-d convolution (channels_last only helps such nets)."""
     return any(isinstance(m, nn.Conv2d) for m in net.modules())
 
 
 def prepare_model(net: nn.Module, device: str | torch.device | None = None, channels_last: bool = True,
-                  compile: bool = False, compile_mode: str | None = None) -> nn.Module:
+                  compile: bool | str = False, compile_mode: str | None = None) -> nn.Module:
     """Move ``net`` to ``device``, switch conv nets to channels_last, and optionally compile it in place.
 
     Compilation uses ``nn.Module.compile`` (in place), so parameter names and ``state_dict`` keys are
-    unchanged. Feed channels_last inputs (``x.contiguous(memory_format=torch.channels_last)``) to avoid
+    unchanged; ``compile`` is read by :func:`compile_options`. Feed channels_last inputs (``x.contiguous(memory_format=torch.channels_last)``) to avoid
     layout conversions at the first convolution. Returns ``net``.
     """
     if device is not None:
         net.to(device)
     if channels_last and has_conv(net):
         net.to(memory_format=torch.channels_last)
-    if compile:
-        net.compile(mode=compile_mode)
+    opts = compile_options(compile, compile_mode)
+    if opts is not None:
+        net.compile(**opts)
     return net
 
 
 def make_optimizer(params: Iterable[Tensor], lr: float = 2e-4, kind: str = "adamw",
                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                   device: str | torch.device | None = None) -> torch.optim.Optimizer:
+                   device: str | torch.device | None = None, **options) -> torch.optim.Optimizer:
     """Adam or AdamW with the fastest implementation for the device: fused on CUDA, foreach otherwise.
 
-    The device is taken from the parameters unless given.
+    The device is taken from the parameters unless given. ``options`` go to the optimiser as given and
+    take precedence: ``fused=...`` or ``foreach=...`` there replaces the device's default implementation
+    (e.g. ``foreach=False`` for the single-tensor loop), other keys (``amsgrad``, ``betas``, ...) pass through.
     """
     params = list(params)
     if not params:
@@ -108,8 +139,11 @@ def make_optimizer(params: Iterable[Tensor], lr: float = 2e-4, kind: str = "adam
         raise ValueError(f"kind must be 'adam' or 'adamw', got {kind!r}")
     dev = torch.device(device) if device is not None else params[0].device
     impl = {"fused": True} if dev.type == "cuda" else {"foreach": True}
+    if "fused" in options or "foreach" in options:
+        impl = {}
+    kw = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, **impl, **options}
     cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
-    return cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **impl)
+    return cls(params, **kw)
 
 
 def make_ema(net: nn.Module) -> nn.Module:
@@ -165,7 +199,8 @@ class StepOutput(NamedTuple):
 class TrainStep:
     """Callable training step built by :func:`make_train_step`; ``step(*batch) -> StepOutput``.
 
-    One call: zero grads; loss = objective_fn(net, *batch) under autocast (compiled when asked);
+    One call: zero grads; loss = objective_fn(model, *batch) under autocast (compiled when asked; ``model``
+    is ``net`` unless given, e.g. a DistributedDataParallel wrapper of ``net``);
     loss.backward(); g <- g * min(1, grad_clip / (||g|| + 1e-6)); optimiser step;
     ema <- decay * ema + (1 - decay) * theta.
     """
@@ -173,8 +208,10 @@ class TrainStep:
     def __init__(self, net: nn.Module, opt: torch.optim.Optimizer, objective_fn: Callable[..., Tensor],
                  precision: str = "fp32", compile: bool = False, grad_clip: float | None = None,
                  ema: nn.Module | Sequence[Tensor] | None = None, ema_decay: float = 0.9999,
-                 compile_mode: str | None = None, device: str | torch.device | None = None):
+                 compile_mode: str | None = None, device: str | torch.device | None = None,
+                 model: nn.Module | None = None):
         self.net, self.opt, self.objective_fn = net, opt, objective_fn
+        self.model = net if model is None else model
         self.precision = _check_precision(precision)
         if grad_clip is not None and grad_clip <= 0:
             raise ValueError(f"grad_clip must be positive or None, got {grad_clip}")
@@ -183,14 +220,16 @@ class TrainStep:
         if device is None:
             device = self.params[0].device if self.params else "cpu"
         self.device = torch.device(device)
-        self.cudagraphs = compile and compile_mode is not None and "reduce-overhead" in compile_mode
-        self._loss = torch.compile(self._forward, mode=compile_mode) if compile else self._forward
+        opts = compile_options(compile, compile_mode)
+        self.compiled = opts is not None
+        self.cudagraphs = self.compiled and "reduce-overhead" in (opts.get("mode") or "")
+        self._loss = torch.compile(self._forward, **opts) if self.compiled else self._forward
         if ema is not None and len(_tensors(ema)[0]) != len(list(net.parameters())):
             raise ValueError("ema must have as many parameters as net")
 
     def _forward(self, *batch, **kwargs) -> Tensor:
         with autocast(self.device, self.precision):
-            return self.objective_fn(self.net, *batch, **kwargs)
+            return self.objective_fn(self.model, *batch, **kwargs)
 
     def __call__(self, *batch, **kwargs) -> StepOutput:
         self.opt.zero_grad(set_to_none=True)
@@ -212,14 +251,16 @@ class TrainStep:
 
 
 def make_train_step(net: nn.Module, opt: torch.optim.Optimizer, objective_fn: Callable[..., Tensor],
-                    precision: str = "fp32", compile: bool = False, grad_clip: float | None = None,
+                    precision: str = "fp32", compile: bool | str = False, grad_clip: float | None = None,
                     ema: nn.Module | Sequence[Tensor] | None = None, ema_decay: float = 0.9999,
-                    compile_mode: str | None = None, device: str | torch.device | None = None) -> TrainStep:
+                    compile_mode: str | None = None, device: str | torch.device | None = None,
+                    model: nn.Module | None = None) -> TrainStep:
     """Build a training step ``step(*batch) -> StepOutput(loss, grad_norm)`` (see :class:`TrainStep`).
 
-    ``objective_fn(net, *batch)`` returns the scalar batch loss, e.g. the CFM loss
-    mean_i ||net(t_i, x_t,i) - u_t,i||^2. With ``compile=True`` the loss function (forward, and through
-    AOTAutograd its backward) is compiled by ``torch.compile(mode=compile_mode)``;
+    ``objective_fn(model, *batch)`` returns the scalar batch loss, e.g. the CFM loss
+    mean_i ||net(t_i, x_t,i) - u_t,i||^2 (``model`` defaults to ``net``). With ``compile`` (True, a mode or a
+    backend: :func:`compile_options`) the loss function (forward, and through AOTAutograd its backward) is
+    compiled by ``torch.compile``;
     ``compile_mode="reduce-overhead"`` adds CUDA graphs (on an H100, the CIFAR-10 UNet at batch 128 in
     bf16 + channels_last: 55 ms/step compiled, 29 ms/step compiled with CUDA graphs; see
     benchmarks/RESULTS.md). Gradient clipping (``grad_clip``) and the
@@ -227,4 +268,4 @@ def make_train_step(net: nn.Module, opt: torch.optim.Optimizer, objective_fn: Ca
     may be changed between calls through ``opt.param_groups`` as usual.
     """
     return TrainStep(net, opt, objective_fn, precision=precision, compile=compile, grad_clip=grad_clip, ema=ema,
-                     ema_decay=ema_decay, compile_mode=compile_mode, device=device)
+                     ema_decay=ema_decay, compile_mode=compile_mode, device=device, model=model)

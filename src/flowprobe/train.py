@@ -21,7 +21,6 @@ command-line front ends (registered by :func:`register_cli`).
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import signal
@@ -36,6 +35,8 @@ from torch import nn
 
 from . import __version__
 from .config import ConfigError, load_config, option, to_dict
+from .fast import PRECISIONS, compile_options, ema_update_, has_conv, make_ema, make_optimizer, make_train_step, \
+    prepare_model, set_tf32
 from .io import append_jsonl, atomic_write, write_json
 from .objectives import CFMObjective
 from .solvers import METHODS
@@ -47,7 +48,6 @@ __all__ = [
 ]
 
 LR_SCHEDULES = ("constant", "cosine")
-PRECISIONS = ("fp32", "bf16")
 #: Default times of the gradient-variance log (0.01, 0.1, ..., 0.9, 0.99: see probes.gradvar.parse_times).
 GRADVAR_TIMES = "0:1:11"
 #: The gradient-variance probe draws from its own generator, seeded with seed + GRADVAR_SEED_OFFSET.
@@ -85,16 +85,9 @@ def learning_rate(step: int, *, lr: float, steps: int, warmup: int = 0, schedule
     return lr * f
 
 
-@torch.no_grad()
-def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
-    """e <- decay * e + (1 - decay) * theta for every parameter (one fused ``_foreach_lerp_``); buffers are
-    copied."""
-    e_params = [p for p in ema.parameters()]
-    n_params = [p.detach() for p in net.parameters()]
-    if e_params:
-        torch._foreach_lerp_(e_params, n_params, 1.0 - decay)
-    for eb, nb in zip(ema.buffers(), net.buffers()):
-        eb.copy_(nb)
+#: e <- decay * e + (1 - decay) * theta for every parameter, buffers copied: one function, :func:`flowprobe.fast.ema_update_`
+#: (this name is kept for callers of ``flowprobe.train.ema_update``).
+ema_update = ema_update_
 
 
 def distributed_info() -> tuple[int, int]:
@@ -149,17 +142,58 @@ class _GracefulInterrupt:
         return False
 
 
-def _batch_loss(model, objective, coupling, generator, batch_size: int, rank: int, world: int):
-    """Loss of one optimiser step. Every rank draws the *global* batch from the shared generator (so the
-    generator stays in step everywhere), then keeps its slice; the mean over the slice, averaged over ranks
-    by DDP's gradient all-reduce, is the single-process batch mean."""
-    pairing = coupling.sample(batch_size, generator)
-    if world == 1:
-        return objective(model, pairing, generator)
-    t, x_t, u_t = objective.draw(pairing, generator)
+def _plain_cfm(objective) -> bool:
+    """True when the objective's batch loss is mean_i losses_i of draw() (CFMObjective without overrides)."""
+    return isinstance(objective, CFMObjective) and type(objective).__call__ is CFMObjective.__call__
+
+
+def _batch_fns(objective, coupling, generator, batch_size: int, rank: int, world: int, channels_last: bool = False):
+    """(next_batch, loss_fn) of one optimiser step: ``loss_fn(model, *next_batch())`` is the batch loss.
+
+    Drawing (pairs, times, noise: Python control flow, generators, OT solvers) stays outside the
+    (possibly compiled) loss function. For a plain CFM objective the batch is (t, x_t, u_t) and the loss
+    mean_i l_i(t_i, x_t,i, u_t,i), the same number as ``objective(model, pairing, generator)``. Data-parallel:
+    every rank draws the *global* batch from the shared generator (so the generator stays in step
+    everywhere), then keeps its slice; the mean over the slice, averaged over ranks by DDP's gradient
+    all-reduce, is the single-process batch mean. Other objectives get the pairing and draw the rest
+    themselves inside the loss.
+    """
+    if world == 1 and not _plain_cfm(objective):
+        def next_pairing():
+            return (coupling.sample(batch_size, generator),)
+
+        def pairing_loss(model, pairing):
+            return objective(model, pairing, generator)
+
+        return next_pairing, pairing_loss
     per = batch_size // world
     sl = slice(rank * per, (rank + 1) * per)
-    return objective.losses(model, t[sl], x_t[sl], u_t[sl]).mean()
+
+    def next_batch():
+        t, x_t, u_t = objective.draw(coupling.sample(batch_size, generator), generator)
+        if world > 1:
+            t, x_t, u_t = t[sl], x_t[sl], u_t[sl]
+        if channels_last and x_t.dim() == 4:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        return t, x_t, u_t
+
+    def cfm_loss(model, t, x_t, u_t):
+        return objective.losses(model, t, x_t, u_t).mean()
+
+    return next_batch, cfm_loss
+
+
+@contextlib.contextmanager
+def _tf32_scope(enabled: bool):
+    """TF32 matmuls/convolutions inside the block when ``enabled`` (precision "tf32" on CUDA), restored after."""
+    if not enabled:
+        yield
+        return
+    previous = set_tf32(True)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
 def fit(net: nn.Module, coupling, objective: CFMObjective, *, steps: int, batch_size: int, lr: float = 1e-3,
@@ -170,7 +204,7 @@ def fit(net: nn.Module, coupling, objective: CFMObjective, *, steps: int, batch_
         ckpt_every: int | None = None, ckpt_keep: int | None = None, resume_from: str | Path | None = None,
         callback: Callable[[TrainState], Any] | None = None, callback_every: int | None = None,
         optimizer_kwargs: dict | None = None, gradvar_every: int | None = None, gradvar_times=None,
-        gradvar_samples: int = 256, config: Any = None) -> TrainState:
+        gradvar_samples: int = 256, config: Any = None, ckpt_extra: dict | None = None) -> TrainState:
     """Train ``net`` for ``steps`` AdamW optimiser steps on batches of ``batch_size`` drawn from ``coupling``.
 
     Learning rate: :func:`learning_rate` (linear warm-up over ``warmup`` steps, then constant or cosine
@@ -180,13 +214,22 @@ def fit(net: nn.Module, coupling, objective: CFMObjective, *, steps: int, batch_
     steps straight, or N/2, stopping, and resuming to N, gives the same parameters. ``steps`` is the total
     (the schedule's horizon), not the number of steps left.
 
+    The step is :func:`flowprobe.fast.make_train_step`'s (zero grads, loss under autocast, backward,
+    foreach clipping, optimiser step, EMA; no host synchronisation), with the batch drawn outside the loss
+    function so that only the network's forward/backward is compiled. Conv nets on CUDA are switched to
+    channels_last (:func:`flowprobe.fast.prepare_model`).
+
     Options: ``ema_decay`` d keeps e <- d e + (1 - d) theta after every step; ``precision="bf16"`` runs
-    the forward pass under bf16 autocast (parameters, optimiser and EMA stay fp32); ``compile`` compiles the
-    training forward with ``torch.compile`` (True, or a backend name); ``optimizer_kwargs`` go to AdamW
-    (e.g. ``fused=True``). ``log_path`` receives one JSON line per ``log_every`` steps (mean loss over the
+    the forward pass under bf16 autocast (parameters, optimiser and EMA stay fp32), ``"tf32"`` allows TF32
+    products on CUDA during training; ``compile`` compiles the loss (forward and backward) with
+    ``torch.compile``: True, a backend name ("eager", "inductor", ...) or a mode ("reduce-overhead" = CUDA
+    graphs); see :func:`flowprobe.fast.compile_options`. The optimiser is AdamW from
+    :func:`flowprobe.fast.make_optimizer` (fused on CUDA, foreach elsewhere); ``optimizer_kwargs`` go to it
+    and take precedence (e.g. ``foreach=False``, ``fused=True``, ``betas=(0.9, 0.99)``). ``log_path`` receives one JSON line per ``log_every`` steps (mean loss over the
     window, lr, throughput) after a start record describing path, coupling and objective. ``ckpt_dir``
     receives a checkpoint every ``ckpt_every`` steps and at the end (``ckpt_keep`` keeps only the newest
-    k); ``config`` is stored in their sidecars. ``callback(state)`` runs every ``callback_every`` steps
+    k); ``config`` is stored in their sidecars, and ``ckpt_extra`` (e.g. ``{"model": spec}``, see
+    :func:`model_spec`) in their ``extra``. ``callback(state)`` runs every ``callback_every`` steps
     (default ``log_every``). ``gradvar_every`` appends the gradient-variance profile
     (:func:`flowprobe.probes.gradvar.gradient_variance`, exact per-sample gradients, sum reduction) at
     ``gradvar_times`` (a list or "a:b:K"; default ``GRADVAR_TIMES``) with ``gradvar_samples`` pairs per time
@@ -226,7 +269,9 @@ def fit(net: nn.Module, coupling, objective: CFMObjective, *, steps: int, batch_
         if not (hasattr(objective, "draw") and hasattr(objective, "losses")):
             raise ValueError("data-parallel training needs an objective with draw() and losses() (like CFMObjective)")
 
-    net.to(device).train()
+    compile_options(compile)  # a bad setting stops here, before any work
+    # channels_last for conv nets on CUDA (a no-op for MLPs); before the optimiser and EMA see the parameters
+    prepare_model(net, device, channels_last=device.type == "cuda").train()
     model: nn.Module = net
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -236,11 +281,10 @@ def fit(net: nn.Module, coupling, objective: CFMObjective, *, steps: int, batch_
     gen = torch.Generator(device=device).manual_seed(seed)
     gradvar_gen = torch.Generator(device=device).manual_seed(seed + GRADVAR_SEED_OFFSET)
     generators = {"train": gen, "gradvar": gradvar_gen}
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay, **(optimizer_kwargs or {}))
-    ema = None
-    if ema_decay is not None:
-        ema = copy.deepcopy(net).requires_grad_(False)
-        ema.eval()
+    # fused AdamW on CUDA, foreach elsewhere, unless optimizer_kwargs name the implementation
+    opt = make_optimizer(net.parameters(), lr=lr, kind="adamw", weight_decay=weight_decay, device=device,
+                         **(optimizer_kwargs or {}))
+    ema = make_ema(net) if ema_decay is not None else None
 
     start = 0
     prior_losses: list[float] = []
@@ -254,11 +298,11 @@ def fit(net: nn.Module, coupling, objective: CFMObjective, *, steps: int, batch_
         if start > steps:
             raise ValueError(f"checkpoint {ck.path} is at step {start}, beyond steps={steps}")
 
-    if compile:
-        model = torch.compile(model) if compile is True else torch.compile(model, backend=compile)
-
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16"
-                else contextlib.nullcontext())
+    next_batch, loss_fn = _batch_fns(objective, coupling, gen, batch_size, rank, world,
+                                     channels_last=device.type == "cuda" and has_conv(net))
+    train_step = make_train_step(net, opt, loss_fn, precision=precision, compile=compile, grad_clip=grad_clip or None,
+                                 ema=ema, ema_decay=ema_decay if ema_decay is not None else 0.0, device=device,
+                                 model=model)
 
     # float64 so the host copy holds the exact value of a float64 loss (MPS has no float64)
     loss_buf = torch.zeros(max(steps, 1), device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
@@ -276,7 +320,8 @@ def fit(net: nn.Module, coupling, objective: CFMObjective, *, steps: int, batch_
         append_jsonl(log_path, {"event": "resume" if start else "start", "step": start, "steps": steps,
                                 "batch_size": batch_size, "world_size": world, "lr": lr, "lr_schedule": lr_schedule,
                                 "warmup": warmup, "grad_clip": grad_clip, "weight_decay": weight_decay,
-                                "ema_decay": ema_decay, "precision": precision, "compile": bool(compile),
+                                "ema_decay": ema_decay, "precision": precision,
+                                "compile": compile if isinstance(compile, str) else bool(compile),
                                 "seed": seed, "device": str(device), "version": __version__, **run_desc})
 
     def sync_losses(upto: int) -> None:
@@ -299,7 +344,8 @@ def fit(net: nn.Module, coupling, objective: CFMObjective, *, steps: int, batch_
 
         save_checkpoint(checkpoint_path(ckpt_dir, step), net=net, ema=ema, optimizer=opt, step=step, config=config,
                         generators=generators, losses=losses[:step],
-                        extra={"descriptions": run_desc, "world_size": world, "batch_size": batch_size})
+                        extra={**(ckpt_extra or {}), "descriptions": run_desc, "world_size": world,
+                               "batch_size": batch_size})
         if ckpt_keep is not None:
             for old in list_checkpoints(ckpt_dir)[:-ckpt_keep]:
                 old.with_suffix(".json").unlink(missing_ok=True)
@@ -308,21 +354,12 @@ def fit(net: nn.Module, coupling, objective: CFMObjective, *, steps: int, batch_
     bar = _progress_bar(progress and is_main, steps, start)
     t_window, s_window = time.perf_counter(), start
     last_saved = start if resume_from is not None else -1
-    with bar, _GracefulInterrupt(world == 1) as interrupt:
+    with bar, _GracefulInterrupt(world == 1) as interrupt, _tf32_scope(precision == "tf32" and device.type == "cuda"):
         task = bar.add_task("training", total=steps, completed=start, loss=float("nan"))
         for step in range(start, steps):
             for g in opt.param_groups:
                 g["lr"] = learning_rate(step, lr=lr, steps=steps, warmup=warmup, schedule=lr_schedule)
-            with autocast:
-                loss = _batch_loss(model, objective, coupling, gen, batch_size, rank, world)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-            opt.step()
-            if ema is not None:
-                ema_update(ema, net, ema_decay)
-            loss_buf[step] = loss.detach()
+            loss_buf[step] = train_step(*next_batch()).loss
             done = step + 1
 
             if done % log_every == 0 or done == steps:
