@@ -153,3 +153,86 @@ def test_gradvar_log_is_the_probe_on_the_weights_of_that_step(tmp_path, tiny_pro
     # the probe does not disturb training: same weights as a run without it
     fit(straight_net, coupling, objective, steps=4, batch_size=16, seed=2)
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), straight_net.parameters()))
+
+
+def _reference_fit(net, coupling, objective, *, steps, batch_size, lr, seed, grad_clip, ema_decay, warmup=0):
+    """The training loop written out by hand (single-tensor AdamW, per-tensor clipping, per-tensor EMA lerp)."""
+    from flowprobe.train import learning_rate as lr_at
+
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0, foreach=False)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    losses, norms = [], []
+    for k in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(k, lr=lr, steps=steps, warmup=warmup)
+        loss = objective(net, coupling.sample(batch_size, gen), gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip, foreach=False).item())
+        opt.step()
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), net.parameters()):
+                e.lerp_(p, 1 - ema_decay)  # e + (1 - d) (p - e), one tensor at a time
+        losses.append(loss.item())
+    assert max(norms) > grad_clip  # clipping was active
+    return ema, losses
+
+
+def test_fast_step_is_bitwise_the_hand_written_loop(tiny_problem):
+    """fit's step (fast.make_train_step: foreach AdamW, foreach clipping, foreach EMA lerp) gives bit for bit
+    the parameters, EMA and losses of a plain single-tensor loop on the CPU, with clipping active (the EMA
+    against its formula: test_ema_equals_hand_computed_average)."""
+    a, coupling, objective = tiny_problem(dtype=torch.float64)
+    b = copy.deepcopy(a)
+    d = 0.8
+    state = fit(a, coupling, objective, steps=6, batch_size=16, lr=0.05, seed=4, grad_clip=0.05, ema_decay=d,
+                warmup=2)
+    ema, losses = _reference_fit(b, coupling, objective, steps=6, batch_size=16, lr=0.05, seed=4, grad_clip=0.05,
+                                 ema_decay=d, warmup=2)
+    assert state.losses == losses
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    for p, q in zip(state.ema.parameters(), ema.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_optimizer_implementation_follows_the_device_unless_asked(tiny_problem):
+    from flowprobe import train
+
+    net, coupling, objective = tiny_problem()
+
+    opts = []
+    orig = train.make_optimizer
+
+    def spy(*args, **kwargs):
+        opts.append(orig(*args, **kwargs))
+        return opts[-1]
+
+    train.make_optimizer = spy
+    try:
+        fit(net, coupling, objective, steps=1, batch_size=4)
+        fit(net, coupling, objective, steps=1, batch_size=4, optimizer_kwargs={"foreach": False, "betas": (0.5, 0.9)})
+    finally:
+        train.make_optimizer = orig
+    assert isinstance(opts[0], torch.optim.AdamW) and opts[0].defaults["foreach"] is True
+    assert opts[1].defaults["foreach"] is False and opts[1].defaults["betas"] == (0.5, 0.9)
+
+
+@pytest.mark.parametrize("compile", ["eager", "aot_eager"])
+def test_compiled_fit_matches_eager(tiny_problem, compile):
+    """Compiling the loss (graph capture; aot_eager also traces the backward) leaves training unchanged."""
+    a, coupling, objective = tiny_problem()
+    b = copy.deepcopy(a)
+    sa = fit(a, coupling, objective, steps=4, batch_size=16, grad_clip=1.0, ema_decay=0.9)
+    sb = fit(b, coupling, objective, steps=4, batch_size=16, grad_clip=1.0, ema_decay=0.9, compile=compile)
+    assert sa.losses == pytest.approx(sb.losses, rel=1e-6)
+    for p, q in zip(list(a.parameters()) + list(sa.ema.parameters()), list(b.parameters()) + list(sb.ema.parameters())):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert not any(n.startswith("_orig_mod") for n in b.state_dict())  # the net itself is not wrapped
+
+
+def test_bad_compile_setting_names_the_choices(tiny_problem):
+    net, coupling, objective = tiny_problem()
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        fit(net, coupling, objective, steps=1, batch_size=4, compile="warp-speed")

@@ -110,7 +110,8 @@ def prepare_model(net: nn.Module, device: str | torch.device | None = None, chan
     """Move ``net`` to ``device``, switch conv nets to channels_last, and optionally compile it in place.
 
     Compilation uses ``nn.Module.compile`` (in place), so parameter names and ``state_dict`` keys are
-    unchanged; ``compile`` is read by :func:`compile_options`. Feed channels_last inputs (``x.contiguous(memory_format=torch.channels_last)``) to avoid
+    unchanged; ``compile`` is read by :func:`compile_options`. Feed channels_last inputs
+    (``x.contiguous(memory_format=torch.channels_last)``) to avoid
     layout conversions at the first convolution. Returns ``net``.
     """
     if device is not None:

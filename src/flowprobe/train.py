@@ -85,8 +85,8 @@ def learning_rate(step: int, *, lr: float, steps: int, warmup: int = 0, schedule
     return lr * f
 
 
-#: e <- decay * e + (1 - decay) * theta for every parameter, buffers copied: one function, :func:`flowprobe.fast.ema_update_`
-#: (this name is kept for callers of ``flowprobe.train.ema_update``).
+#: e <- decay * e + (1 - decay) * theta for every parameter, buffers copied: one function,
+#: :func:`flowprobe.fast.ema_update_` (this name is kept for callers of ``flowprobe.train.ema_update``).
 ema_update = ema_update_
 
 
@@ -225,10 +225,11 @@ def fit(net: nn.Module, coupling, objective: CFMObjective, *, steps: int, batch_
     ``torch.compile``: True, a backend name ("eager", "inductor", ...) or a mode ("reduce-overhead" = CUDA
     graphs); see :func:`flowprobe.fast.compile_options`. The optimiser is AdamW from
     :func:`flowprobe.fast.make_optimizer` (fused on CUDA, foreach elsewhere); ``optimizer_kwargs`` go to it
-    and take precedence (e.g. ``foreach=False``, ``fused=True``, ``betas=(0.9, 0.99)``). ``log_path`` receives one JSON line per ``log_every`` steps (mean loss over the
-    window, lr, throughput) after a start record describing path, coupling and objective. ``ckpt_dir``
-    receives a checkpoint every ``ckpt_every`` steps and at the end (``ckpt_keep`` keeps only the newest
-    k); ``config`` is stored in their sidecars, and ``ckpt_extra`` (e.g. ``{"model": spec}``, see
+    and take precedence (e.g. ``foreach=False``, ``fused=True``, ``betas=(0.9, 0.99)``).
+    ``log_path`` receives one JSON line per ``log_every`` steps (mean loss over the window, lr, throughput)
+    after a start record describing path, coupling and objective. ``ckpt_dir`` receives a checkpoint
+    every ``ckpt_every`` steps and at the end (``ckpt_keep`` keeps only the newest k);
+    ``config`` is stored in their sidecars, and ``ckpt_extra`` (e.g. ``{"model": spec}``, see
     :func:`model_spec`) in their ``extra``. ``callback(state)`` runs every ``callback_every`` steps
     (default ``log_every``). ``gradvar_every`` appends the gradient-variance profile
     (:func:`flowprobe.probes.gradvar.gradient_variance`, exact per-sample gradients, sum reduction) at
