@@ -238,7 +238,7 @@ def _plot(rows, path) -> None:
         ax.bar(xs, ys, width=width * 0.95, label=f"{field.replace('_', '-')} field, sigma={sigma:g}", hatch=hatch,
                alpha=0.85)
         for x, cf in zip(xs, cfs):
-            if cf is not None and math.isfinite(cf) and cf > 0:
+            if cf is not None and math.isfinite(cf) and cf > 1e-10:  # smaller closed-form values are rounding of 0
                 ax.plot([x - width / 2, x + width / 2], [cf, cf], color="k", lw=1.5)
             elif cf is not None and math.isinf(cf):
                 ax.annotate("closed form: inf", (x, 1e3), rotation=90, fontsize=7, ha="center", va="bottom")
