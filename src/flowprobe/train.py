@@ -26,12 +26,12 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import __version__
 from .config import ConfigError, load_config, option, to_dict
@@ -45,6 +45,8 @@ __all__ = [
     "fit", "TrainState", "learning_rate", "LR_SCHEDULES", "PRECISIONS", "ema_update", "distributed_info",
     "TrainConfig", "DataConfig", "ModelConfig", "PathConfig", "CouplingConfig", "OptimConfig", "SampleConfig",
     "build_run", "train_from_config", "sample_checkpoint", "default_config_path", "register_cli",
+    "model_spec", "build_net", "build_data", "build_objective", "load_model", "load_run", "LoadedRun",
+    "checkpoint_config", "resolve_auto", "save_image_grid",
 ]
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -442,28 +444,57 @@ def _toy_names() -> tuple[str, ...]:
     return tuple(TOY_DISTRIBUTIONS)
 
 
+def _unet_presets() -> tuple[str, ...]:
+    from .nets.unet import UNET_PRESETS
+
+    return tuple(UNET_PRESETS)
+
+
 @dataclass
 class DataConfig:
-    """Source (t = 0) and target (t = 1) distributions: 2-D toys from :mod:`flowprobe.data.toy`, with their
-    keyword parameters. ``n_train`` > 0 draws a finite training set of that many source and target points
-    once (a fixed pool; with ``coupling.kind: fixed_pairs`` row i of each is a fixed pair)."""
+    """Source (t = 0) and target (t = 1).
+
+    2-D toys (default): ``source`` and ``target`` from :mod:`flowprobe.data.toy`, with their keyword
+    parameters; ``n_train`` draws a finite training set of that many source and target points once (a
+    fixed pool; with ``coupling.kind: fixed_pairs`` row i of each is a fixed pair).
+
+    Images: ``dataset`` (a name of :data:`flowprobe.data.images.DATASETS` such as "cifar10" or "celeba", or a
+    tar / folder path; ``root`` is the data root for names) is the target, kept as uint8 on the device and
+    drawn by :class:`~flowprobe.data.images.ImageSampler` (random horizontal flips with ``flip``), at
+    ``resolution`` (downsampled; default native); the source is N(0, I) of the image shape. ``n_train``
+    keeps the first N images; with ``fixed_pairs`` image i is paired with a fixed noise x0_i."""
 
     source: str = option("eight_gaussians", choices=_toy_names())
     target: str = option("moons", choices=_toy_names())
     source_params: dict = option(default_factory=dict)
     target_params: dict = option(default_factory=dict)
     n_train: int | None = option(None, ge=1)
+    dataset: str | None = option(None, help="image dataset name or path (images instead of 2-D toys)")
+    root: str | None = option(None, help="data root for dataset names (default $FLOWPROBE_DATA or ../shared/data)")
+    resolution: int | None = option(None, ge=1, help="image side after downsampling (default: native)")
+    flip: bool = option(True, help="random horizontal flips of training images")
 
 
 @dataclass
 class ModelConfig:
-    """The velocity network: an MLP on [x, sinusoidal embedding of 1000 t]."""
+    """The velocity network.
 
-    arch: str = option("mlp", choices=("mlp",))
+    ``arch="mlp"``: an MLP on [x, sinusoidal embedding of 1000 t] (``width`` x ``depth``), on the flattened
+    sample for images. ``arch="unet"`` (images only): :func:`flowprobe.nets.unet.unet_preset` ``preset`` with
+    ``image_size`` and ``in_channels`` set from the data and the optional overrides (None keeps the preset's
+    value); attention resolutions the image does not reach are dropped."""
+
+    arch: str = option("mlp", choices=("mlp", "unet"))
     width: int = option(256, ge=1)
     depth: int = option(3, ge=1)
     time_embed_dim: int = option(32, ge=0)
     activation: str = option("silu", choices=("silu", "relu", "gelu", "tanh", "selu"))
+    preset: str = option("cifar10", choices=_unet_presets())
+    model_channels: int | None = option(None, ge=1)
+    channel_mult: list[int] | None = option(None, ge=1)
+    num_res_blocks: int | None = option(None, ge=1)
+    attention_resolutions: list[int] | None = option(None, ge=1)
+    dropout: float | None = option(None, ge=0, lt=1)
 
 
 @dataclass
@@ -487,7 +518,9 @@ class CouplingConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with warm-up, constant or cosine decay, gradient clipping and weight decay."""
+    """AdamW with warm-up, constant or cosine decay, gradient clipping and weight decay. The implementation
+    is fused on CUDA and foreach elsewhere (:func:`flowprobe.fast.make_optimizer`); ``fused: true`` forces
+    the fused kernel."""
 
     lr: float = option(1e-3, gt=0)
     warmup: int = option(0, ge=0)
@@ -500,18 +533,24 @@ class OptimConfig:
 @dataclass
 class SampleConfig:
     """Samples drawn after training: ``n`` points integrated with ``solver`` over ``steps`` steps;
-    ``trajectories`` of them are drawn as paths in the plot."""
+    ``trajectories`` of them are drawn as paths in the plot (2-D), or the first ``grid`` images are written as
+    a PNG grid (images)."""
 
     n: int = option(2000, ge=1)
     steps: int = option(100, ge=1)
     solver: str = option("euler", choices=METHODS)
     trajectories: int = option(256, ge=0)
+    grid: int = option(64, ge=1)
     plot: bool = True
 
 
 @dataclass
 class TrainConfig:
-    """A whole training run. Sections: data, model, path, coupling, optim, sample."""
+    """A whole training run. Sections: data, model, path, coupling, optim, sample.
+
+    ``precision``: fp32, tf32, bf16 or auto (bf16 on CUDA, else fp32). ``compile``: false, true, a
+    ``torch.compile`` mode ("reduce-overhead" = CUDA graphs), a backend name, or auto ("reduce-overhead"
+    on CUDA, else off); see :func:`flowprobe.fast.compile_options`."""
 
     data: DataConfig = option(default_factory=DataConfig)
     model: ModelConfig = option(default_factory=ModelConfig)
@@ -521,8 +560,8 @@ class TrainConfig:
     sample: SampleConfig = option(default_factory=SampleConfig)
     reduction: str = option("mean", choices=("mean", "sum"))
     ema_decay: float | None = option(None, ge=0, lt=1)
-    precision: str = option("fp32", choices=PRECISIONS)
-    compile: bool = False
+    precision: str = option("fp32", choices=PRECISIONS + ("auto",))
+    compile: bool | str = False
     steps: int = option(2000, ge=1)
     batch_size: int = option(256, ge=1)
     seed: int = 0
@@ -536,6 +575,24 @@ class TrainConfig:
     def __post_init__(self):
         if self.coupling.kind == "fixed_pairs" and self.data.n_train is None:
             raise ConfigError("coupling.kind: fixed_pairs needs data.n_train (the number of fixed pairs)")
+        if self.model.arch == "unet" and self.data.dataset is None:
+            raise ConfigError("model.arch: unet needs image data (set data.dataset) or use arch: mlp")
+        if self.compile != "auto":
+            try:
+                compile_options(self.compile)
+            except ValueError as e:
+                raise ConfigError(f"compile: {e}; or auto") from None
+
+
+def resolve_auto(cfg: TrainConfig, device: torch.device) -> TrainConfig:
+    """``cfg`` with precision/compile "auto" made concrete for ``device``: bf16 and "reduce-overhead" (CUDA
+    graphs) on CUDA, fp32 and no compilation elsewhere."""
+    cuda = torch.device(device).type == "cuda"
+    if cfg.precision == "auto":
+        cfg = replace(cfg, precision="bf16" if cuda else "fp32")
+    if cfg.compile == "auto":
+        cfg = replace(cfg, compile="reduce-overhead" if cuda else False)
+    return cfg
 
 
 def default_config_path() -> Path:
@@ -556,16 +613,106 @@ def _make_sampler(name: str, params: dict, key: str, device, dtype=torch.float32
         raise ConfigError(f"data.{key}_params: {e}") from None
 
 
-def build_run(cfg: TrainConfig, device: str | torch.device = "cpu"):
-    """(net, coupling, objective, source, target) for a config, on ``device``.
+# -------------------------------------------------------------------------------------- networks (one place)
 
-    With ``data.n_train`` the finite pools are drawn once from a generator seeded with seed + 1.
+class _FlatMLP(nn.Module):
+    """An MLP velocity on flattened samples (images): v(t, x) = MLP(t, x.flatten()).reshape(x.shape)."""
+
+    def __init__(self, dim: int, width: int = 256, depth: int = 3, time_embed_dim: int = 32,
+                 activation: str = "silu"):
+        super().__init__()
+        from .nets import MLP
+
+        self.mlp = MLP(dim, width, depth, time_embed_dim, activation)
+
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        return self.mlp(t, x.reshape(x.shape[0], -1)).reshape(x.shape)
+
+
+def model_spec(model: ModelConfig, shape: tuple[int, ...] | list[int]) -> dict:
+    """The portable description of a net, ``{"class": "MLP" | "FlatMLP" | "UNet", "kwargs": {...}}``, for
+    samples of ``shape`` (``(d,)`` vectors or ``(C, H, W)`` images). It is stored in checkpoint sidecars
+    (``extra["model"]``) and :func:`build_net` rebuilds the net from it. ``model`` is a :class:`ModelConfig`
+    (or anything with its fields, like the image experiments' ``ImageModelConfig``)."""
+    shape = tuple(int(s) for s in shape)
+    if model.arch == "mlp":
+        mlp = {"width": model.width, "depth": model.depth, "time_embed_dim": getattr(model, "time_embed_dim", 32),
+               "activation": getattr(model, "activation", "silu")}
+        if len(shape) == 1:
+            return {"class": "MLP", "kwargs": {"dim": shape[0], **mlp}}
+        return {"class": "FlatMLP", "kwargs": {"dim": math.prod(shape), **mlp}}
+    if model.arch != "unet":
+        raise ConfigError(f"model.arch: {model.arch!r} is not allowed; choose mlp or unet")
+    if len(shape) != 3 or shape[1] != shape[2]:
+        raise ConfigError(f"model.arch: unet needs square images (C, H, H), got samples of shape {shape}")
+    from .nets.unet import UNET_PRESETS
+
+    kw = dict(UNET_PRESETS[model.preset])
+    kw.update(image_size=shape[1], in_channels=shape[0])
+    for name in ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "dropout"):
+        v = getattr(model, name, None)
+        if v is not None:
+            kw[name] = v
+    kw = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in kw.items()}
+    # attention only where the feature map exists; a preset's resolution may not fit a small image
+    sides = {shape[1] // 2 ** i for i in range(len(kw["channel_mult"]))}
+    kw["attention_resolutions"] = [r for r in kw["attention_resolutions"] if r in sides]
+    return {"class": "UNet", "kwargs": kw}
+
+
+def build_net(spec: dict, seed: int | None = None) -> nn.Module:
+    """The net of a :func:`model_spec` (``class`` MLP, FlatMLP or UNet with its ``kwargs``), initialised
+    from torch's global RNG seeded with ``seed`` inside a forked RNG scope (the caller's global RNG state is
+    left untouched); ``seed=None`` draws from the current global state."""
+    from .nets import MLP
+    from .nets.unet import UNet
+
+    classes = {"MLP": MLP, "FlatMLP": _FlatMLP, "UNet": UNet}
+    cls = classes.get(spec.get("class"))
+    if cls is None:
+        raise ConfigError(f"model class {spec.get('class')!r} is unknown; allowed: {', '.join(classes)}")
+    if seed is None:
+        return cls(**spec.get("kwargs", {}))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(**spec.get("kwargs", {}))
+
+
+def _image_source(shape, device):
+    from .couplings import GaussianSampler
+
+    return GaussianSampler(tuple(shape), device=device)
+
+
+def build_data(cfg: TrainConfig, device: str | torch.device = "cpu", progress: bool = False):
+    """(coupling, source, target, sample shape) of a config, on ``device``.
+
+    Toys: with ``data.n_train`` the finite pools are drawn once from a generator seeded with seed + 1.
+    Images: the dataset is decoded (cached) to uint8 on ``device``; fixed pairs use noises x0_i fixed per
+    index (:func:`flowprobe.data.images.fixed_noise`, seed + 1) paired with image i.
     """
     from .couplings import FixedPairs, IndependentCoupling, MinibatchOTCoupling, TensorSampler
-    from .nets import MLP
-    from .paths import make_path
 
     device = torch.device(device)
+    kind = cfg.coupling.kind
+    if cfg.data.dataset is not None:
+        from .data.images import ImageSampler, IndexedPairs, fixed_noise, load_images, to_tensor
+
+        try:
+            data = load_images(cfg.data.dataset, root=cfg.data.root, resolution=cfg.data.resolution,
+                               limit=cfg.data.n_train, progress=progress)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"data.dataset: {e}") from None
+        images = to_tensor(data.images, device)
+        shape = tuple(images.shape[1:])
+        source, target = _image_source(shape, device), ImageSampler(images, flip=cfg.data.flip)
+        if kind == "independent":
+            coupling = IndependentCoupling(source, target)
+        elif kind == "minibatch_ot":
+            coupling = MinibatchOTCoupling(source, target, cfg.coupling.method, cfg.coupling.reg)
+        else:
+            coupling = IndexedPairs(fixed_noise(len(images), shape, seed=cfg.seed + 1, device=device), images)
+        return coupling, source, target, shape
     source = _make_sampler(cfg.data.source, cfg.data.source_params, "source", device)
     target = _make_sampler(cfg.data.target, cfg.data.target_params, "target", device)
     src, tgt = source, target
@@ -574,19 +721,86 @@ def build_run(cfg: TrainConfig, device: str | torch.device = "cpu"):
         x0, _ = source.sample(cfg.data.n_train, g)
         x1, _ = target.sample(cfg.data.n_train, g)
         src, tgt = TensorSampler(x0), TensorSampler(x1)
-    kind = cfg.coupling.kind
     if kind == "independent":
         coupling = IndependentCoupling(src, tgt)
     elif kind == "minibatch_ot":
         coupling = MinibatchOTCoupling(src, tgt, cfg.coupling.method, cfg.coupling.reg)
     else:
         coupling = FixedPairs(src.data, tgt.data)
-    with torch.random.fork_rng(devices=[]):  # initialise from the config's seed without touching global state
-        torch.manual_seed(cfg.seed)
-        net = MLP(2, cfg.model.width, cfg.model.depth, cfg.model.time_embed_dim, cfg.model.activation)
-    net = net.to(device)
-    objective = CFMObjective(make_path(cfg.path.sigma, cfg.path.schedule), reduction=cfg.reduction)
-    return net, coupling, objective, source, target
+    return coupling, source, target, (2,)
+
+
+def build_objective(cfg: TrainConfig) -> CFMObjective:
+    """The CFM objective of the config's path (sigma, schedule) and loss reduction."""
+    from .paths import make_path
+
+    return CFMObjective(make_path(cfg.path.sigma, cfg.path.schedule), reduction=cfg.reduction)
+
+
+def build_run(cfg: TrainConfig, device: str | torch.device = "cpu"):
+    """(net, coupling, objective, source, target) for a config, on ``device``; the net is
+    ``build_net(model_spec(cfg.model, shape), cfg.seed)`` (see :func:`build_data` for the data)."""
+    coupling, source, target, shape = build_data(cfg, device)
+    net = build_net(model_spec(cfg.model, shape), cfg.seed).to(device)
+    return net, coupling, build_objective(cfg), source, target
+
+
+def checkpoint_config(ck) -> TrainConfig:
+    """The :class:`TrainConfig` stored in a checkpoint's sidecar (ConfigError when there is none)."""
+    from .config import from_dict
+
+    if ck.config is None:
+        raise ConfigError(f"{ck.path}: checkpoint carries no training config; cannot rebuild the run")
+    return from_dict(TrainConfig, ck.config)
+
+
+def load_model(checkpoint, device: str | torch.device = "cpu", use_ema: bool = True):
+    """Rebuild the velocity net of a checkpoint and load its weights (the EMA copy when there is one and
+    ``use_ema``): the one way every command rebuilds a net. The architecture is the sidecar's
+    ``extra["model"]`` spec (:func:`model_spec`; written by ``flowprobe train`` and by code that passes
+    ``ckpt_extra`` to :func:`fit`), else derived from its training config (2-D toy runs). ``checkpoint``
+    is a path (file, checkpoint folder or run folder) or a loaded :class:`~flowprobe.checkpoint.Checkpoint`.
+    Returns (net in eval mode on ``device``, checkpoint)."""
+    from .checkpoint import Checkpoint, load_checkpoint
+
+    ck = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    spec = (ck.extra or {}).get("model")
+    if not spec:
+        if ck.config is None:
+            raise ConfigError(f"{ck.path}: the checkpoint says nothing about its architecture")
+        cfg = checkpoint_config(ck)
+        if cfg.data.dataset is not None:
+            raise ConfigError(f"{ck.path}: image checkpoint without a model spec in its sidecar")
+        spec = model_spec(cfg.model, (2,))
+    net = build_net(spec)
+    which = "ema" if (use_ema and ck.has_ema) else "net"
+    net.load_state_dict(ck.state_dict(which))
+    return net.to(device).eval(), ck
+
+
+@dataclass
+class LoadedRun:
+    """A training run rebuilt from a checkpoint: the net (weights loaded, eval mode), its config,
+    coupling, objective, source and target, and which weights were loaded ("ema" or "net")."""
+
+    net: nn.Module
+    config: TrainConfig
+    coupling: Any
+    objective: CFMObjective
+    source: Any
+    target: Any
+    checkpoint: Any
+    weights: str
+
+
+def load_run(checkpoint, device: str | torch.device = "cpu", use_ema: bool = True) -> LoadedRun:
+    """:func:`load_model` plus the run's data (:func:`build_data`: loads the images of an image run) and
+    objective, from a ``flowprobe train`` checkpoint."""
+    net, ck = load_model(checkpoint, device, use_ema)
+    cfg = checkpoint_config(ck)
+    coupling, source, target, _ = build_data(cfg, device)
+    return LoadedRun(net, cfg, coupling, build_objective(cfg), source, target, ck,
+                     "ema" if (use_ema and ck.has_ema) else "net")
 
 
 def _resolve_device(device: str | None) -> torch.device:
@@ -619,17 +833,45 @@ def _generate(model, source, n: int, solver: str, steps: int, seed: int, device,
     g = torch.Generator(device=device).manual_seed(seed)
     x0, _ = source.sample(n, g)
     model.eval()
-    return integrate(model, x0, method=solver, steps=steps, return_trajectory=trajectory)
+    with torch.no_grad():
+        return integrate(model, x0, method=solver, steps=steps, return_trajectory=trajectory)
+
+
+def save_image_grid(path: str | Path, images: Tensor, ncol: int | None = None, pad: int = 2) -> Path:
+    """Write images (N, C, H, W) with values in [-1, 1] as one PNG grid (atomically): ``ncol`` columns
+    (default ceil(sqrt(N))), ``pad`` white pixels between tiles; pixel = round((x + 1) * 127.5) clipped."""
+    import numpy as np
+    from PIL import Image
+
+    from .data.images import to_uint8
+
+    x = to_uint8(images.detach().cpu())
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"expected images of shape (N, 1 or 3, H, W), got {tuple(images.shape)}")
+    n, c, h, w = x.shape
+    ncol = ncol or max(1, math.ceil(math.sqrt(n)))
+    nrow = math.ceil(n / ncol)
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for k in range(n):
+        r, q = divmod(k, ncol)
+        top, left = pad + r * (h + pad), pad + q * (w + pad)
+        grid[top:top + h, left:left + w] = x[k].permute(1, 2, 0).numpy()
+    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    path = Path(path)
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    return path
 
 
 def train_from_config(cfg: TrainConfig, out: str | Path, device: str | torch.device | None = None,
                       resume: bool = False, progress: bool = True) -> TrainState:
-    """Run ``cfg`` into folder ``out``: config.yaml, run.json, metrics.jsonl, checkpoints/ and (2-D) samples.png.
+    """Run ``cfg`` into folder ``out``: config.yaml, run.json, metrics.jsonl, checkpoints/ and samples.png
+    (2-D: samples and trajectories; images: a grid of ``sample.grid`` generated images).
 
     After training, rank 0 draws ``cfg.sample.n`` samples with the configured solver and records in
     metrics.jsonl (event "eval") the energy distance to a fresh target draw, with the solver, steps and
     number of function evaluations (nfe) that produced it, next to the same statistic for the source
-    (the untrained baseline).
+    (the untrained baseline). Checkpoint sidecars carry the model spec (:func:`model_spec`) and the
+    sample shape, so :func:`load_model` rebuilds the net without the data.
     """
     import yaml
 
@@ -639,6 +881,7 @@ def train_from_config(cfg: TrainConfig, out: str | Path, device: str | torch.dev
 
     out = Path(out)
     dev = device if isinstance(device, torch.device) else _resolve_device(device)
+    cfg = resolve_auto(cfg, dev)
     rank, world = distributed_info()
     if world > 1 and cfg.batch_size % world:
         raise ConfigError(f"batch_size: {cfg.batch_size} must be divisible by the number of processes ({world})")
@@ -646,7 +889,15 @@ def train_from_config(cfg: TrainConfig, out: str | Path, device: str | torch.dev
     resume_from = latest_checkpoint(ckpt_dir) if resume else None
     if not resume and latest_checkpoint(ckpt_dir) is not None:
         raise ConfigError(f"out: {out} already holds checkpoints; pass --resume to continue or choose another --out")
-    net, coupling, objective, source, target = build_run(cfg, dev)
+    coupling, source, target, shape = build_data(cfg, dev, progress=progress and rank == 0)
+    spec = model_spec(cfg.model, shape)
+    net = build_net(spec, cfg.seed).to(dev)
+    objective = build_objective(cfg)
+    images = cfg.data.dataset is not None
+    if dev.type == "cuda":
+        from .fast import configure_backends
+
+        configure_backends(cfg.precision)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
@@ -655,23 +906,27 @@ def train_from_config(cfg: TrainConfig, out: str | Path, device: str | torch.dev
             "version": __version__, "device": str(dev), "world_size": world, "machine": machine_info(dev),
             "path": _describe(objective.path), "coupling": _describe(coupling),
             "objective": _objective_description(objective), "source": _describe(source), "target": _describe(target),
-            "n_parameters": sum(p.numel() for p in net.parameters()), "config": to_dict(cfg)})
+            "model": spec, "shape": list(shape), "n_parameters": sum(p.numel() for p in net.parameters()),
+            "config": to_dict(cfg)})
         if resume_from is None and (out / "metrics.jsonl").exists():
             (out / "metrics.jsonl").unlink()
     state = fit(net, coupling, objective, device=dev, progress=progress, log_path=out / "metrics.jsonl",
-                ckpt_dir=ckpt_dir, resume_from=resume_from, config=cfg, **_fit_kwargs(cfg))
+                ckpt_dir=ckpt_dir, resume_from=resume_from, config=cfg,
+                ckpt_extra={"model": spec, "shape": list(shape)}, **_fit_kwargs(cfg))
     if rank == 0:
         s = cfg.sample
-        res = _generate(state.model, source, s.n, s.solver, s.steps, cfg.seed + 2, dev, trajectory=s.plot)
+        res = _generate(state.model, source, s.n, s.solver, s.steps, cfg.seed + 2, dev,
+                        trajectory=s.plot and not images)
         ref, _ = target.sample(s.n, torch.Generator(device=dev).manual_seed(cfg.seed + 3))
-        x0 = res.trajectory[0] if res.trajectory is not None else None
+        x0, _ = source.sample(s.n, torch.Generator(device=dev).manual_seed(cfg.seed + 2))  # the draws integrated
         record = {"event": "eval", "step": state.step, "model": "ema" if state.ema is not None else "net",
                   "solver": s.solver, "steps": s.steps, "nfe": res.nfe, "n": s.n,
-                  "energy_distance": energy_distance(res.x, ref),
-                  "energy_distance_source": energy_distance(x0, ref) if x0 is not None else None,
+                  "energy_distance": energy_distance(res.x, ref), "energy_distance_source": energy_distance(x0, ref),
                   "statistic": "squared energy distance to a fresh target draw of the same size"}
         append_jsonl(out / "metrics.jsonl", record)
-        if s.plot and res.trajectory is not None:
+        if s.plot and images:
+            save_image_grid(out / "samples.png", res.x[:s.grid])
+        elif s.plot and res.trajectory is not None:
             from .data.toy import plot_flow_2d
 
             plot_flow_2d(out / "samples.png", res.trajectory, target=ref, n_paths=s.trajectories,
@@ -684,22 +939,24 @@ def sample_checkpoint(checkpoint: str | Path, n: int, steps: int, solver: str = 
                       device: str | torch.device | None = None, use_ema: bool = True, trajectory: bool = False):
     """Load a checkpoint written by ``flowprobe train`` and integrate ``n`` source draws from t = 0 to 1.
 
-    Returns (SolveResult, info dict with checkpoint, step, model, solver, steps, nfe, n, seed).
+    Returns (SolveResult, info dict with checkpoint, step, model, solver, steps, nfe, n, seed, config).
+    Image runs need no data: the source is N(0, I) of the sample shape stored in the sidecar; their
+    trajectories are not kept (``trajectory`` applies to 2-D runs).
     """
-    from .checkpoint import load_checkpoint
-    from .config import from_dict
-
     dev = device if isinstance(device, torch.device) else _resolve_device(device)
-    ck = load_checkpoint(checkpoint)
-    if ck.config is None:
-        raise ConfigError(f"{ck.path}: checkpoint carries no training config; cannot rebuild the model")
-    cfg = from_dict(TrainConfig, ck.config)
-    net, _, _, source, _ = build_run(cfg, dev)
-    which = "ema" if (use_ema and ck.has_ema) else "net"
-    net.load_state_dict({k: v.to(dev) for k, v in ck.state_dict(which).items()})
     if solver not in METHODS:
         raise ConfigError(f"solver: {solver!r} is not allowed; choose from {', '.join(METHODS)}")
-    res = _generate(net, source, n, solver, steps, seed, dev, trajectory=trajectory)
+    net, ck = load_model(checkpoint, dev, use_ema)
+    cfg = checkpoint_config(ck)
+    if cfg.data.dataset is not None:
+        shape = (ck.extra or {}).get("shape")
+        if not shape:
+            raise ConfigError(f"{ck.path}: image checkpoint without the sample shape in its sidecar")
+        source = _image_source(shape, dev)
+    else:
+        source = _make_sampler(cfg.data.source, cfg.data.source_params, "source", dev)
+    which = "ema" if (use_ema and ck.has_ema) else "net"
+    res = _generate(net, source, n, solver, steps, seed, dev, trajectory=trajectory and cfg.data.dataset is None)
     info = {"checkpoint": str(ck.path), "step": ck.step, "model": which, "solver": solver, "steps": steps,
             "nfe": res.nfe, "n": n, "seed": seed, "version": __version__}
     return res, info, cfg
@@ -729,8 +986,10 @@ def register_cli(subparsers) -> None:
     s.add_argument("--n", type=int, default=1000, help="number of samples")
     s.add_argument("--steps", type=int, default=100, help="solver steps (ignored by dopri5)")
     s.add_argument("--solver", default="euler", choices=METHODS)
-    s.add_argument("--out", required=True, help="output file: .safetensors or .npy (plus a .json record)")
-    s.add_argument("--plot", default=None, metavar="PNG", help="also plot samples and trajectories (2-D only)")
+    s.add_argument("--out", required=True, help="output file: .safetensors, .npy or (images) .png grid, plus a "
+                                                ".json record")
+    s.add_argument("--plot", default=None, metavar="PNG",
+                   help="also plot samples and trajectories (2-D) or write an image grid (images)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default=None)
     s.add_argument("--no-ema", action="store_true", help="use the raw weights even when an EMA copy exists")
@@ -781,12 +1040,17 @@ def _cli_sample(args) -> int:
     if args.n < 1 or args.steps < 1:
         raise ConfigError(f"--n and --steps must be >= 1, got n={args.n}, steps={args.steps}")
     out = Path(args.out)
-    if out.suffix not in (".safetensors", ".npy"):
-        raise ConfigError(f"--out: {out.name} must end in .safetensors or .npy")
+    if out.suffix not in (".safetensors", ".npy", ".png"):
+        raise ConfigError(f"--out: {out.name} must end in .safetensors, .npy or .png (image grid)")
     res, info, cfg = sample_checkpoint(args.checkpoint, args.n, args.steps, args.solver, args.seed, args.device,
                                        use_ema=not args.no_ema, trajectory=args.plot is not None)
     x = res.x.detach().float().cpu()
-    if out.suffix == ".safetensors":
+    images = x.dim() == 4
+    if out.suffix == ".png" and not images:
+        raise ConfigError(f"--out: {out.name}: PNG output is for image models; samples have shape {tuple(x.shape[1:])}")
+    if out.suffix == ".png":
+        save_image_grid(out, x)
+    elif out.suffix == ".safetensors":
         from safetensors.torch import save_file
 
         meta = {k: str(v) for k, v in info.items()}
@@ -799,11 +1063,14 @@ def _cli_sample(args) -> int:
         atomic_write(out, w)
     write_json(out.with_suffix(".json"), {**info, "file": out.name, "shape": list(x.shape)})
     if args.plot is not None:
-        if x.shape[1:] != (2,):
-            raise ConfigError(f"--plot: samples have shape {tuple(x.shape[1:])}; plots are for 2-D data only")
-        from .data.toy import plot_flow_2d
+        if images:
+            save_image_grid(args.plot, x)
+        elif x.shape[1:] != (2,):
+            raise ConfigError(f"--plot: samples have shape {tuple(x.shape[1:])}; plots are for 2-D data and images")
+        else:
+            from .data.toy import plot_flow_2d
 
-        plot_flow_2d(args.plot, res.trajectory, title=f"{info['solver']} {info['steps']} steps (nfe {info['nfe']})")
+            plot_flow_2d(args.plot, res.trajectory, title=f"{info['solver']} {info['steps']} steps (nfe {info['nfe']})")
     print(f"wrote {args.n} samples to {out} ({info['solver']}, {info['steps']} steps, nfe {info['nfe']}, "
           f"{info['model']} weights of step {info['step']})")
     return 0

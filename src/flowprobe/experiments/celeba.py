@@ -36,6 +36,8 @@ from ..objectives import CFMObjective
 from ..paths import make_path
 from ..probes.memorization import integrate_sources, pairing_metrics
 from ..report import plt, save_figure
+from ..train import ModelConfig, build_net
+from ..train import model_spec as train_model_spec
 from .registry import experiment
 
 __all__ = ["ImageModelConfig", "CelebaPairsConfig", "CelebaReflowConfig", "build_image_net", "train_image_flow",
@@ -45,64 +47,28 @@ __all__ = ["ImageModelConfig", "CelebaPairsConfig", "CelebaReflowConfig", "build
 # ------------------------------------------------------------------------------------------ shared parts
 
 @dataclass
-class ImageModelConfig:
-    """The velocity network. ``arch="unet"``: :func:`flowprobe.nets.unet.unet_preset` ``preset`` with
-    ``image_size`` set to the data resolution and the optional overrides; ``arch="mlp"``: an MLP on the
-    flattened image (``width`` x ``depth``), for the smallest CPU runs."""
+class ImageModelConfig(ModelConfig):
+    """The velocity network: :class:`flowprobe.train.ModelConfig` with image defaults. ``arch="unet"``:
+    :func:`flowprobe.nets.unet.unet_preset` ``preset`` with ``image_size`` set to the data resolution and
+    the optional overrides (``dropout`` 0 unless set); ``arch="mlp"``: an MLP on the flattened image
+    (``width`` x ``depth``), for the smallest CPU runs."""
 
     arch: str = option("unet", choices=("unet", "mlp"))
     preset: str = option("celeba64", choices=("celeba64", "cifar10", "tiny"))
-    model_channels: int | None = option(None, ge=1)
-    channel_mult: list[int] | None = option(None, ge=1)
-    num_res_blocks: int | None = option(None, ge=1)
-    attention_resolutions: list[int] | None = option(None, ge=1)
-    dropout: float = option(0.0, ge=0, lt=1)
+    dropout: float | None = option(0.0, ge=0, lt=1)
     width: int = option(512, ge=1, help="MLP width")
-    depth: int = option(3, ge=1, help="MLP depth")
 
 
 def model_spec(cfg: ImageModelConfig, image_size: int, channels: int = 3) -> dict:
-    """{"class": "UNet" | "MLP", "kwargs": {...}}: enough to rebuild the net (stored in checkpoints)."""
-    if cfg.arch == "mlp":
-        return {"class": "MLP", "kwargs": {"dim": channels * image_size * image_size, "width": cfg.width,
-                                           "depth": cfg.depth}}
-    from ..nets.unet import UNET_PRESETS
-
-    kw = dict(UNET_PRESETS[cfg.preset])
-    kw.update(image_size=image_size, in_channels=channels, dropout=cfg.dropout)
-    for name in ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions"):
-        v = getattr(cfg, name)
-        if v is not None:
-            kw[name] = list(v) if isinstance(v, (list, tuple)) else v
-    kw = {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}
-    # attention only where the feature map exists; a preset's resolution may not fit a small image
-    sides = {image_size // 2 ** i for i in range(len(kw["channel_mult"]))}
-    kw["attention_resolutions"] = [r for r in kw["attention_resolutions"] if r in sides]
-    return {"class": "UNet", "kwargs": kw}
-
-
-class _FlatMLP(nn.Module):
-    """An MLP velocity on flattened images: v(t, x) = MLP(t, x.flatten()).reshape(x.shape)."""
-
-    def __init__(self, dim: int, width: int, depth: int):
-        super().__init__()
-        from ..nets import MLP
-
-        self.mlp = MLP(dim, width, depth)
-
-    def forward(self, t: Tensor, x: Tensor) -> Tensor:
-        return self.mlp(t, x.reshape(x.shape[0], -1)).reshape(x.shape)
+    """{"class": "UNet" | "FlatMLP", "kwargs": {...}}: enough to rebuild the net (stored in checkpoints);
+    :func:`flowprobe.train.model_spec` for (channels, image_size, image_size) images."""
+    return train_model_spec(cfg, (channels, image_size, image_size))
 
 
 def build_image_net(spec: dict, seed: int) -> nn.Module:
-    """The net of a :func:`model_spec`, initialised from ``seed`` (the global RNG is left untouched)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if spec["class"] == "MLP":
-            return _FlatMLP(**spec["kwargs"])
-        from ..nets.unet import UNet
-
-        return UNet(**spec["kwargs"])
+    """The net of a :func:`model_spec`, initialised from ``seed`` (the global RNG is left untouched):
+    :func:`flowprobe.train.build_net`."""
+    return build_net(spec, seed)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -118,18 +84,17 @@ def train_image_flow(spec: dict, coupling, sigma: float, *, steps: int, batch_si
                      warmup: int = 0, reduction: str = "mean", progress: bool = False):
     """Train a fresh net (:func:`build_image_net`) with CFM(sigma) (constant sigma) on ``coupling`` through
     :func:`flowprobe.train.fit`; returns the TrainState (``.model`` is the EMA when there is one)."""
-    from ..fast import configure_backends, prepare_model
+    from ..fast import configure_backends
     from ..train import fit
 
     net = build_image_net(spec, seed)
-    cuda = device.type == "cuda"
-    if cuda:
+    if device.type == "cuda":
         configure_backends(precision)
-    net = prepare_model(net, device, channels_last=cuda and spec["class"] == "UNet")
     objective = CFMObjective(make_path(sigma, "constant"), reduction=reduction)
+    # fit moves the net, switches conv nets to channels_last on CUDA and picks fused / foreach AdamW
     kwargs = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, lr_schedule="constant", warmup=warmup,
                   grad_clip=grad_clip, device=device, progress=progress, ema_decay=ema_decay, precision=precision,
-                  compile=compile, optimizer_kwargs={"fused": True} if cuda else {"foreach": True})
+                  compile=compile)
     if callback is not None:
         kwargs.update(callback=callback, callback_every=callback_every, log_every=callback_every)
     return fit(net, coupling, objective, **kwargs)

@@ -621,21 +621,15 @@ class ProbeTarget:
 
 def load_probe_target(checkpoint, device="cpu", use_ema: bool = True) -> ProbeTarget:
     """Rebuild the network, path and coupling of a ``flowprobe train`` checkpoint (safetensors + JSON
-    sidecar holding the training config) and load its weights (the EMA copy when there is one)."""
-    from ..checkpoint import load_checkpoint
-    from ..config import ConfigError, from_dict
-    from ..train import TrainConfig, build_run
+    sidecar holding the training config) and load its weights (the EMA copy when there is one), through
+    :func:`flowprobe.train.load_run` (2-D toys and image runs alike)."""
+    from ..train import load_run
 
-    ck = load_checkpoint(checkpoint)
-    if ck.config is None:
-        raise ConfigError(f"{ck.path}: checkpoint carries no training config; cannot rebuild the model")
-    cfg = from_dict(TrainConfig, ck.config)
-    net, coupling, objective, _, _ = build_run(cfg, device)
-    which = "ema" if (use_ema and ck.has_ema) else "net"
-    net.load_state_dict({k: v.to(device) for k, v in ck.state_dict(which).items()})
-    run = ck.path.parent.parent.name if ck.path.parent.name == "checkpoints" else ck.path.parent.name
-    return ProbeTarget(label=f"{run}/step{ck.step}", net=net, path=objective.path, sampler=coupling,
-                       info={"checkpoint": str(ck.path), "step": ck.step, "weights": which})
+    run = load_run(checkpoint, device, use_ema)
+    ck = run.checkpoint
+    label = ck.path.parent.parent.name if ck.path.parent.name == "checkpoints" else ck.path.parent.name
+    return ProbeTarget(label=f"{label}/step{ck.step}", net=run.net, path=run.objective.path, sampler=run.coupling,
+                       info={"checkpoint": str(ck.path), "step": ck.step, "weights": run.weights})
 
 
 def _override_path(path: Path, sigma: float | None, schedule: str | None) -> Path:

@@ -290,35 +290,12 @@ def plot_pairing_histograms(outputs: Tensor, targets: Tensor, partners: dict[str
 
 def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
     """Rebuild the velocity net of a checkpoint (:mod:`flowprobe.checkpoint`) and load its weights
-    (the EMA copy when there is one and ``use_ema``). The architecture comes from the sidecar's
-    ``extra["model"] = {"class": "UNet" | "MLP", "kwargs": {...}}`` (written by the image experiments),
-    else from a ``flowprobe train`` config. Returns (net in eval mode, checkpoint)."""
-    from ..checkpoint import load_checkpoint
-    from ..config import ConfigError
+    (the EMA copy when there is one and ``use_ema``): :func:`flowprobe.train.load_model`, which reads the
+    sidecar's ``extra["model"] = {"class": "UNet" | "MLP" | "FlatMLP", "kwargs": {...}}``, else the
+    ``flowprobe train`` config. Returns (net in eval mode, checkpoint)."""
+    from ..train import load_model as rebuild
 
-    ck = load_checkpoint(checkpoint)
-    spec = (ck.extra or {}).get("model")
-    if spec:
-        from .. import nets
-
-        cls_name = spec.get("class")
-        if cls_name == "UNet":
-            from ..nets.unet import UNet as cls
-        elif cls_name == "MLP":
-            cls = nets.MLP
-        else:
-            raise ConfigError(f"{ck.path}: unknown model class {cls_name!r} in the checkpoint (UNet or MLP)")
-        net = cls(**spec.get("kwargs", {}))
-    elif ck.config is not None:
-        from ..config import from_dict
-        from ..train import TrainConfig, build_run
-
-        net = build_run(from_dict(TrainConfig, ck.config), "cpu")[0]
-    else:
-        raise ConfigError(f"{ck.path}: the checkpoint says nothing about its architecture")
-    prefix = "ema" if (use_ema and ck.has_ema) else "net"
-    net.load_state_dict(ck.state_dict(prefix))
-    return net.to(device).eval(), ck
+    return rebuild(checkpoint, device, use_ema)
 
 
 def register_cli(subparsers) -> None:
