@@ -236,3 +236,119 @@ def test_bad_compile_setting_names_the_choices(tiny_problem):
     net, coupling, objective = tiny_problem()
     with pytest.raises(ValueError, match="reduce-overhead"):
         fit(net, coupling, objective, steps=1, batch_size=4, compile="warp-speed")
+
+
+def _image_folder(path, n=64, side=8, seed=0):
+    """n random RGB PNGs of side x side in ``path`` (a flat folder of images)."""
+    import numpy as np
+    from PIL import Image
+
+    path.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(path / f"{i:03d}.png")
+    return path
+
+
+def test_tiny_image_run_trains_samples_and_probes_through_the_cli(tmp_path, monkeypatch):
+    """An image config end to end: train (tiny UNet, 5 steps), sample a PNG grid, probe gradvar from the
+    checkpoint; every command rebuilds the net from the sidecar (load_model)."""
+    import numpy as np
+    from PIL import Image
+
+    from flowprobe.checkpoint import load_checkpoint
+    from flowprobe.cli import main
+    from flowprobe.train import load_model
+
+    monkeypatch.setenv("FLOWPROBE_CACHE", str(tmp_path / "cache"))
+    folder = _image_folder(tmp_path / "imgs")
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(f"""
+data: {{dataset: {folder}, flip: true}}
+model: {{arch: unet, preset: tiny, model_channels: 8, attention_resolutions: [4]}}
+path: {{sigma: 0.05}}
+coupling: {{kind: minibatch_ot, method: lsa}}
+optim: {{lr: 1.0e-3, grad_clip: 1.0}}
+ema_decay: 0.9
+precision: auto
+compile: auto
+steps: 5
+batch_size: 8
+log_every: 5
+sample: {{n: 16, steps: 3, grid: 9}}
+""")
+    run = tmp_path / "run"
+    assert main(["train", str(cfg), "--out", str(run), "--device", "cpu", "--no-progress"]) == 0
+    ck = load_checkpoint(run)
+    assert ck.step == 5 and ck.extra["shape"] == [3, 8, 8] and ck.extra["model"]["class"] == "UNet"
+    kw = ck.extra["model"]["kwargs"]
+    assert kw["image_size"] == 8 and kw["model_channels"] == 8 and kw["attention_resolutions"] == [4]
+    info = json.loads((run / "run.json").read_text())
+    assert info["config"]["precision"] == "fp32" and info["config"]["compile"] is False  # auto on a CPU
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    ev = [r for r in recs if r["event"] == "eval"]
+    assert len(ev) == 1 and ev[0]["nfe"] == 3 and ev[0]["energy_distance"] > 0
+    grid = np.asarray(Image.open(run / "samples.png"))
+    assert grid.shape == (3 * 10 + 2, 3 * 10 + 2, 3)  # 9 tiles of 8x8 with 2-pixel gaps
+
+    # the rebuilt net is the trained EMA, bit for bit
+    net, _ = load_model(run)
+    for name, p in net.state_dict().items():
+        assert torch.equal(p, ck.state_dict("ema")[name])
+
+    out = tmp_path / "s.png"
+    assert main(["sample", str(run), "--n", "4", "--steps", "2", "--out", str(out), "--device", "cpu"]) == 0
+    assert np.asarray(Image.open(out)).shape == (2 * 10 + 2, 2 * 10 + 2, 3)
+    rec = json.loads(out.with_suffix(".json").read_text())
+    assert rec["shape"] == [4, 3, 8, 8] and rec["model"] == "ema" and rec["nfe"] == 2
+
+    probe = tmp_path / "gv"
+    assert main(["probe", "gradvar", str(run), "--times", "0.2:0.8:2", "--samples", "4", "--out", str(probe),
+                 "--device", "cpu", "--no-progress"]) == 0
+    doc = json.loads((probe / "gradvar.json").read_text())
+    (prof,) = doc["profiles"]
+    assert prof["step"] == 5 and prof["weights"] == "ema" and [r["t"] for r in prof["rows"]] == [0.2, 0.8]
+    assert all(r["gv"] > 0 and math.isfinite(r["gv"]) for r in prof["rows"])
+    assert prof["path"]["sigma"] == 0.05
+
+
+def test_image_configs_in_the_repository_load():
+    from pathlib import Path
+
+    from flowprobe.config import load_config
+    from flowprobe.nets.unet import count_parameters
+    from flowprobe.train import TrainConfig, build_net, model_spec
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    cifar = load_config(TrainConfig, root / "cifar10.yaml")
+    assert cifar.data.dataset == "cifar10" and cifar.model.preset == "cifar10"
+    assert count_parameters(build_net(model_spec(cifar.model, (3, 32, 32)), 0)) == 35_746_307  # torchcfm's UNet
+    celeba = load_config(TrainConfig, root / "celeba64.yaml")
+    assert celeba.data.dataset == "celeba" and celeba.path.sigma == 0.05 and celeba.model.preset == "celeba64"
+
+
+def test_unet_needs_images_and_bad_compile_is_a_config_error():
+    from flowprobe.config import ConfigError, from_dict
+    from flowprobe.train import TrainConfig
+
+    with pytest.raises(ConfigError, match="data.dataset"):
+        from_dict(TrainConfig, {"model": {"arch": "unet"}})
+    with pytest.raises(ConfigError, match="compile"):
+        from_dict(TrainConfig, {"compile": "warp-speed"})
+
+
+def test_image_fixed_pairs_pair_noise_i_with_image_i(tmp_path, monkeypatch):
+    from flowprobe.config import from_dict
+    from flowprobe.data.images import fixed_noise
+    from flowprobe.train import TrainConfig, build_data
+
+    monkeypatch.setenv("FLOWPROBE_CACHE", str(tmp_path / "cache"))
+    folder = _image_folder(tmp_path / "imgs", n=12, side=4)
+    cfg = from_dict(TrainConfig, {"data": {"dataset": str(folder), "n_train": 10}, "coupling": {"kind": "fixed_pairs"},
+                                  "seed": 3})
+    coupling, source, target, shape = build_data(cfg)
+    assert shape == (3, 4, 4) and len(target) == 10  # n_train keeps the first 10 images
+    p = coupling.sample(6, torch.Generator().manual_seed(0))
+    assert torch.equal(p.i0, p.i1)
+    torch.testing.assert_close(p.x0, fixed_noise(10, shape, seed=4)[p.i0], rtol=0, atol=0)
+    torch.testing.assert_close(p.x1, target.data[p.i1].float() / 127.5 - 1, rtol=0, atol=0)
