@@ -745,6 +745,11 @@ def build_run(cfg: TrainConfig, device: str | torch.device = "cpu"):
     return net, coupling, build_objective(cfg), source, target
 
 
+def _weights(ck, use_ema: bool) -> str:
+    """Which weights of a checkpoint to use: "ema" when asked and present, else "net"."""
+    return "ema" if (use_ema and ck.has_ema) else "net"
+
+
 def checkpoint_config(ck) -> TrainConfig:
     """The :class:`TrainConfig` stored in a checkpoint's sidecar (ConfigError when there is none)."""
     from .config import from_dict
@@ -773,8 +778,7 @@ def load_model(checkpoint, device: str | torch.device = "cpu", use_ema: bool = T
             raise ConfigError(f"{ck.path}: image checkpoint without a model spec in its sidecar")
         spec = model_spec(cfg.model, (2,))
     net = build_net(spec)
-    which = "ema" if (use_ema and ck.has_ema) else "net"
-    net.load_state_dict(ck.state_dict(which))
+    net.load_state_dict(ck.state_dict(_weights(ck, use_ema)))
     return net.to(device).eval(), ck
 
 
@@ -799,8 +803,7 @@ def load_run(checkpoint, device: str | torch.device = "cpu", use_ema: bool = Tru
     net, ck = load_model(checkpoint, device, use_ema)
     cfg = checkpoint_config(ck)
     coupling, source, target, _ = build_data(cfg, device)
-    return LoadedRun(net, cfg, coupling, build_objective(cfg), source, target, ck,
-                     "ema" if (use_ema and ck.has_ema) else "net")
+    return LoadedRun(net, cfg, coupling, build_objective(cfg), source, target, ck, _weights(ck, use_ema))
 
 
 def _resolve_device(device: str | None) -> torch.device:
@@ -955,7 +958,7 @@ def sample_checkpoint(checkpoint: str | Path, n: int, steps: int, solver: str = 
         source = _image_source(shape, dev)
     else:
         source = _make_sampler(cfg.data.source, cfg.data.source_params, "source", dev)
-    which = "ema" if (use_ema and ck.has_ema) else "net"
+    which = _weights(ck, use_ema)
     res = _generate(net, source, n, solver, steps, seed, dev, trajectory=trajectory and cfg.data.dataset is None)
     info = {"checkpoint": str(ck.path), "step": ck.step, "model": which, "solver": solver, "steps": steps,
             "nfe": res.nfe, "n": n, "seed": seed, "version": __version__}
