@@ -44,6 +44,17 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def resolve_auto(precision: str, compile: bool | str, device: str | torch.device) -> tuple[str, bool | str]:
+    """Make "auto" settings concrete for ``device``: bf16 and "reduce-overhead" (CUDA graphs) on CUDA,
+    fp32 and no compilation elsewhere. Values other than "auto" pass through."""
+    cuda = torch.device(device).type == "cuda"
+    if precision == "auto":
+        precision = "bf16" if cuda else "fp32"
+    if compile == "auto":
+        compile = "reduce-overhead" if cuda else False
+    return precision, compile
+
+
 def _check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")

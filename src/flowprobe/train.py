@@ -37,6 +37,7 @@ from . import __version__
 from .config import ConfigError, load_config, option, to_dict
 from .fast import PRECISIONS, compile_options, ema_update_, has_conv, make_ema, make_optimizer, make_train_step, \
     prepare_model, set_tf32
+from .fast import resolve_auto as fast_resolve_auto
 from .io import append_jsonl, atomic_write, write_json
 from .objectives import CFMObjective
 from .solvers import METHODS
@@ -587,12 +588,8 @@ class TrainConfig:
 def resolve_auto(cfg: TrainConfig, device: torch.device) -> TrainConfig:
     """``cfg`` with precision/compile "auto" made concrete for ``device``: bf16 and "reduce-overhead" (CUDA
     graphs) on CUDA, fp32 and no compilation elsewhere."""
-    cuda = torch.device(device).type == "cuda"
-    if cfg.precision == "auto":
-        cfg = replace(cfg, precision="bf16" if cuda else "fp32")
-    if cfg.compile == "auto":
-        cfg = replace(cfg, compile="reduce-overhead" if cuda else False)
-    return cfg
+    precision, compile = fast_resolve_auto(cfg.precision, cfg.compile, device)
+    return replace(cfg, precision=precision, compile=compile)
 
 
 def default_config_path() -> Path:

@@ -72,10 +72,10 @@ def build_image_net(spec: dict, seed: int) -> nn.Module:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" -> "bf16" on CUDA, "fp32" elsewhere."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
+    """"auto" -> "bf16" on CUDA, "fp32" elsewhere (:func:`flowprobe.fast.resolve_auto`)."""
+    from ..fast import resolve_auto
+
+    return resolve_auto(precision, False, device)[0]
 
 
 def train_image_flow(spec: dict, coupling, sigma: float, *, steps: int, batch_size: int, lr: float, seed: int,
