@@ -60,24 +60,21 @@ def test_minibatch_ot_coupling_returns_consistent_indices():
     assert torch.equal(p.x1, p2.x1) and torch.equal(p.i1, p2.i1)
 
 
-@pytest.mark.filterwarnings("ignore:Sinkhorn did not converge")
 def test_sinkhorn_small_reg_recovers_exact_ot_and_large_reg_is_random():
+    # Targets are a shuffled, slightly perturbed copy of the sources: the OT partner is unambiguous.
     g = torch.Generator().manual_seed(5)
-    x0, x1 = torch.randn(16, 2, generator=g), torch.randn(16, 2, generator=g)
+    x0 = 3 * torch.randn(16, 2, generator=g)
+    hidden = torch.randperm(16, generator=g)
+    x1 = x0[hidden] + 0.01 * torch.randn(16, 2, generator=g)
     exact = ot_permutation(x0, x1, "lsa")
-    C = squared_distances(x0, x1)
-    ot_cost = C[torch.arange(16), exact].mean().item()
-    draws = [sinkhorn_pairing(x0, x1, reg=3e-3, generator=torch.Generator().manual_seed(s)) for s in range(20)]
-    agree = sum((j == exact).sum().item() for j in draws) / (20 * 16)
-    cost = sum(C[torch.arange(16), j].mean().item() for j in draws) / 20
-    # this instance has a near-tie (two assignments within a hair), so not every row agrees on every draw
-    assert agree > 0.85
-    assert cost == pytest.approx(ot_cost, rel=0.05)
-    assert cost < 0.5 * C.mean().item()  # far below an independent pairing's cost
+    assert torch.equal(hidden[exact], torch.arange(16))
+    for s in range(5):
+        j = sinkhorn_pairing(x0, x1, reg=1e-4, generator=torch.Generator().manual_seed(s))
+        assert torch.equal(j, exact)
     # with a huge regulariser the plan is nearly uniform: partners look independent of the source
     hits = sum((sinkhorn_pairing(x0, x1, 1e3, torch.Generator().manual_seed(s)) == exact).sum().item()
-               for s in range(50))
-    assert hits / (50 * 16) < 0.2  # uniform would give 1/16
+               for s in range(20))
+    assert hits / (20 * 16) < 0.2  # uniform would give 1/16
 
 
 def test_fixed_pairs_and_swap():
