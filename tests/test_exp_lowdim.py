@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flowprobe.experiments import run_experiment
-from flowprobe.experiments.forward_backward import SwappedCoupling
+from flowprobe.couplings import SwappedCoupling
 from flowprobe.experiments.reflow import MappedCoupling
 from flowprobe.couplings import GaussianSampler, IndependentCoupling
 

@@ -24,7 +24,7 @@ from torch import Tensor
 
 __all__ = [
     "Pairing", "Sampler", "GaussianSampler", "TensorSampler", "IndependentCoupling", "FixedPairs",
-    "MinibatchOTCoupling", "ot_permutation", "sinkhorn_pairing", "squared_distances",
+    "MinibatchOTCoupling", "SwappedCoupling", "ot_permutation", "sinkhorn_pairing", "squared_distances",
 ]
 
 
@@ -203,3 +203,18 @@ class MinibatchOTCoupling:
 
     def describe(self) -> dict:
         return {"coupling": "minibatch_ot", "method": self.method, "reg": self.reg}
+
+
+class SwappedCoupling:
+    """The coupling ``base`` with source and target exchanged: trains the backward (target -> source)
+    field with the same paths and solvers (time still runs from the new source at t = 0)."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def sample(self, n: int, generator: torch.Generator) -> Pairing:
+        return self.base.sample(n, generator).swapped()
+
+    def describe(self) -> dict:
+        inner = self.base.describe() if hasattr(self.base, "describe") else {}
+        return {"coupling": "swapped", "base": inner}

@@ -22,7 +22,7 @@ import torch
 
 from ..config import option, to_dict
 from ..io import write_json
-from ..couplings import GaussianSampler, IndependentCoupling, Pairing
+from ..couplings import GaussianSampler, IndependentCoupling, SwappedCoupling
 from ..data.images import ImageSampler, load_images, to_tensor
 from ..paths import make_path
 from .celeba import ImageModelConfig, model_spec, resolve_precision, train_image_flow
@@ -31,20 +31,6 @@ from .registry import experiment
 __all__ = ["CifarGradvarConfig", "run", "DEFAULT_TIMES"]
 
 DEFAULT_TIMES = [0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
-
-
-class SwappedCoupling:
-    """The pairs of ``coupling`` with source and target exchanged (trains the backward field)."""
-
-    def __init__(self, coupling):
-        self.coupling = coupling
-
-    def sample(self, n: int, generator: torch.Generator) -> Pairing:
-        return self.coupling.sample(n, generator).swapped()
-
-    def describe(self) -> dict:
-        inner = self.coupling.describe() if hasattr(self.coupling, "describe") else {}
-        return {"coupling": "swapped", "of": inner}
 
 
 @dataclass

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from ..config import option
-from ..couplings import GaussianSampler, IndependentCoupling, Pairing
+from ..couplings import GaussianSampler, IndependentCoupling, SwappedCoupling
 from ..data.synthetic import low_variance_mixture
 from ..paths import make_path
 from ..probes.gradvar import gradient_variance
@@ -28,25 +27,11 @@ from ..report import plt, save_figure
 from ._lowdim import run_seed, train_velocity
 from .registry import experiment
 
-__all__ = ["ForwardBackwardConfig", "SwappedCoupling", "run"]
+__all__ = ["ForwardBackwardConfig", "run"]
 
 CLAIM = ("Gradient variance over t is asymmetric: it peaks near t = 1 for a forward (noise -> data) field and "
          "near t = 0 for a backward (data -> noise) field (CIFAR-10 in the paper; here the CPU version on a "
          "low-variance mixture).")
-
-
-class SwappedCoupling:
-    """The coupling ``base`` with source and target exchanged (trains a backward, data -> noise field)."""
-
-    def __init__(self, base):
-        self.base = base
-
-    def sample(self, n: int, generator: torch.Generator) -> Pairing:
-        return self.base.sample(n, generator).swapped()
-
-    def describe(self) -> dict:
-        inner = self.base.describe() if hasattr(self.base, "describe") else {}
-        return {"coupling": "swapped", "base": inner}
 
 
 @dataclass
