@@ -15,7 +15,8 @@ from .. import __version__
 from ..config import ConfigError, apply_overrides, from_dict, to_dict
 from ..io import atomic_write, write_json
 
-__all__ = ["Experiment", "RunContext", "experiment", "REGISTRY", "run_experiment", "register_cli", "machine_info"]
+__all__ = ["Experiment", "RunContext", "experiment", "REGISTRY", "run_experiment", "register_cli", "machine_info",
+           "default_config_yaml"]
 
 #: Modules that define experiments; imported on first use of the registry.
 EXPERIMENT_MODULES = [
@@ -159,14 +160,56 @@ def _report(exp: Experiment, results: dict, ctx: RunContext) -> str:
     return "\n".join(p for p in parts if p is not None)
 
 
-def run_experiment(name: str, out: str | Path | None = None, quick: bool = False, seed: int = 0,
-                   overrides: list[str] | None = None, device: str | None = None, verbose: bool = True) -> dict:
-    """Run experiment ``name`` and write results.json, figures and report.md into ``out``."""
+def _get(name: str) -> Experiment:
     _load_all()
     if name not in REGISTRY:
         raise ConfigError(f"{name}: unknown experiment; choose from {', '.join(sorted(REGISTRY))}")
-    exp = REGISTRY[name]
-    data = apply_overrides(dict(exp.quick) if quick else {}, overrides)
+    return REGISTRY[name]
+
+
+def default_config_yaml(name: str) -> str:
+    """The full-size defaults of experiment ``name`` as YAML (each key's help as a comment), the text of
+    ``configs/NAME.yaml``."""
+    import dataclasses
+    import json
+
+    exp = _get(name)
+    cfg = exp.config_cls()
+    lines = [f"# Defaults of `flowprobe reproduce {name}` (the full-size run); --quick applies "
+             + (", ".join(f"{k}={v}" for k, v in exp.quick.items()) or "nothing") + ".",
+             "# Use with --config FILE; --set key=value overrides any key."]
+    for f in dataclasses.fields(cfg):
+        text = f"{f.name}: {json.dumps(to_dict(getattr(cfg, f.name)))}"  # JSON is YAML's flow style
+        help_ = f.metadata.get("help")
+        if help_:
+            text += f"  # {help_}"
+        lines.append(text)
+    return "\n".join(lines) + "\n"
+
+
+def run_experiment(name: str, out: str | Path | None = None, quick: bool = False, seed: int = 0,
+                   overrides: list[str] | None = None, device: str | None = None, verbose: bool = True,
+                   config_file: str | Path | None = None) -> dict:
+    """Run experiment ``name`` and write results.json, figures and report.md into ``out``.
+
+    Settings, later ones winning: the config class defaults (full size), the ``--quick`` sizes, the YAML
+    ``config_file``, then ``overrides`` (``key=value``)."""
+    import yaml
+
+    exp = _get(name)
+    data = dict(exp.quick) if quick else {}
+    if config_file is not None:
+        p = Path(config_file)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of keys")
+        data.update(loaded)
+    data = apply_overrides(data, overrides)
     cfg = from_dict(exp.config_cls, data)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(out or Path("results") / (name + ("-quick" if quick else "")))
@@ -193,8 +236,10 @@ def register_cli(subparsers) -> None:
     p.add_argument("--out", default=None, help="output folder (default results/NAME)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--config", default=None, metavar="FILE", help="YAML of config values (e.g. configs/NAME.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the experiment's default config as YAML")
     p.set_defaults(func=_cli)
 
 
@@ -206,7 +251,11 @@ def _cli(args) -> int:
             e = REGISTRY[n]
             print(f"{n:<{width}}  {e.description.splitlines()[0] if e.description else ''}")
         return 0
-    res = run_experiment(args.name, args.out, args.quick, args.seed, args.overrides, args.device)
+    if args.print_config:
+        print(default_config_yaml(args.name), end="")
+        return 0
+    res = run_experiment(args.name, args.out, args.quick, args.seed, args.overrides, args.device,
+                         config_file=args.config)
     held = sum(c["held"] for c in res["criteria"])
     out = Path(args.out or Path("results") / (args.name + ("-quick" if args.quick else "")))
     print(f"{args.name}: {held}/{len(res['criteria'])} criteria held in {res['wall_time_s']:.1f} s; "
