@@ -116,8 +116,8 @@ def test_helper_couplings():
 # every one of pair-memorization; the four forward/backward ratio criteria (the higher-variance negative
 # control is reported, it is not flat); for gmm only the generalisation criteria -- the memorisation sign of
 # Table 1 (MMD(sigma=0) < MMD(sigma=0.05)) is within seed noise here and is reported, not asserted
-# (docs/reproduction/gmm.md); for reflow the straightening criteria -- the Table-3 sign (L2 to generated
-# smaller at sigma = 0) is within one or two paired standard errors in these 2-d toys (docs/reproduction/reflow.md).
+# (docs/reproduction.md, gmm); for reflow the straightening criteria -- the Table-3 sign (L2 to generated
+# smaller at sigma = 0) is within one or two paired standard errors in these 2-d toys (docs/reproduction.md, reflow).
 MUST_HOLD = {
     "pair-memorization": lambda name: True,
     "reflow": lambda name: "straightens" in name,
