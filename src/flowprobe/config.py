@@ -23,7 +23,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["ConfigError", "option", "from_dict", "to_dict", "load_config", "apply_overrides", "parse_override"]
+__all__ = ["ConfigError", "option", "from_dict", "to_dict", "load_config", "apply_overrides", "parse_override",
+           "read_yaml_mapping"]
 
 T = TypeVar("T")
 
@@ -202,6 +203,21 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     return data
 
 
+def read_yaml_mapping(path: str | Path) -> dict:
+    """The mapping in a YAML file (``yaml.safe_load``); a missing file, invalid YAML or a top level that is
+    not a mapping raises a one-line :class:`ConfigError`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of keys")
+    return data
+
+
 def load_config(cls: type[T], source: str | Path | dict | None = None, overrides: list[str] | None = None) -> T:
     """Read ``cls`` from a YAML file (or a mapping), apply ``key=value`` overrides, validate."""
     if source is None:
@@ -209,13 +225,5 @@ def load_config(cls: type[T], source: str | Path | dict | None = None, overrides
     elif isinstance(source, dict):
         data = source
     else:
-        p = Path(source)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of keys")
+        data = read_yaml_mapping(source)
     return from_dict(cls, apply_overrides(data, overrides))

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 
 from .. import __version__
-from ..config import ConfigError, apply_overrides, from_dict, to_dict
+from ..config import ConfigError, apply_overrides, from_dict, read_yaml_mapping, to_dict
 from ..io import atomic_write, write_json
 
 __all__ = ["Experiment", "RunContext", "experiment", "REGISTRY", "run_experiment", "register_cli", "machine_info",
@@ -194,21 +194,10 @@ def run_experiment(name: str, out: str | Path | None = None, quick: bool = False
 
     Settings, later ones winning: the config class defaults (full size), the ``--quick`` sizes, the YAML
     ``config_file``, then ``overrides`` (``key=value``)."""
-    import yaml
-
     exp = _get(name)
     data = dict(exp.quick) if quick else {}
     if config_file is not None:
-        p = Path(config_file)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of keys")
-        data.update(loaded)
+        data.update(read_yaml_mapping(config_file))
     data = apply_overrides(data, overrides)
     cfg = from_dict(exp.config_cls, data)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
