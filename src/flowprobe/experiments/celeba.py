@@ -126,18 +126,10 @@ def _sigma_label(s: float) -> str:
     return f"sigma={s:g}"
 
 
-# ---------------------------------------------------------------------------------------- celeba-pairs
-
 @dataclass
-class CelebaPairsConfig:
-    dataset: str = option("celeba", help="dataset name (see flowprobe.data.images.DATASETS) or a path")
-    data_root: str | None = option(None, help="data root (default $FLOWPROBE_DATA or ../shared/data)")
-    resolution: int = option(64, ge=4, help="image side (64 = CelebA-64; 8 or 16 for CPU runs)")
-    n_list: list[int] = option(default_factory=lambda: [1000], ge=2, help="numbers of training pairs N")
-    sigmas: list[float] = option(default_factory=lambda: [0.0, 0.05], ge=0)
-    max_sigmas_large_n: int = option(2, ge=1, help="for N > min(n_list) only the first k sigmas are trained")
-    model: ImageModelConfig = field(default_factory=ImageModelConfig)
-    steps: int = option(2000, ge=1, help="optimiser steps per model (the same budget for every sigma and N)")
+class ImageTrainOptions:
+    """Training settings shared by the image experiments (same meaning and defaults in each)."""
+
     batch_size: int = option(128, ge=1)
     lr: float = option(2e-4, gt=0)
     warmup: int = option(0, ge=0)
@@ -146,6 +138,20 @@ class CelebaPairsConfig:
     precision: str = option("auto", choices=("auto", "fp32", "bf16"))
     compile: bool = option(False)
     reduction: str = option("mean", choices=("mean", "sum"), help="training loss over dimensions")
+
+
+# ---------------------------------------------------------------------------------------- celeba-pairs
+
+@dataclass
+class CelebaPairsConfig(ImageTrainOptions):
+    dataset: str = option("celeba", help="dataset name (see flowprobe.data.images.DATASETS) or a path")
+    data_root: str | None = option(None, help="data root (default $FLOWPROBE_DATA or ../shared/data)")
+    resolution: int = option(64, ge=4, help="image side (64 = CelebA-64; 8 or 16 for CPU runs)")
+    n_list: list[int] = option(default_factory=lambda: [1000], ge=2, help="numbers of training pairs N")
+    sigmas: list[float] = option(default_factory=lambda: [0.0, 0.05], ge=0)
+    max_sigmas_large_n: int = option(2, ge=1, help="for N > min(n_list) only the first k sigmas are trained")
+    model: ImageModelConfig = field(default_factory=ImageModelConfig)
+    steps: int = option(2000, ge=1, help="optimiser steps per model (the same budget for every sigma and N)")
     solver: str = option("euler", choices=("euler", "midpoint", "heun", "rk4"))
     solver_steps: int = option(50, ge=1, help="final evaluation on all N sources")
     eval_batch: int = option(1000, ge=1)
@@ -378,7 +384,7 @@ def _pairs_figures(cfg, ctx, images, x0_all, pairings, shown, curves) -> None:
 # --------------------------------------------------------------------------------------- celeba-reflow
 
 @dataclass
-class CelebaReflowConfig:
+class CelebaReflowConfig(ImageTrainOptions):
     dataset: str = option("celeba")
     data_root: str | None = option(None)
     resolution: int = option(64, ge=4)
@@ -388,14 +394,6 @@ class CelebaReflowConfig:
     first_steps: int = option(1200, ge=1, help="steps of the first (independent-coupling) flow")
     first_flip: bool = option(True, help="random horizontal flips for the first flow")
     steps: int = option(1000, ge=1, help="steps of each second (reflow) model")
-    batch_size: int = option(128, ge=1)
-    lr: float = option(2e-4, gt=0)
-    warmup: int = option(0, ge=0)
-    grad_clip: float | None = option(1.0, gt=0)
-    ema_decay: float | None = option(None, ge=0, lt=1)
-    precision: str = option("auto", choices=("auto", "fp32", "bf16"))
-    compile: bool = option(False)
-    reduction: str = option("mean", choices=("mean", "sum"))
     gen_solver: str = option("euler", choices=("euler", "midpoint", "heun", "rk4"))
     gen_steps: int = option(50, ge=1, help="solver steps that generate the reflow targets G(x0)")
     solver: str = option("euler", choices=("euler", "midpoint", "heun", "rk4"))

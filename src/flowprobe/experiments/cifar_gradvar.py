@@ -25,7 +25,7 @@ from ..io import write_json
 from ..couplings import GaussianSampler, IndependentCoupling, SwappedCoupling
 from ..data.images import ImageSampler, load_images, to_tensor
 from ..paths import make_path
-from .celeba import ImageModelConfig, model_spec, resolve_precision, train_image_flow
+from .celeba import ImageModelConfig, ImageTrainOptions, model_spec, resolve_precision, train_image_flow
 from .registry import experiment
 
 __all__ = ["CifarGradvarConfig", "run", "DEFAULT_TIMES"]
@@ -34,7 +34,7 @@ DEFAULT_TIMES = [0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 
 
 
 @dataclass
-class CifarGradvarConfig:
+class CifarGradvarConfig(ImageTrainOptions):
     dataset: str = option("cifar10", help="dataset name or path (see flowprobe.data.images)")
     data_root: str | None = option(None)
     resolution: int = option(32, ge=4)
@@ -44,14 +44,6 @@ class CifarGradvarConfig:
     sigmas: list[float] = option(default_factory=lambda: [0.0, 0.05], ge=0)
     model: ImageModelConfig = field(default_factory=lambda: ImageModelConfig(preset="cifar10", model_channels=64))
     steps: int = option(4000, ge=1)
-    batch_size: int = option(128, ge=1)
-    lr: float = option(2e-4, gt=0)
-    warmup: int = option(0, ge=0)
-    grad_clip: float | None = option(1.0, gt=0)
-    ema_decay: float | None = option(None, ge=0, lt=1)
-    precision: str = option("auto", choices=("auto", "fp32", "bf16"))
-    compile: bool = option(False)
-    reduction: str = option("mean", choices=("mean", "sum"), help="training loss over dimensions")
     times: list[float] = option(default_factory=lambda: list(DEFAULT_TIMES), ge=0, le=1)
     gv_samples: int = option(256, ge=2, help="per-sample gradients per time")
     gv_method: str = option("exact", choices=("exact", "naive", "microbatch", "ghost"))
