@@ -80,7 +80,15 @@ def test_interrupt_checkpoints_and_resumes_exactly(tmp_path, tiny_problem):
     resuming from it reaches the same parameters as an uninterrupted run."""
     net, coupling, objective = tiny_problem()
     straight = fit(net, coupling, objective, steps=16, **KW)
+    # A background shell job starts with SIGINT ignored; this test needs Python's usual handler.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _interrupted_run_resumes_exactly(tmp_path, tiny_problem, coupling, objective, straight)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
+
+def _interrupted_run_resumes_exactly(tmp_path, tiny_problem, coupling, objective, straight):
     def interrupt(state):
         if state.step == 7:
             os.kill(os.getpid(), signal.SIGINT)
@@ -164,3 +172,17 @@ def test_ckpt_keep_prunes_old_checkpoints(tmp_path, tiny_problem):
     fit(net, coupling, objective, steps=8, batch_size=4, ckpt_dir=tmp_path, ckpt_every=2, ckpt_keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000006.safetensors", "step_00000008.safetensors"]
     assert len(list(tmp_path.iterdir())) == 4
+
+
+def test_ignored_sigint_stays_ignored(tiny_problem):
+    """A run started with SIGINT ignored (a background job, nohup) is not made interruptible by fit."""
+    net, coupling, objective = tiny_problem()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        seen = []
+        fit(net, coupling, objective, steps=2, callback=lambda s: seen.append(signal.getsignal(signal.SIGINT)),
+            callback_every=1, **KW)
+        assert seen and all(h is signal.SIG_IGN for h in seen)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

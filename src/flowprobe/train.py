@@ -128,6 +128,8 @@ class _GracefulInterrupt:
         self._old = None
 
     def __enter__(self):
+        if self.active and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            self.active = False  # SIGINT is ignored (e.g. a background job): leave it so
         if self.active:
             self._old = signal.getsignal(signal.SIGINT)
 
