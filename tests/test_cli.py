@@ -74,7 +74,7 @@ def test_train_then_sample(tmp_path, capsys):
     assert len(ev) == 1 and ev[0]["solver"] == "euler" and ev[0]["steps"] == 5 and ev[0]["nfe"] == 5
     assert recs[0]["coupling"] == {"coupling": "minibatch_ot", "method": "exact", "reg": 0.05}
     info = json.loads((run / "run.json").read_text())
-    assert info["path"] == {"path": "LinearPath"} and info["config"]["steps"] == 30
+    assert info["path"] == {"path": "linear", "sigma": 0.0} and info["config"]["steps"] == 30
     assert (run / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # a second train into the same folder needs --resume

@@ -138,6 +138,9 @@ class LinearPath(Path):
     def db(self, t):
         return torch.ones_like(t)
 
+    def describe(self) -> dict:
+        return {"path": "linear", "sigma": 0.0}
+
     def sample(self, x0, x1, t, z=None):
         # Same result as the generic formula, written directly (one fewer pass over memory).
         if x0.shape != x1.shape:
