@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["atomic_write", "write_json", "read_json", "append_jsonl"]
+__all__ = ["atomic_write", "write_json", "read_json", "append_jsonl", "machine_info"]
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
@@ -73,3 +73,19 @@ def append_jsonl(path: str | Path, record: dict) -> None:
         f.write(json.dumps(record, default=_default) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def machine_info(device=None) -> dict:
+    """What every result records about where it ran: Python, torch, platform, CPUs, torch threads, the
+    GPU's name when CUDA is available, and the device used."""
+    import platform
+
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "processor": platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    if device is not None:
+        info["device"] = str(device)
+    return info

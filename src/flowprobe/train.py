@@ -38,7 +38,7 @@ from .config import ConfigError, load_config, option, to_dict
 from .fast import PRECISIONS, compile_options, ema_update_, has_conv, make_ema, make_optimizer, make_train_step, \
     prepare_model, set_tf32
 from .fast import resolve_auto as fast_resolve_auto
-from .io import append_jsonl, atomic_write, write_json
+from .io import append_jsonl, atomic_write, machine_info, write_json
 from .objectives import CFMObjective
 from .solvers import METHODS
 
@@ -879,7 +879,6 @@ def train_from_config(cfg: TrainConfig, out: str | Path, device: str | torch.dev
 
     from .checkpoint import latest_checkpoint
     from .data.toy import energy_distance
-    from .experiments.registry import machine_info
 
     out = Path(out)
     dev = device if isinstance(device, torch.device) else _resolve_device(device)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 
 from .. import __version__
 from ..config import ConfigError, apply_overrides, from_dict, read_yaml_mapping, to_dict
-from ..io import atomic_write, write_json
+from ..io import atomic_write, machine_info, write_json
 
 __all__ = ["Experiment", "RunContext", "experiment", "REGISTRY", "run_experiment", "register_cli", "machine_info",
            "default_config_yaml"]
@@ -62,17 +61,6 @@ def _load_all() -> None:
         except ModuleNotFoundError as e:
             if e.name != mod:
                 raise
-
-
-def machine_info(device: torch.device | str | None = None) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "processor": platform.machine(), "cpu_count": __import__("os").cpu_count(),
-            "torch_threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    if device is not None:
-        info["device"] = str(device)
-    return info
 
 
 @dataclass
