@@ -3,8 +3,12 @@ train a time-conditioned MLP on a coupling and push sources through its flow."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
+
+from ..config import option
 
 from ..nets import MLP
 from ..objectives import CFMObjective
@@ -12,7 +16,27 @@ from ..paths import make_path
 from ..solvers import integrate
 from ..train import fit
 
-__all__ = ["train_velocity", "push_forward", "run_seed"]
+__all__ = ["MixtureFlowOptions", "train_velocity", "push_forward", "run_seed"]
+
+
+@dataclass
+class MixtureFlowOptions:
+    """Data, network, training and solver settings shared by the experiments that pair N(0, I) with a
+    Gaussian mixture (gmm, reflow): same meaning and defaults in each."""
+
+    n_pairs: int = option(1000, ge=2)
+    n_components: int = option(8, ge=1)
+    mean_scale: float = option(3.0, gt=0)
+    component_std: float = option(0.3, gt=0)
+    width: int = option(256, ge=1)
+    depth: int = option(3, ge=1)
+    steps: int = option(5000, ge=1)
+    base_steps: int = option(5000, ge=1, help="steps of the first (independent-coupling) CFM")
+    batch_size: int = option(256, ge=1)
+    lr: float = option(1e-3, gt=0)
+    reduction: str = option("mean", choices=("mean", "sum"))
+    solver: str = option("rk4", choices=("euler", "midpoint", "heun", "rk4"))
+    solver_steps: int = option(100, ge=1)
 
 
 def run_seed(ctx, offset: int) -> int:

@@ -31,7 +31,7 @@ from ..couplings import FixedPairs, GaussianSampler, IndependentCoupling
 from ..data.synthetic import random_gmm
 from ..metrics import mmd2
 from ..report import plt, save_figure
-from ._lowdim import push_forward, run_seed, train_velocity
+from ._lowdim import MixtureFlowOptions, push_forward, run_seed, train_velocity
 from .registry import experiment
 
 __all__ = ["GMMConfig", "run", "PAPER_TABLE1"]
@@ -46,23 +46,10 @@ PAPER_TABLE1 = {(3, 0.0): (0.0034, 1.758e-6), (3, 0.05): (0.0018, 3.105e-5),
 
 
 @dataclass
-class GMMConfig:
+class GMMConfig(MixtureFlowOptions):
     dims: list[int] = option(default_factory=lambda: [3, 50], ge=1)
     pairings: list[str] = option(default_factory=lambda: ["random", "reflow"], choices=("random", "reflow"))
     sigmas: list[float] = option(default_factory=lambda: [0.0, 0.05], ge=0)
-    n_pairs: int = option(1000, ge=2)
-    n_components: int = option(8, ge=1)
-    mean_scale: float = option(3.0, gt=0)
-    component_std: float = option(0.3, gt=0)
-    width: int = option(256, ge=1)
-    depth: int = option(3, ge=1)
-    steps: int = option(5000, ge=1)
-    base_steps: int = option(5000, ge=1, help="steps of the first (independent-coupling) CFM for reflow pairs")
-    batch_size: int = option(256, ge=1)
-    lr: float = option(1e-3, gt=0)
-    reduction: str = option("mean", choices=("mean", "sum"))
-    solver: str = option("rk4", choices=("euler", "midpoint", "heun", "rk4"))
-    solver_steps: int = option(100, ge=1)
     n_eval: int = option(2000, ge=2, help="fresh samples on each side of the Generalization MMD")
     eval_repeats: int = option(3, ge=1, help="fresh evaluation draws per model (their spread enters the std)")
     train_seeds: int = option(3, ge=1, help="models trained per (dim, pairing, sigma) with different seeds")

@@ -36,7 +36,7 @@ from ..data.synthetic import random_gmm
 from ..metrics import wasserstein2
 from ..probes.straightness import straightness
 from ..report import plt, save_figure
-from ._lowdim import push_forward, run_seed, train_velocity
+from ._lowdim import MixtureFlowOptions, push_forward, run_seed, train_velocity
 from .registry import experiment
 
 __all__ = ["ReflowConfig", "run", "MappedCoupling"]
@@ -61,25 +61,12 @@ class MappedCoupling:
 
 
 @dataclass
-class ReflowConfig:
+class ReflowConfig(MixtureFlowOptions):
     starts: list[str] = option(default_factory=lambda: ["independent", "rot180"], choices=("independent", "rot180"))
     dim: int = option(2, ge=1, help="dimension of the independent (mixture) start; rot180 is always d = 2")
     shift: float = option(5.0, help="rot180: mu = shift * 1")
     rounds: int = option(3, ge=1, help="reflow rounds after round 0")
     sigmas: list[float] = option(default_factory=lambda: [0.0, 0.05], ge=0)
-    n_pairs: int = option(1000, ge=2)
-    n_components: int = option(8, ge=1)
-    mean_scale: float = option(3.0, gt=0)
-    component_std: float = option(0.3, gt=0)
-    width: int = option(256, ge=1)
-    depth: int = option(3, ge=1)
-    steps: int = option(5000, ge=1)
-    base_steps: int = option(5000, ge=1)
-    batch_size: int = option(256, ge=1)
-    lr: float = option(1e-3, gt=0)
-    reduction: str = option("mean", choices=("mean", "sum"))
-    solver: str = option("rk4", choices=("euler", "midpoint", "heun", "rk4"))
-    solver_steps: int = option(100, ge=1)
     n_eval: int = option(1000, ge=2)
     floor: bool = option(True, help="train a second flow on the sigma = 0 pairs of the last round (retraining floor)")
 
