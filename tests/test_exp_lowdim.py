@@ -8,6 +8,7 @@ import torch
 
 from flowprobe.experiments import run_experiment
 from flowprobe.couplings import SwappedCoupling
+from flowprobe.experiments.forward_backward import flat_spread
 from flowprobe.experiments.reflow import MappedCoupling
 from flowprobe.couplings import GaussianSampler, IndependentCoupling
 
@@ -94,8 +95,26 @@ def test_forward_backward_pipeline(tmp_path):
         assert all(g > 0 and _finite(g) for g in r["gv"]) and len(r["gv_se"]) == 3 and len(r["loss"]) == 3
         expect = r["gv"][-1] / r["gv"][0] if r["direction"] == "forward" else r["gv"][0] / r["gv"][-1]
         assert r["endpoint_ratio"] == pytest.approx(expect)
+        assert r["flat_spread"] == pytest.approx((max(r["gv"]) - min(r["gv"])) / (max(r["gv"]) + min(r["gv"])))
     assert len(res["criteria"]) == 6
+    # the control criterion is flatness of the whole curve (spec R8: "flat within +-15 %"), not the endpoint ratio
+    control_runs = [r for r in runs if r["data"] == "control"]
+    control_crits = [c for c in res["criteria"] if c["name"].startswith("control")]
+    assert [c["held"] for c in control_crits] == [r["flat_spread"] <= 0.15 for r in control_runs]
+    assert all("flat within +-0.15" in c["name"] for c in control_crits)
     assert (tmp_path / "gradvar_forward_backward.png").exists()
+
+
+def test_flat_spread_is_the_narrowest_relative_band():
+    # 0.85 and 1.15 lie exactly in 1 +- 0.15; an endpoint ratio of 1 says nothing about the middle
+    assert flat_spread([0.85, 1.0, 1.15]) == pytest.approx(0.15)
+    assert flat_spread([2.0, 6.0, 2.0]) == pytest.approx(0.5)  # 4 (1 +- 0.5) = 2 .. 6
+    assert flat_spread([3.0, 3.0]) == 0.0
+    assert flat_spread([5.0, 1.0]) == flat_spread([1.0, 5.0]) == pytest.approx(4 / 6)
+    with pytest.raises(ValueError, match="positive"):
+        flat_spread([1.0, 0.0])
+    with pytest.raises(ValueError, match="positive"):
+        flat_spread([])
 
 
 def test_helper_couplings():
