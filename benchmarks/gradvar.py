@@ -151,7 +151,8 @@ def main(argv=None) -> int:
         note = f"chunk {chunk}" + (f", m = {args.micro_batch_size}" if method == "microbatch" else "")
         if len(ts) < len(times):
             note += f", extrapolated from {len(ts)} of {len(times)} t"
-        rows.append({"method": method, "seconds": secs, "ratio": secs / base, "note": note})
+        rows.append({"method": method, "seconds": secs, "ratio": secs / base, "note": note,
+                     "profile": [{k: r[k] for k in ("t", "gv", "gv_se", "mean_grad_sq")} for r in res.rows]})
 
     # agreement of the per-sample-exact methods on the same draws (same generator seed)
     ref = results.get("exact")
@@ -173,6 +174,9 @@ def main(argv=None) -> int:
         print(f"| {r['method']} | {r['seconds']:.3f} | {r['ratio']:.2f} | {r['note']} |")
     for m, err in checks.items():
         print(f"\nmax |GV_{m} - GV_exact| / max GV_exact over the profile: {err:.2e}")
+    if ref is not None:  # how hard the variance is to compute: ||g_bar||^2 / tr Cov (cancellation factor)
+        ratio = [r["mean_grad_sq"] / r["gv"] for r in ref.rows if r["gv"]]
+        print(f"||g_bar||^2 / tr Cov over the profile: {min(ratio):.3g} to {max(ratio):.3g}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": desc, "device": dev_name, "samples": n, "times": args.times, "baseline_s": base,

@@ -194,6 +194,39 @@ def test_ghost_equals_exact_tiny_unet():
     assert g.gv == pytest.approx(e.gv, rel=1e-9)
 
 
+def test_variance_is_centred_and_robust_to_a_mismatched_mean_gradient():
+    """The ghost path takes g_bar from an ordinary backward pass and the per-sample norms from other kernels.
+    A relative mismatch eps between the two (e.g. reduced-precision convolutions on a GPU) must not move the
+    variance by ~2 eps ||g_bar||^2 / tr Cov, which is 10% here (the mean gradient dominates, as for an
+    untrained network); the centred formula moves it by ~eps^2 ||g_bar||^2 / tr Cov."""
+    from flowprobe.probes.gradvar import _Moments
+
+    gen = torch.Generator().manual_seed(0)
+    U, P = 256, 2000
+    mean = torch.randn(P, generator=gen, dtype=torch.float64)
+    noise = torch.randn(U, P, generator=gen, dtype=torch.float64) * (mean.pow(2).sum() / 50 / P).sqrt()
+    g = mean + noise
+    truth = (g - g.mean(0)).pow(2).sum() / (U - 1)
+    assert g.mean(0).pow(2).sum() / truth > 40  # the regime where the uncentred formula cancels
+    eps = 1e-3
+    ref = (1 + eps) * g.mean(0)  # the batch gradient as the ghost path sees it
+    mom = _Moments(["w"])
+    mom.ref = {"w": ref}
+    mom.add_sum("w", U * ref)
+    mom.add_norms(g.pow(2).sum(1, keepdim=True), (g @ ref).unsqueeze(1))
+    gv, _, _, _, _ = mom.finish([0], 1)
+    uncentred = (g.pow(2).sum() - U * ref.pow(2).sum()) / (U - 1)
+    assert abs(uncentred / truth - 1) > 0.05  # the failure this guards against is real at this eps
+    assert abs(gv.item() / truth - 1) < 1e-3
+    # consistent inputs (exact path: sums are the per-sample gradients' sum): the identity holds to rounding
+    mom = _Moments(["w"])
+    mom.ref = {"w": ref}
+    mom.add_sum("w", g.sum(0))
+    mom.add_norms(g.pow(2).sum(1, keepdim=True), (g @ ref).unsqueeze(1))
+    gv, _, _, _, _ = mom.finish([0], 1)
+    assert abs(gv.item() / truth - 1) < 1e-10
+
+
 @pytest.mark.filterwarnings("ignore:ghost norms do not cover module types")  # LemmaOneField: exact fallback
 @pytest.mark.parametrize("method", ["exact", "ghost"])
 def test_closed_form_fixed_t_independent_and_antipodal(method):

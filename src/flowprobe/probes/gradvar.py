@@ -172,9 +172,17 @@ class _Moments:
     def finish(self, index: list[int], n_groups: int, scale: float = 1.0):
         """Per-group (gv, gv_se, mean_grad_sq) and the per-unit squared norms (U, G), all float64.
 
-        gv_G = scale (sum_u ||g_u^G||^2 - U ||g_bar^G||^2) / (U - 1);
-        d_uG = scale ||g_u^G - ref^G||^2 = scale (||g_u^G||^2 - 2 g_u^G . ref^G + ||ref^G||^2);
-        gv_se_G = sd_u(d_uG) / sqrt(U).
+        d_uG = ||g_u^G - ref^G||^2 = ||g_u^G||^2 - 2 g_u^G . ref^G + ||ref^G||^2;
+        gv_G = scale (sum_u d_uG - U ||g_bar^G - ref^G||^2) / (U - 1);
+        gv_se_G = scale sd_u(d_uG) / sqrt(U).
+
+        gv_G equals scale (sum_u ||g_u^G||^2 - U ||g_bar^G||^2) / (U - 1) exactly (expand the squares), but it
+        is centred on ref, so it does not subtract two nearly equal numbers when the mean gradient dominates
+        (||g_bar||^2 >> tr Cov, as for an untrained network), and it is insensitive to first order to an error
+        in ref. That matters for the ghost path, where g_bar = ref is the batch gradient of an ordinary
+        backward pass while the norms and dots come from separate per-sample kernels: a relative mismatch
+        eps between the two moves the uncentred formula by about 2 eps ||g_bar||^2 / tr Cov, the centred one
+        by eps^2 ||g_bar||^2 / tr Cov.
         """
         sq = torch.cat(self.sq, 0)
         dot = torch.cat(self.dot, 0)
@@ -185,10 +193,12 @@ class _Moments:
         A[torch.arange(len(self.pnames)), torch.tensor(index)] = 1.0
         msq_p = torch.stack([(self.sums[n] / U).pow(2).sum().cpu() for n in self.pnames])
         refsq_p = torch.stack([self.ref[n].double().pow(2).sum().cpu() for n in self.pnames])
+        off_p = torch.stack([(self.sums[n].flatten() / U - self.ref[n].flatten().to(self.sums[n])).pow(2).sum().cpu()
+                             for n in self.pnames])
         sq_g, dot_g = sq @ A, dot @ A
-        msq_g, refsq_g = msq_p @ A, refsq_p @ A
-        gv_g = scale * (sq_g.sum(0) - U * msq_g) / (U - 1)
+        msq_g, refsq_g, off_g = msq_p @ A, refsq_p @ A, off_p @ A
         d = scale * (sq_g - 2 * dot_g + refsq_g)
+        gv_g = (d.sum(0) - scale * U * off_g) / (U - 1)
         se_g = d.std(0, unbiased=True) / math.sqrt(U)
         gv_se = d.sum(1).std(unbiased=True).item() / math.sqrt(U)
         return gv_g, se_g, msq_g, gv_se, sq_g
