@@ -278,19 +278,21 @@ def run_ghost(net, params, t, x, u, reduction, chunk_size, mom) -> tuple[Tensor,
             if single:
                 mom.ref = {nm: s / n for nm, s in mom.sums.items()}
             m = b - a
-            sq = torch.zeros(m, len(params), dtype=torch.float64)
-            dot = torch.zeros(m, len(params), dtype=torch.float64)
+            # filled on the device and copied to the host once per chunk: a copy per module would
+            # synchronise with the GPU ~2x per layer and serialise kernel launches with execution
+            sq = torch.zeros(m, len(params), dtype=torch.float64, device=x.device)
+            dot = torch.zeros(m, len(params), dtype=torch.float64, device=x.device)
             for mod, names in covered:
                 for nm, (s, d) in _module_sq_dot(mod, rec.acts[mod], rec.grads[mod], names, mom.ref).items():
-                    sq[:, col[nm]] = s.double().cpu()
-                    dot[:, col[nm]] = d.double().cpu()
+                    sq[:, col[nm]] = s.double()
+                    dot[:, col[nm]] = d.double()
             rec.clear()
             if fallback:
                 fg = _vmap_grads(net, fallback, by_name, t[a:b], x[a:b], u[a:b], reduction)
                 for nm in fallback:
                     g = fg[nm].flatten(1).double()
-                    sq[:, col[nm]] = g.pow(2).sum(1).cpu()
-                    dot[:, col[nm]] = (g @ mom.ref[nm].flatten().to(g.device)).cpu()
+                    sq[:, col[nm]] = g.pow(2).sum(1)
+                    dot[:, col[nm]] = g @ mom.ref[nm].flatten().to(g.device)
             mom.add_norms(sq, dot)
     finally:
         rec.remove()
