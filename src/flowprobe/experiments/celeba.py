@@ -376,7 +376,8 @@ def _pairs_figures(cfg, ctx, images, x0_all, pairings, shown, curves) -> None:
         axes[r][1].axhline(cfg.memorised_acc, color="gray", lw=0.8, ls=":")
         for ax in axes[r]:
             ax.set_xlabel("training step")
-            ax.legend(fontsize=6)
+            if ax.get_legend_handles_labels()[0]:  # no curve points when steps < curve_every
+                ax.legend(fontsize=6)
     fig.tight_layout()
     save_figure(fig, ctx.figure("curves"))
 
