@@ -84,7 +84,10 @@ def time_train_steps(net, sampler, times, n, device, repeat: int = 1) -> float:
 
 def time_profile(net, sampler, times, n, method, chunk_size, device, micro_batch_size,
                  repeat: int = 1) -> tuple[float, object]:
-    kw = dict(n_samples=n, method=method, chunk_size=chunk_size, micro_batch_size=micro_batch_size)
+    # "ghost-unfold": the ghost method with im2col + batched-matmul convolution rule
+    method, _, conv = method.partition("-")
+    kw = dict(n_samples=n, method=method, chunk_size=chunk_size, micro_batch_size=micro_batch_size,
+              ghost_conv=conv or "grouped")
     gradient_variance(net, LinearPath(), sampler, times[:1], generator=torch.Generator(device=device).manual_seed(9),
                       **kw)  # warm-up (cudnn autotuning, vmap tracing)
     best = float("inf")
@@ -105,7 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--times", type=int, default=21)
-    ap.add_argument("--methods", default="naive,exact,microbatch,ghost")
+    ap.add_argument("--methods", default="naive,exact,microbatch,ghost,ghost-unfold",
+                    help="comma-separated; ghost-unfold = ghost with the im2col convolution rule")
     ap.add_argument("--chunk-size", type=int, default=None,
                     help="samples per chunk (default: all 256 for the MLP and for ghost; 32 for exact on the UNet)")
     ap.add_argument("--micro-batch-size", type=int, default=8)
@@ -158,7 +162,7 @@ def main(argv=None) -> int:
     ref = results.get("exact")
     checks = {}
     if ref is not None:
-        for m in ("ghost", "naive"):
+        for m in ("ghost", "ghost-unfold", "naive"):
             if m in results:
                 k = len(results[m].rows)
                 a, b = ref.gv[:k], results[m].gv[:k]

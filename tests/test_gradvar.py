@@ -165,13 +165,14 @@ def test_ghost_equals_exact_mlp(chunk):
     assert g.fallback_modules == []
 
 
-def test_ghost_equals_exact_convnet():
+@pytest.mark.parametrize("conv", ["grouped", "unfold"])
+def test_ghost_equals_exact_convnet(conv):
     torch.manual_seed(0)
     net = SmallConvNet().double()
     t, x, u = batch(n=9, shape=(3, 8, 8))
     e = per_sample_grad_stats(net, t, x, u, "exact")
     with pytest.warns(UserWarning, match="SmallConvNet"):
-        g = per_sample_grad_stats(net, t, x, u, "ghost", chunk_size=4)
+        g = per_sample_grad_stats(net, t, x, u, "ghost", chunk_size=4, ghost_conv=conv)
     assert g.fallback_modules == ["SmallConvNet"]
     assert len(e.group_names) == 8
     torch.testing.assert_close(g.sq_norms, e.sq_norms, rtol=1e-10, atol=1e-10)
@@ -179,7 +180,8 @@ def test_ghost_equals_exact_convnet():
     torch.testing.assert_close(g.group_gv, e.group_gv, rtol=1e-9, atol=1e-9)
 
 
-def test_ghost_equals_exact_tiny_unet():
+@pytest.mark.parametrize("conv", ["grouped", "unfold"])
+def test_ghost_equals_exact_tiny_unet(conv):
     unet = pytest.importorskip("flowprobe.nets.unet")
     torch.manual_seed(0)
     net = unet.unet_preset("tiny").double()
@@ -188,10 +190,17 @@ def test_ghost_equals_exact_tiny_unet():
             p.add_(0.02 * torch.randn_like(p))
     t, x, u = batch(n=4, shape=(3, 16, 16))
     e = per_sample_grad_stats(net, t, x, u, "exact")
-    g = per_sample_grad_stats(net, t, x, u, "ghost")
+    g = per_sample_grad_stats(net, t, x, u, "ghost", ghost_conv=conv)
     assert g.fallback_modules == []
     torch.testing.assert_close(g.sq_norms, e.sq_norms, rtol=1e-9, atol=1e-9)
     assert g.gv == pytest.approx(e.gv, rel=1e-9)
+
+
+def test_ghost_conv_rule_is_checked():
+    net = small_mlp()
+    t, x, u = batch(n=4)
+    with pytest.raises(ValueError, match="grouped"):
+        per_sample_grad_stats(net, t, x, u, "ghost", ghost_conv="fft")
 
 
 def test_variance_is_centred_and_robust_to_a_mismatched_mean_gradient():

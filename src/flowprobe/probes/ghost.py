@@ -37,9 +37,11 @@ from torch import Tensor, nn
 
 from ..objectives import squared_error
 
-__all__ = ["run_ghost", "ghost_plan", "GHOST_TYPES"]
+__all__ = ["run_ghost", "ghost_plan", "GHOST_TYPES", "CONV_RULES"]
 
 GHOST_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
+#: How per-sample convolution weight gradients are formed (see :func:`run_ghost`).
+CONV_RULES = ("grouped", "unfold")
 #: Elements of the largest temporary a ghost computation builds at once (per module, per sub-batch).
 _BUDGET = 1 << 26
 
@@ -148,7 +150,7 @@ def _sub_batches(m: int, per_sample: int):
 
 
 def _module_sq_dot(mod: nn.Module, acts: list[Tensor], grads: dict[int, Tensor], names: dict[str, str],
-                   ref: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+                   ref: dict[str, Tensor], conv_rule: str = "grouped") -> dict[str, tuple[Tensor, Tensor]]:
     """{param name: (per-sample squared norms (m,), per-sample dots with ref (m,))} for one module."""
     calls = [(a, grads[k]) for k, a in enumerate(acts) if k in grads]
     m = acts[0].shape[0]
@@ -179,6 +181,8 @@ def _module_sq_dot(mod: nn.Module, acts: list[Tensor], grads: dict[int, Tensor],
         return out
 
     if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+        if conv_rule == "unfold":
+            return _conv_unfold_sq_dot(mod, calls, names, ref, m, dtype)
         return _conv_sq_dot(mod, calls, names, ref, m, dtype)
     return _linear_sq_dot(mod, calls, names, ref, m, dtype)
 
@@ -238,14 +242,56 @@ def _conv_sq_dot(mod, calls, names, ref, m, dtype):
     return out
 
 
-def run_ghost(net, params, t, x, u, reduction, chunk_size, mom) -> tuple[Tensor, list[str]]:
+def _im2col(mod, a: Tensor) -> Tensor:
+    """(k, C_in, *spatial) -> (k, groups, L, C_in/groups * prod(kernel)): the im2col rows of each output
+    position, split by convolution group (F.unfold orders columns channel-major, like weight.flatten(1))."""
+    pad = _conv_padding(mod)
+    ks, dil, st = mod.kernel_size, mod.dilation, mod.stride
+    if isinstance(mod, nn.Conv1d):  # as a 2-D convolution of height 1
+        a, ks, dil, pad, st = a.unsqueeze(2), (1, *ks), (1, *dil), (0, *pad), (1, *st)
+    cols = F.unfold(a, ks, dilation=dil, padding=pad, stride=st)  # (k, C_in * prod(kernel), L)
+    k, _, L = cols.shape
+    return cols.reshape(k, mod.groups, -1, L).transpose(2, 3)
+
+
+def _conv_unfold_sq_dot(mod, calls, names, ref, m, dtype):
+    """nn.Conv1d / nn.Conv2d as a Linear over output positions: im2col copies of the inputs (T = output
+    positions, d_in = C_in/groups * prod(kernel) per group), then :func:`_weight_sq_dot` (batched matmuls;
+    Gram form when cheaper). More memory traffic than the grouped-convolution rule, but dense matmuls."""
+    out = {}
+    G, c_out = mod.groups, mod.out_channels
+    if "weight" in names:
+        wref = ref[names["weight"]].to(dtype).reshape(G, c_out // G, -1)
+        d_in = wref.shape[-1]
+        T = sum(b[0].numel() // c_out for _, b in calls)
+        per_sample = T * (d_in * G + c_out) + min(2 * T * T * G, c_out * d_in) + T * c_out
+        sq, dot = [], []
+        for rows in _sub_batches(m, per_sample):
+            A = torch.cat([_im2col(mod, a[rows].to(dtype)) for a, _ in calls], 2)
+            B = torch.cat([b[rows].reshape(b[rows].shape[0], G, c_out // G, -1).transpose(2, 3) for _, b in calls], 2)
+            s_, d_ = _weight_sq_dot(A, B, wref)
+            sq.append(s_)
+            dot.append(d_)
+        out[names["weight"]] = (torch.cat(sq), torch.cat(dot))
+    if "bias" in names:
+        gb = sum(b.reshape(m, b.shape[1], -1).sum(2) for _, b in calls)
+        out[names["bias"]] = (gb.pow(2).sum(1), gb @ ref[names["bias"]].to(gb.dtype).flatten())
+    return out
+
+
+def run_ghost(net, params, t, x, u, reduction, chunk_size, mom, conv_rule: str = "grouped") -> tuple[Tensor, list[str]]:
     """The ghost-norm pass of :func:`flowprobe.probes.gradvar.per_sample_grad_stats`.
 
     Per chunk: one forward and one backward of sum_i l_i with hooks give sum_i g_i (the ordinary batch
     gradient) and, per covered parameter, ||g_i||^2 and g_i . g_ref; fallback parameters go through
     ``torch.func``. g_ref (the mean gradient, for the SE) comes from the same pass when the n samples fit
-    in one chunk, else from one ordinary chunked backward pass first. Returns (losses, fallback types).
+    in one chunk, else from one ordinary chunked backward pass first. ``conv_rule`` (one of
+    ``CONV_RULES``): per-sample convolution weight gradients by one grouped convolution ("grouped") or by
+    im2col and batched matmuls ("unfold"); the numbers agree, the speed depends on the hardware.
+    Returns (losses, fallback types).
     """
+    if conv_rule not in CONV_RULES:
+        raise ValueError(f"conv_rule must be one of {CONV_RULES}, got {conv_rule!r}")
     from .gradvar import _batch_gradient, _chunks, _vmap_grads
 
     n = x.shape[0]
@@ -283,7 +329,8 @@ def run_ghost(net, params, t, x, u, reduction, chunk_size, mom) -> tuple[Tensor,
             sq = torch.zeros(m, len(params), dtype=torch.float64, device=x.device)
             dot = torch.zeros(m, len(params), dtype=torch.float64, device=x.device)
             for mod, names in covered:
-                for nm, (s, d) in _module_sq_dot(mod, rec.acts[mod], rec.grads[mod], names, mom.ref).items():
+                for nm, (s, d) in _module_sq_dot(mod, rec.acts[mod], rec.grads[mod], names, mom.ref,
+                                                       conv_rule).items():
                     sq[:, col[nm]] = s.double()
                     dot[:, col[nm]] = d.double()
             rec.clear()

@@ -394,7 +394,7 @@ def _run_microbatch(net, params, t, x, u, reduction, chunk_size, micro_batch_siz
 
 def per_sample_grad_stats(net: nn.Module, t: Tensor | float, x_t: Tensor, u_t: Tensor, method: str = "exact", *,
                           chunk_size: int = 64, reduction: str = "sum", groups="layer", micro_batch_size: int = 8,
-                          train_mode: bool = False) -> GradStats:
+                          train_mode: bool = False, ghost_conv: str = "grouped") -> GradStats:
     """Gradient variance of the CFM loss over a batch the caller already has.
 
     ``t``: a scalar or a tensor of shape (n,) (per-sample times, e.g. t ~ U(0, 1)); ``x_t``, ``u_t``: (n, ...).
@@ -402,6 +402,8 @@ def per_sample_grad_stats(net: nn.Module, t: Tensor | float, x_t: Tensor, u_t: T
     GV = tr Cov(g) = (sum_i ||g_i||^2 - n ||g_bar||^2) / (n - 1), ||g_bar||^2 and their SEs, in total and
     per group (see :func:`resolve_groups`), by ``method`` in ``METHODS`` (module docstring).
     The network is evaluated in eval mode unless ``train_mode`` (its mode is restored afterwards).
+    ``ghost_conv``: how the ghost method forms per-sample convolution weight gradients ("grouped" or
+    "unfold", :data:`flowprobe.probes.ghost.CONV_RULES`); the numbers agree, the speed is hardware-dependent.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -438,7 +440,7 @@ def per_sample_grad_stats(net: nn.Module, t: Tensor | float, x_t: Tensor, u_t: T
         else:
             from .ghost import run_ghost
 
-            losses, fallback = run_ghost(net, params, t, x_t, u_t, reduction, chunk_size, mom)
+            losses, fallback = run_ghost(net, params, t, x_t, u_t, reduction, chunk_size, mom, ghost_conv)
     finally:
         net.train(was_training)
     gv_g, se_g, msq_g, gv_se, sq_g = mom.finish(index, len(group_names), scale)
@@ -508,7 +510,7 @@ def gradient_variance(net: nn.Module, path: Path, sampler, times, n_samples: int
                       chunk_size: int = 64, generator: torch.Generator | None = None, reduction: str = "sum",
                       groups="layer", direction: str = "forward", oracle_loss: Callable[[float], float] | None = None,
                       device=None, progress: bool = False, *, micro_batch_size: int = 8,
-                      train_mode: bool = False) -> GradVarResult:
+                      train_mode: bool = False, ghost_conv: str = "grouped") -> GradVarResult:
     """Gradient variance of the CFM loss as a function of t.
 
     At each time t of ``times`` (see :func:`parse_times`), draw n = ``n_samples`` pairs from ``sampler``
@@ -516,6 +518,7 @@ def gradient_variance(net: nn.Module, path: Path, sampler, times, n_samples: int
     for a stochastic path, set t_i = t, build (x_t, u_t) = ``path.sample(x0, x1, t, z)``, and compute
     :func:`per_sample_grad_stats`. With ``times="uniform:K"`` each sample's t is drawn uniformly in its bin.
 
+    ``ghost_conv``: see :func:`per_sample_grad_stats`.
     ``oracle_loss(t)`` (optional): an irreducible loss to report beside the measured one. ``generator``
     defaults to one seeded with 0 on the sampler's device. ``device`` defaults to the network's.
     """
@@ -557,7 +560,8 @@ def gradient_variance(net: nn.Module, path: Path, sampler, times, n_samples: int
                 tv = a + (b - a) * r
             tv, x_t, u_t = objective.draw(pairing, generator, tv)
             st = per_sample_grad_stats(net, tv, x_t, u_t, method, chunk_size=chunk_size, reduction=reduction,
-                                       groups=groups, micro_batch_size=micro_batch_size, train_mode=train_mode)
+                                       groups=groups, micro_batch_size=micro_batch_size, train_mode=train_mode,
+                                       ghost_conv=ghost_conv)
             row = {"t": t, "gv": st.gv, "gv_se": st.gv_se, "mean_grad_sq": st.mean_grad_sq,
                    "noise_to_signal": st.noise_to_signal, "snr": st.snr, "loss": st.loss, "loss_se": st.loss_se,
                    "oracle_loss": None if oracle_loss is None else float(oracle_loss(t)),
