@@ -12,7 +12,9 @@ the standard error). The bias gradient is g_i^b = sum_t B_i[t]. nn.Linear uses t
 convolutions the T positions are the output pixels after im2col; rather than copying the im2col matrix,
 the per-sample weight gradients B_i^T A_i are materialised by the convolution weight-gradient kernel run
 once over all samples as a grouped convolution (groups = samples x conv groups): the same work as the
-weight gradient of an ordinary backward pass, sub-batched so memory stays bounded.
+weight gradient of an ordinary backward pass, sub-batched so memory stays bounded. The alternative rule
+``conv_rule="unfold"`` copies the im2col rows instead and treats the convolution as the Linear above
+(batched matmuls, Gram form when cheaper); which is faster depends on the hardware.
 GroupNorm / LayerNorm affine parameters have per-sample gradients sum over positions of B_i * xhat_i
 (weight) and B_i (bias), with xhat the normalised input; these are small and materialised.
 
