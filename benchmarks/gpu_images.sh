@@ -19,6 +19,8 @@
 #          cifar         cifar-gradvar, all four fields at 4000 steps: ~25 min at the measured step time, so it
 #                        does NOT fit one call; kept for machines with a faster host (or with compile)
 #          smoke         every experiment at a few steps (about 3 min; checks the CUDA path end to end)
+#          compile-smoke celeba-pairs at N = 256, 300 steps, eager and then compile=reduce-overhead (CUDA graphs):
+#                        compare train_s in the two reports before using compile in the long runs; ~4 min
 #          gvbench-cifar gvbench (limit 180 s), then cifar-gradvar at 2500 steps per field
 #          sweep32       celeba-pairs at 32x32 (four sigmas at N = 1000, two at N = 5000) beside the
 #                        pair-memorization phase diagram, three processes side by side; ~9 min
@@ -118,13 +120,19 @@ case "$MODE" in
     wait
     for d in celeba32-n1000 celeba32-n5000 pair-memorization-phase; do echo "== $d"; tail -n 15 "$RESULTS/$d/log.txt"; done
     ;;
+  compile-smoke)
+    run 150 compile-smoke-eager celeba-pairs --set steps=300 --set curve_every=300 --set "n_list=[256]"
+    run 240 compile-smoke-graphs celeba-pairs --set steps=300 --set curve_every=300 --set "n_list=[256]" \
+      --set compile=reduce-overhead
+    grep -h "train .* s, eval" "$RESULTS"/compile-smoke-*/log.txt || true
+    ;;
   smoke)
     run 120 smoke-celeba-pairs celeba-pairs --set steps=100 --set curve_every=50 --set n_list=[256]
     run 100 smoke-celeba-reflow celeba-reflow --set first_steps=60 --set steps=60 --set n=256
     run 120 smoke-cifar-gradvar cifar-gradvar --set steps=100 --set gv_samples=64 --set n_train=5000
     ;;
   *)
-    echo "unknown mode '$MODE'; choose pairs, pairs-rest, cifar-sigma05, gvbench, reflow, pairs-sigmas, pairs-n5000, cifar, smoke, gvbench-cifar or sweep32" >&2
+    echo "unknown mode '$MODE'; choose pairs, pairs-rest, cifar-sigma05, gvbench, reflow, pairs-sigmas, pairs-n5000, cifar, smoke, compile-smoke, gvbench-cifar or sweep32" >&2
     exit 2
     ;;
 esac

@@ -71,6 +71,25 @@ def test_celeba_pairs_tiny_pipeline(tmp_path):
     assert saved["runs"][0]["l2_ot_mean"] == pytest.approx(runs[0]["l2_ot_mean"])
 
 
+def test_image_experiments_take_a_compile_mode_or_backend(tmp_path):
+    """compile accepts what fit accepts (a mode such as reduce-overhead, or a backend); the eager backend
+    (graph capture, no code generation) trains to the same numbers as no compilation."""
+    from flowprobe.config import ConfigError, from_dict
+    from flowprobe.experiments.celeba import CelebaPairsConfig
+
+    assert from_dict(CelebaPairsConfig, {"compile": "reduce-overhead"}).compile == "reduce-overhead"
+    with pytest.raises(ConfigError, match="compile"):
+        from_dict(CelebaPairsConfig, {"compile": "warp-speed"})
+    src = _tar(tmp_path / "faces.tar.gz", 8, 8)
+    common = [f"dataset={src}", "resolution=8", "n_list=[6]", "sigmas=[0.0]", "steps=4", "batch_size=4",
+              "curve_every=4", "curve_n=3", "curve_solver_steps=2", "solver_steps=2", "n_show=2", *TINY_MLP]
+    plain = run_experiment("celeba-pairs", tmp_path / "a", seed=1, device="cpu", verbose=False, overrides=common)
+    graph = run_experiment("celeba-pairs", tmp_path / "b", seed=1, device="cpu", verbose=False,
+                           overrides=[*common, "compile=eager"])
+    assert graph["config"]["compile"] == "eager"
+    assert graph["runs"][0]["l2_shuffled_mean"] == pytest.approx(plain["runs"][0]["l2_shuffled_mean"], rel=1e-6)
+
+
 def test_celeba_pairs_selects_subsets():
     from flowprobe.experiments.celeba import CelebaPairsConfig, _train_sigmas
 

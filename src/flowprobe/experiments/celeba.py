@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..config import option, to_dict
+from ..config import ConfigError, option, to_dict
 from ..io import write_json
 from ..data.images import (IndexedPairs, ImageSampler, fixed_noise, load_images, ot_partner, shuffled_partner,
                            to_tensor, to_unit)
@@ -80,7 +80,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def train_image_flow(spec: dict, coupling, sigma: float, *, steps: int, batch_size: int, lr: float, seed: int,
                      device: torch.device, precision: str, grad_clip: float | None, ema_decay: float | None,
-                     compile: bool = False, callback=None, callback_every: int | None = None,
+                     compile: bool | str = False, callback=None, callback_every: int | None = None,
                      warmup: int = 0, reduction: str = "mean", progress: bool = False):
     """Train a fresh net (:func:`build_image_net`) with CFM(sigma) (constant sigma) on ``coupling`` through
     :func:`flowprobe.train.fit`; returns the TrainState (``.model`` is the EMA when there is one)."""
@@ -136,8 +136,17 @@ class ImageTrainOptions:
     grad_clip: float | None = option(1.0, gt=0)
     ema_decay: float | None = option(None, ge=0, lt=1)
     precision: str = option("auto", choices=("auto", "fp32", "bf16"))
-    compile: bool = option(False)
+    compile: bool | str = option(False, help="torch.compile of the training step: false, true, a mode "
+                                 "(reduce-overhead = CUDA graphs) or a backend name")
     reduction: str = option("mean", choices=("mean", "sum"), help="training loss over dimensions")
+
+    def __post_init__(self):
+        from ..fast import compile_options
+
+        try:
+            compile_options(self.compile)
+        except ValueError as e:
+            raise ConfigError(f"compile: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------- celeba-pairs
