@@ -189,6 +189,31 @@ def _module_sq_dot(mod: nn.Module, acts: list[Tensor], grads: dict[int, Tensor],
     return _linear_sq_dot(mod, calls, names, ref, m, dtype)
 
 
+def _rows_sq_dot(layouts, wref: Tensor, m: int, per_sample: int) -> tuple[Tensor, Tensor]:
+    """Per-sample ||g_i^W||^2 and g_i^W . ref of a weight used as a matrix over T positions: ``layouts(rows)``
+    gives the (k, G, T, d_in) activations and (k, G, T, d_out) output gradients of those rows (all calls
+    concatenated along T); sub-batched so one sub-batch's temporaries stay near ``_BUDGET`` elements."""
+    sq, dot = [], []
+    for rows in _sub_batches(m, per_sample):
+        s_, d_ = _weight_sq_dot(*layouts(rows), wref)
+        sq.append(s_)
+        dot.append(d_)
+    return torch.cat(sq), torch.cat(dot)
+
+
+def _bias_sq_dot(gb: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
+    """(m, d_out) per-sample bias gradients -> their squared norms and dots with ``ref``."""
+    return gb.pow(2).sum(1), gb @ ref.to(gb.dtype).flatten()
+
+
+def _conv_bias(calls, names, ref, m, out) -> dict:
+    """Adds the per-sample bias terms of a convolution (sum of output gradients over positions) to ``out``."""
+    if "bias" in names:
+        gb = sum(b.reshape(m, b.shape[1], -1).sum(2) for _, b in calls)
+        out[names["bias"]] = _bias_sq_dot(gb, ref[names["bias"]])
+    return out
+
+
 def _linear_sq_dot(mod: nn.Linear, calls, names, ref, m, dtype):
     """nn.Linear on inputs (m, ..., d_in): the T positions are all middle dimensions; several calls are
     concatenated along T. Gram or materialised form, whichever is cheaper (see _weight_sq_dot)."""
@@ -196,19 +221,16 @@ def _linear_sq_dot(mod: nn.Linear, calls, names, ref, m, dtype):
     d_in, d_out = mod.in_features, mod.out_features
     T = sum(a[0].numel() // d_in for a, _ in calls)
     if "weight" in names:
+        def layouts(rows):
+            return (torch.cat([a[rows].to(dtype).reshape(-1, 1, a[0].numel() // d_in, d_in) for a, _ in calls], 2),
+                    torch.cat([b[rows].reshape(-1, 1, b[0].numel() // d_out, d_out) for _, b in calls], 2))
+
         wref = ref[names["weight"]].to(dtype).reshape(1, d_out, d_in)
         per_sample = T * (d_in + d_out) + min(2 * T * T, d_out * d_in) + T * d_out
-        sq, dot = [], []
-        for rows in _sub_batches(m, per_sample):
-            A = torch.cat([a[rows].to(dtype).reshape(-1, 1, a[0].numel() // d_in, d_in) for a, _ in calls], 2)
-            B = torch.cat([b[rows].reshape(-1, 1, b[0].numel() // d_out, d_out) for _, b in calls], 2)
-            s_, d_ = _weight_sq_dot(A, B, wref)
-            sq.append(s_)
-            dot.append(d_)
-        out[names["weight"]] = (torch.cat(sq), torch.cat(dot))
+        out[names["weight"]] = _rows_sq_dot(layouts, wref, m, per_sample)
     if "bias" in names:
         gb = sum(b.reshape(m, -1, d_out).sum(1) for _, b in calls)
-        out[names["bias"]] = (gb.pow(2).sum(1), gb @ ref[names["bias"]].to(gb.dtype).flatten())
+        out[names["bias"]] = _bias_sq_dot(gb, ref[names["bias"]])
     return out
 
 
@@ -238,10 +260,7 @@ def _conv_sq_dot(mod, calls, names, ref, m, dtype):
             sq.append(per.pow(2).sum(1))
             dot.append(per @ wref)
         out[names["weight"]] = (torch.cat(sq), torch.cat(dot))
-    if "bias" in names:
-        gb = sum(b.reshape(m, b.shape[1], -1).sum(2) for _, b in calls)
-        out[names["bias"]] = (gb.pow(2).sum(1), gb @ ref[names["bias"]].to(gb.dtype).flatten())
-    return out
+    return _conv_bias(calls, names, ref, m, out)
 
 
 def _im2col(mod, a: Tensor) -> Tensor:
@@ -263,22 +282,17 @@ def _conv_unfold_sq_dot(mod, calls, names, ref, m, dtype):
     out = {}
     G, c_out = mod.groups, mod.out_channels
     if "weight" in names:
+        def layouts(rows):
+            return (torch.cat([_im2col(mod, a[rows].to(dtype)) for a, _ in calls], 2),
+                    torch.cat([b[rows].reshape(-1, G, c_out // G, b[0][0].numel()).transpose(2, 3)
+                               for _, b in calls], 2))
+
         wref = ref[names["weight"]].to(dtype).reshape(G, c_out // G, -1)
         d_in = wref.shape[-1]
         T = sum(b[0].numel() // c_out for _, b in calls)
         per_sample = T * (d_in * G + c_out) + min(2 * T * T * G, c_out * d_in) + T * c_out
-        sq, dot = [], []
-        for rows in _sub_batches(m, per_sample):
-            A = torch.cat([_im2col(mod, a[rows].to(dtype)) for a, _ in calls], 2)
-            B = torch.cat([b[rows].reshape(b[rows].shape[0], G, c_out // G, -1).transpose(2, 3) for _, b in calls], 2)
-            s_, d_ = _weight_sq_dot(A, B, wref)
-            sq.append(s_)
-            dot.append(d_)
-        out[names["weight"]] = (torch.cat(sq), torch.cat(dot))
-    if "bias" in names:
-        gb = sum(b.reshape(m, b.shape[1], -1).sum(2) for _, b in calls)
-        out[names["bias"]] = (gb.pow(2).sum(1), gb @ ref[names["bias"]].to(gb.dtype).flatten())
-    return out
+        out[names["weight"]] = _rows_sq_dot(layouts, wref, m, per_sample)
+    return _conv_bias(calls, names, ref, m, out)
 
 
 def run_ghost(net, params, t, x, u, reduction, chunk_size, mom, conv_rule: str = "grouped") -> tuple[Tensor, list[str]]:
