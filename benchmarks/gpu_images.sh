@@ -10,9 +10,9 @@
 #                        evaluation); ~9 min
 #          cifar-sigma05 cifar-gradvar, sigma = 0.05, forward and backward side by side, 2500 steps each (the
 #                        sigma = 0 fields were run at 2500 steps on 2026-11-23); ~6-8 min
-#          gvbench       the CIFAR-10 UNet gradient-variance benchmark alone on the GPU (ghost with both
-#                        convolution rules, naive, exact; ~4 min): re-measures ghost vs exact after the
-#                        centred-variance change, and grouped vs im2col convolution weight gradients
+#          gvbench       the CIFAR-10 UNet gradient-variance benchmark alone on the GPU (ghost with the auto
+#                        rule and with each convolution rule forced, naive, exact; ~5 min): re-measures ghost
+#                        vs exact after the centred-variance change, and grouped vs im2col weight gradients
 #          reflow        celeba-reflow: first flow, reflow pairs (N = 2000), second flows sigma in {0, 0.05}
 #          pairs-sigmas  celeba-pairs: N = 1000 with sigma in {0.2, 0.5}, the same 2000-step budget as `pairs`
 #          pairs-n5000   celeba-pairs: N = 5000 with sigma in {0, 0.05}, 1600 steps (Euler-20 final evaluation)
@@ -100,8 +100,8 @@ case "$MODE" in
     ;;
   gvbench)
     mkdir -p "$RESULTS/gradvar-bench"
-    timeout --signal=INT 260 python benchmarks/gradvar.py --model unet --device "${DEVICE:-cuda}" --repeat 1 \
-      --methods ghost,ghost-unfold,naive,exact --json "$RESULTS/gradvar-bench/gv_unet.json" ${BENCH_EXTRA:-} 2>&1 \
+    timeout --signal=INT 330 python benchmarks/gradvar.py --model unet --device "${DEVICE:-cuda}" --repeat 1 \
+      --methods ghost,ghost-unfold,ghost-grouped,exact,naive --json "$RESULTS/gradvar-bench/gv_unet.json" ${BENCH_EXTRA:-} 2>&1 \
       | tee "$RESULTS/gradvar-bench/log.txt"
     ;;
   gvbench-cifar)

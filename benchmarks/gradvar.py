@@ -83,13 +83,18 @@ def time_train_steps(net, sampler, times, n, device, repeat: int = 1) -> float:
 
 
 def time_profile(net, sampler, times, n, method, chunk_size, device, micro_batch_size,
-                 repeat: int = 1) -> tuple[float, object]:
-    # "ghost-unfold": the ghost method with im2col + batched-matmul convolution rule
+                 repeat: int = 1) -> tuple[float, object, float]:
+    """(best wall time of the profile, its result, wall time of the warm-up call on one t)."""
+    # "ghost-unfold" / "ghost-grouped": the ghost method with that convolution rule; "ghost": the default (auto)
     method, _, conv = method.partition("-")
     kw = dict(n_samples=n, method=method, chunk_size=chunk_size, micro_batch_size=micro_batch_size,
-              ghost_conv=conv or "grouped")
+              ghost_conv=conv or "auto")
+    _sync(device)
+    start = time.perf_counter()
     gradient_variance(net, LinearPath(), sampler, times[:1], generator=torch.Generator(device=device).manual_seed(9),
-                      **kw)  # warm-up (cudnn autotuning, vmap tracing)
+                      **kw)  # warm-up (cudnn autotuning, vmap tracing, the auto conv rule's timing)
+    _sync(device)
+    warm = time.perf_counter() - start
     best = float("inf")
     for _ in range(repeat):
         gen = torch.Generator(device=device).manual_seed(2)
@@ -98,7 +103,7 @@ def time_profile(net, sampler, times, n, method, chunk_size, device, micro_batch
         res = gradient_variance(net, LinearPath(), sampler, times, generator=gen, **kw)
         _sync(device)
         best = min(best, time.perf_counter() - start)
-    return best, res
+    return best, res, warm
 
 
 def main(argv=None) -> int:
@@ -108,8 +113,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--times", type=int, default=21)
-    ap.add_argument("--methods", default="naive,exact,microbatch,ghost,ghost-unfold",
-                    help="comma-separated; ghost-unfold = ghost with the im2col convolution rule")
+    ap.add_argument("--methods", default="naive,exact,microbatch,ghost,ghost-grouped,ghost-unfold",
+                    help="comma-separated; ghost = ghost norms with the default convolution rule (auto: the faster "
+                         "rule per layer shape, timed in the warm-up call); ghost-grouped / ghost-unfold force one")
     ap.add_argument("--chunk-size", type=int, default=None,
                     help="samples per chunk (default: all 256 for the MLP and for ghost; 32 for exact on the UNet)")
     ap.add_argument("--micro-batch-size", type=int, default=8)
@@ -132,38 +138,48 @@ def main(argv=None) -> int:
     base = time_train_steps(net, sampler, times, n, device, args.repeat)
     rows = []
     results = {}
-    for method in args.methods.split(","):
-        if args.chunk_size is not None:
-            chunk = args.chunk_size
-        else:
-            chunk = 32 if (args.model == "unet" and method == "exact") else n
-        ts = times if method != "naive" else times[:naive_k]
-        while True:
-            try:
-                secs, res = time_profile(net, sampler, ts, n, method, chunk, device, args.micro_batch_size,
-                                         1 if method == "naive" else args.repeat)
-                break
-            except torch.cuda.OutOfMemoryError:
-                if chunk <= 1:
-                    raise
-                chunk //= 2  # retry with half the chunk (more chunks: one extra ordinary backward pass)
-                torch.cuda.empty_cache()
-                print(f"{method}: out of GPU memory, retrying with chunk {chunk}")
-        if len(ts) < len(times):
-            secs *= len(times) / len(ts)
-        results[method] = res
-        note = f"chunk {chunk}" + (f", m = {args.micro_batch_size}" if method == "microbatch" else "")
-        if len(ts) < len(times):
-            note += f", extrapolated from {len(ts)} of {len(times)} t"
-        rows.append({"method": method, "seconds": secs, "ratio": secs / base, "note": note,
-                     "profile": [{k: r[k] for k in ("t", "gv", "gv_se", "mean_grad_sq")} for r in res.rows]})
+    interrupted = None
+    try:
+        for method in args.methods.split(","):
+            if args.chunk_size is not None:
+                chunk = args.chunk_size
+            else:
+                chunk = 32 if (args.model == "unet" and method == "exact") else n
+            ts = times if method != "naive" else times[:naive_k]
+            while True:
+                try:
+                    secs, res, warm = time_profile(net, sampler, ts, n, method, chunk, device,
+                                                   args.micro_batch_size, 1 if method == "naive" else args.repeat)
+                    break
+                except torch.cuda.OutOfMemoryError:
+                    if chunk <= 1:
+                        raise
+                    chunk //= 2  # retry with half the chunk (more chunks: one extra ordinary backward pass)
+                    torch.cuda.empty_cache()
+                    print(f"{method}: out of GPU memory, retrying with chunk {chunk}")
+            if len(ts) < len(times):
+                secs *= len(times) / len(ts)
+            results[method] = res
+            note = f"chunk {chunk}" + (f", m = {args.micro_batch_size}" if method == "microbatch" else "")
+            if method == "ghost" and res.extra.get("ghost_conv_choices"):
+                picks = list(res.extra["ghost_conv_choices"].values())
+                note += (f", auto: {picks.count('grouped')} layer shapes grouped, {picks.count('unfold')} unfold; "
+                         f"warm-up call (1 t, includes the timing) {warm:.2f} s")
+            if len(ts) < len(times):
+                note += f", extrapolated from {len(ts)} of {len(times)} t"
+            rows.append({"method": method, "seconds": secs, "ratio": secs / base, "note": note, "warmup_s": warm,
+                         "ghost_conv_choices": res.extra.get("ghost_conv_choices"),
+                         "profile": [{k: r[k] for k in ("t", "gv", "gv_se", "mean_grad_sq")} for r in res.rows]})
+    except KeyboardInterrupt:  # a time limit (timeout --signal=INT): report what finished
+        interrupted = method
+        print(f"interrupted during {method}: the table has the methods that finished")
 
     # agreement of the per-sample-exact methods on the same draws (same generator seed)
     ref = results.get("exact")
     checks = {}
     if ref is not None:
-        for m in ("ghost", "ghost-unfold", "naive"):
-            if m in results:
+        for m in results:
+            if m.startswith("ghost") or m == "naive":
                 k = len(results[m].rows)
                 a, b = ref.gv[:k], results[m].gv[:k]
                 checks[m] = float(abs(a - b).max() / abs(a).max())
@@ -184,7 +200,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": desc, "device": dev_name, "samples": n, "times": args.times, "baseline_s": base,
-                       "rows": rows, "agreement": checks, "torch": torch.__version__}, f, indent=2)
+                       "rows": rows, "agreement": checks, "torch": torch.__version__,
+                       "interrupted_during": interrupted}, f, indent=2)
     return 0
 
 

@@ -165,7 +165,7 @@ def test_ghost_equals_exact_mlp(chunk):
     assert g.fallback_modules == []
 
 
-@pytest.mark.parametrize("conv", ["grouped", "unfold"])
+@pytest.mark.parametrize("conv", ["grouped", "unfold", "auto"])
 def test_ghost_equals_exact_convnet(conv):
     torch.manual_seed(0)
     net = SmallConvNet().double()
@@ -180,7 +180,7 @@ def test_ghost_equals_exact_convnet(conv):
     torch.testing.assert_close(g.group_gv, e.group_gv, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("conv", ["grouped", "unfold"])
+@pytest.mark.parametrize("conv", ["grouped", "unfold", "auto"])
 def test_ghost_equals_exact_tiny_unet(conv):
     unet = pytest.importorskip("flowprobe.nets.unet")
     torch.manual_seed(0)
@@ -201,6 +201,42 @@ def test_ghost_conv_rule_is_checked():
     t, x, u = batch(n=4)
     with pytest.raises(ValueError, match="grouped"):
         per_sample_grad_stats(net, t, x, u, "ghost", ghost_conv="fft")
+
+
+@pytest.mark.parametrize("slow", ["grouped", "unfold"])
+def test_auto_conv_rule_keeps_the_faster_rule_per_layer_shape(monkeypatch, slow):
+    """"auto" times both rules on the first pass and keeps the faster: slowing one rule down by 20 ms per call
+    must make every convolution layer shape choose the other, and the numbers stay those of exact."""
+    import time
+
+    from flowprobe.probes import ghost
+
+    real = ghost._CONV_FNS[slow]
+
+    def slowed(*args):
+        time.sleep(0.02)
+        return real(*args)
+
+    monkeypatch.setitem(ghost._CONV_FNS, slow, slowed)
+    monkeypatch.setattr(ghost, "_CHOICES", {})
+    torch.manual_seed(0)
+    net = SmallConvNet().double()
+    t, x, u = batch(n=6, shape=(3, 8, 8))
+    with pytest.warns(UserWarning, match="SmallConvNet"):
+        g = per_sample_grad_stats(net, t, x, u, "ghost", ghost_conv="auto")
+    choices = ghost.conv_rule_choices()
+    n_conv = sum(isinstance(m, (nn.Conv1d, nn.Conv2d)) for m in net.modules())
+    assert 1 <= len(choices) <= n_conv
+    other = "unfold" if slow == "grouped" else "grouped"
+    assert set(choices.values()) == {other}
+    e = per_sample_grad_stats(net, t, x, u, "exact")
+    torch.testing.assert_close(g.sq_norms, e.sq_norms, rtol=1e-10, atol=1e-10)
+    # a second pass reuses the choices: no new timing, so the slowed rule is never called again
+    calls = []
+    monkeypatch.setitem(ghost._CONV_FNS, slow, lambda *a: calls.append(1) or real(*a))
+    with pytest.warns(UserWarning):
+        per_sample_grad_stats(net, t, x, u, "ghost", ghost_conv="auto")
+    assert calls == []
 
 
 def test_variance_is_centred_and_robust_to_a_mismatched_mean_gradient():

@@ -310,6 +310,14 @@ sample: {{n: 16, steps: 3, grid: 9}}
     assert prof["step"] == 5 and prof["weights"] == "ema" and [r["t"] for r in prof["rows"]] == [0.2, 0.8]
     assert all(r["gv"] > 0 and math.isfinite(r["gv"]) for r in prof["rows"])
     assert prof["path"]["sigma"] == 0.05
+    # the ghost method with a forced convolution rule on the same checkpoint: same variance as exact
+    probe2 = tmp_path / "gv-ghost"
+    assert main(["probe", "gradvar", str(run), "--times", "0.2:0.8:2", "--samples", "4", "--out", str(probe2),
+                 "--device", "cpu", "--no-progress", "--method", "ghost", "--ghost-conv", "unfold"]) == 0
+    (ghost,) = json.loads((probe2 / "gradvar.json").read_text())["profiles"]
+    assert ghost["ghost_conv"] == "unfold" and ghost["method"] == "ghost"
+    for a, b in zip(ghost["rows"], prof["rows"]):
+        assert a["gv"] == pytest.approx(b["gv"], rel=1e-4)
 
 
 def test_image_configs_in_the_repository_load():

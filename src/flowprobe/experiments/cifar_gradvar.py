@@ -25,6 +25,7 @@ from ..io import write_json
 from ..couplings import GaussianSampler, IndependentCoupling, SwappedCoupling
 from ..data.images import ImageSampler, load_images, to_tensor
 from ..paths import make_path
+from ..probes.ghost import CONV_RULES
 from .celeba import ImageModelConfig, ImageTrainOptions, model_spec, resolve_precision, train_image_flow
 from .registry import experiment
 
@@ -48,6 +49,7 @@ class CifarGradvarConfig(ImageTrainOptions):
     gv_samples: int = option(256, ge=2, help="per-sample gradients per time")
     gv_method: str = option("exact", choices=("exact", "naive", "microbatch", "ghost"))
     gv_chunk: int = option(64, ge=1)
+    gv_ghost_conv: str = option("auto", choices=CONV_RULES, help="gv_method ghost: the convolution rule")
     gv_reduction: str = option("sum", choices=("sum", "mean"), help="per-sample loss of the probe")
     forward_peak_min: float = option(0.8, help="criterion: forward argmax_t GV >= this")
     backward_peak_max: float = option(0.2, help="criterion: backward argmax_t GV <= this")
@@ -99,7 +101,8 @@ def run(cfg: CifarGradvarConfig, ctx) -> dict:
             gen = torch.Generator(device=dev).manual_seed(ctx.seed * 1_000_003 + 501 + k)
             res = gradient_variance(net, make_path(float(sigma), "constant"), forward, cfg.times,
                                     n_samples=cfg.gv_samples, method=cfg.gv_method, chunk_size=cfg.gv_chunk,
-                                    generator=gen, reduction=cfg.gv_reduction, direction=direction, device=dev)
+                                    generator=gen, reduction=cfg.gv_reduction, direction=direction, device=dev,
+                                    ghost_conv=cfg.gv_ghost_conv)
             gv_s = time.perf_counter() - t1
             gv = [float(v) for v in res.gv]
             tail = state.losses[-min(len(state.losses), 100):]

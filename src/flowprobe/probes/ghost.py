@@ -14,7 +14,9 @@ the per-sample weight gradients B_i^T A_i are materialised by the convolution we
 once over all samples as a grouped convolution (groups = samples x conv groups): the same work as the
 weight gradient of an ordinary backward pass, sub-batched so memory stays bounded. The alternative rule
 ``conv_rule="unfold"`` copies the im2col rows instead and treats the convolution as the Linear above
-(batched matmuls, Gram form when cheaper); which is faster depends on the hardware.
+(batched matmuls, Gram form when cheaper); which is faster depends on the hardware and the layer's shape,
+so ``conv_rule="auto"`` times both once per layer shape (the first time it meets it) and keeps the faster,
+as cuDNN's autotuner does for convolution algorithms (:func:`conv_rule_choices` lists the choices).
 GroupNorm / LayerNorm affine parameters have per-sample gradients sum over positions of B_i * xhat_i
 (weight) and B_i (bias), with xhat the normalised input; these are small and materialised.
 
@@ -31,6 +33,7 @@ warning names those module types.
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import torch
@@ -39,11 +42,14 @@ from torch import Tensor, nn
 
 from ..objectives import squared_error
 
-__all__ = ["run_ghost", "ghost_plan", "GHOST_TYPES", "CONV_RULES"]
+__all__ = ["run_ghost", "ghost_plan", "GHOST_TYPES", "CONV_RULES", "conv_rule_choices", "reset_conv_rule_choices"]
 
 GHOST_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
-#: How per-sample convolution weight gradients are formed (see :func:`run_ghost`).
-CONV_RULES = ("grouped", "unfold")
+#: How per-sample convolution weight gradients are formed (see :func:`run_ghost`); "auto" times the others.
+CONV_RULES = ("grouped", "unfold", "auto")
+#: The rules "auto" chooses from, and its choices so far: {layer-shape key: rule}.
+_TIMED_RULES = ("grouped", "unfold")
+_CHOICES: dict[tuple, str] = {}
 #: Elements of the largest temporary a ghost computation builds at once (per module, per sub-batch).
 _BUDGET = 1 << 26
 
@@ -183,10 +189,59 @@ def _module_sq_dot(mod: nn.Module, acts: list[Tensor], grads: dict[int, Tensor],
         return out
 
     if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
-        if conv_rule == "unfold":
-            return _conv_unfold_sq_dot(mod, calls, names, ref, m, dtype)
-        return _conv_sq_dot(mod, calls, names, ref, m, dtype)
+        if conv_rule == "auto":
+            conv_rule = _tuned_rule(mod, calls, names, ref, m, dtype)
+        return _CONV_FNS[conv_rule](mod, calls, names, ref, m, dtype)
     return _linear_sq_dot(mod, calls, names, ref, m, dtype)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _rule_key(mod, calls, names, m, dtype) -> tuple:
+    """What the speed of a convolution rule depends on: the layer's hyper-parameters, the shapes of its
+    inputs and output gradients (all calls), the sub-batch, dtype and device."""
+    return (type(mod).__name__, tuple(mod.weight.shape), tuple(mod.stride), _conv_padding(mod), tuple(mod.dilation),
+            mod.groups, tuple((tuple(a.shape[1:]), tuple(b.shape[1:])) for a, b in calls), m, tuple(sorted(names)),
+            str(dtype), str(calls[0][0].device))
+
+
+def _tuned_rule(mod, calls, names, ref, m, dtype, repeat: int = 2) -> str:
+    """The faster of :data:`_TIMED_RULES` for this layer shape: each rule is run once to warm up (cuDNN
+    autotuning, allocator), then timed ``repeat`` times (best of); the choice is cached for the process."""
+    key = _rule_key(mod, calls, names, m, dtype)
+    rule = _CHOICES.get(key)
+    if rule is None:
+        dev = calls[0][0].device
+        best = {}
+        for r in _TIMED_RULES:
+            _CONV_FNS[r](mod, calls, names, ref, m, dtype)
+            for _ in range(repeat):
+                _sync(dev)
+                start = time.perf_counter()
+                _CONV_FNS[r](mod, calls, names, ref, m, dtype)
+                _sync(dev)
+                best[r] = min(best.get(r, float("inf")), time.perf_counter() - start)
+        rule = _CHOICES[key] = min(best, key=best.get)
+    return rule
+
+
+def conv_rule_choices() -> dict[str, str]:
+    """The rules ``conv_rule="auto"`` has chosen so far in this process, {description of the layer shape: rule}."""
+    out = {}
+    for key, rule in _CHOICES.items():
+        kind, w, stride, _, _, groups, shapes, m, _, dtype, dev = key
+        out[f"{kind} w{list(w)} s{list(stride)} g{groups} in{list(shapes[0][0])} x{m} {dtype} {dev}"] = rule
+    return out
+
+
+def reset_conv_rule_choices() -> None:
+    """Forget the choices of ``conv_rule="auto"`` (the next pass times the rules again)."""
+    _CHOICES.clear()
 
 
 def _rows_sq_dot(layouts, wref: Tensor, m: int, per_sample: int) -> tuple[Tensor, Tensor]:
@@ -295,6 +350,9 @@ def _conv_unfold_sq_dot(mod, calls, names, ref, m, dtype):
     return _conv_bias(calls, names, ref, m, out)
 
 
+_CONV_FNS = {"grouped": _conv_sq_dot, "unfold": _conv_unfold_sq_dot}
+
+
 def run_ghost(net, params, t, x, u, reduction, chunk_size, mom, conv_rule: str = "grouped") -> tuple[Tensor, list[str]]:
     """The ghost-norm pass of :func:`flowprobe.probes.gradvar.per_sample_grad_stats`.
 
@@ -302,8 +360,9 @@ def run_ghost(net, params, t, x, u, reduction, chunk_size, mom, conv_rule: str =
     gradient) and, per covered parameter, ||g_i||^2 and g_i . g_ref; fallback parameters go through
     ``torch.func``. g_ref (the mean gradient, for the SE) comes from the same pass when the n samples fit
     in one chunk, else from one ordinary chunked backward pass first. ``conv_rule`` (one of
-    ``CONV_RULES``): per-sample convolution weight gradients by one grouped convolution ("grouped") or by
-    im2col and batched matmuls ("unfold"); the numbers agree, the speed depends on the hardware.
+    ``CONV_RULES``): per-sample convolution weight gradients by one grouped convolution ("grouped"), by
+    im2col and batched matmuls ("unfold"), or by whichever of the two is faster for each layer shape, timed
+    the first time the shape is met ("auto"); the numbers agree, the speed depends on the hardware.
     Returns (losses, fallback types).
     """
     if conv_rule not in CONV_RULES:

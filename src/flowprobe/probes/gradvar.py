@@ -60,6 +60,7 @@ from torch import Tensor, nn
 from ..couplings import Pairing
 from ..objectives import REDUCTIONS, CFMObjective, cfm_sample_loss, squared_error
 from ..paths import Path
+from .ghost import CONV_RULES
 
 __all__ = [
     "METHODS", "GradStats", "GradVarResult", "gradient_variance", "per_sample_grad_stats", "parse_times",
@@ -394,7 +395,7 @@ def _run_microbatch(net, params, t, x, u, reduction, chunk_size, micro_batch_siz
 
 def per_sample_grad_stats(net: nn.Module, t: Tensor | float, x_t: Tensor, u_t: Tensor, method: str = "exact", *,
                           chunk_size: int = 64, reduction: str = "sum", groups="layer", micro_batch_size: int = 8,
-                          train_mode: bool = False, ghost_conv: str = "grouped") -> GradStats:
+                          train_mode: bool = False, ghost_conv: str = "auto") -> GradStats:
     """Gradient variance of the CFM loss over a batch the caller already has.
 
     ``t``: a scalar or a tensor of shape (n,) (per-sample times, e.g. t ~ U(0, 1)); ``x_t``, ``u_t``: (n, ...).
@@ -402,8 +403,9 @@ def per_sample_grad_stats(net: nn.Module, t: Tensor | float, x_t: Tensor, u_t: T
     GV = tr Cov(g) = (sum_i ||g_i||^2 - n ||g_bar||^2) / (n - 1), ||g_bar||^2 and their SEs, in total and
     per group (see :func:`resolve_groups`), by ``method`` in ``METHODS`` (module docstring).
     The network is evaluated in eval mode unless ``train_mode`` (its mode is restored afterwards).
-    ``ghost_conv``: how the ghost method forms per-sample convolution weight gradients ("grouped" or
-    "unfold", :data:`flowprobe.probes.ghost.CONV_RULES`); the numbers agree, the speed is hardware-dependent.
+    ``ghost_conv``: how the ghost method forms per-sample convolution weight gradients: "grouped",
+    "unfold", or "auto" (the faster of the two for each layer shape, timed once per process;
+    :data:`flowprobe.probes.ghost.CONV_RULES`); the numbers agree to rounding, the speed is hardware-dependent.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -510,7 +512,7 @@ def gradient_variance(net: nn.Module, path: Path, sampler, times, n_samples: int
                       chunk_size: int = 64, generator: torch.Generator | None = None, reduction: str = "sum",
                       groups="layer", direction: str = "forward", oracle_loss: Callable[[float], float] | None = None,
                       device=None, progress: bool = False, *, micro_batch_size: int = 8,
-                      train_mode: bool = False, ghost_conv: str = "grouped") -> GradVarResult:
+                      train_mode: bool = False, ghost_conv: str = "auto") -> GradVarResult:
     """Gradient variance of the CFM loss as a function of t.
 
     At each time t of ``times`` (see :func:`parse_times`), draw n = ``n_samples`` pairs from ``sampler``
@@ -528,6 +530,8 @@ def gradient_variance(net: nn.Module, path: Path, sampler, times, n_samples: int
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if n_samples < 2:
         raise ValueError(f"n_samples must be >= 2, got {n_samples}")
+    if ghost_conv not in CONV_RULES:
+        raise ValueError(f"ghost_conv must be one of {CONV_RULES}, got {ghost_conv!r}")
     if device is None:
         p = next(net.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
@@ -582,6 +586,12 @@ def gradient_variance(net: nn.Module, path: Path, sampler, times, n_samples: int
         extra["sampler"] = sampler.describe()
     if method == "microbatch":
         extra["micro_batch_size"] = micro_batch_size
+    if method == "ghost":
+        extra["ghost_conv"] = ghost_conv
+        if ghost_conv == "auto":
+            from .ghost import conv_rule_choices
+
+            extra["ghost_conv_choices"] = conv_rule_choices()
     if bins is not None:
         extra["times"] = times
     return GradVarResult(rows=rows, method=method, reduction=reduction, path=desc, n_samples=n_samples,
@@ -659,7 +669,8 @@ def _override_path(path: Path, sigma: float | None, schedule: str | None) -> Pat
 def probe_gradvar_cli(targets: Sequence[ProbeTarget], out, *, times="0:1:21", samples: int = 256,
                       method: str = "exact", directions: Sequence[str] = ("forward",), sigma: float | None = None,
                       schedule: str | None = None, chunk_size: int = 64, micro_batch_size: int = 8,
-                      groups="layer", reduction: str = "sum", seed: int = 0, progress: bool = True) -> dict:
+                      groups="layer", reduction: str = "sum", seed: int = 0, progress: bool = True,
+                      ghost_conv: str = "auto") -> dict:
     """Profile every target in every direction and write ``out/gradvar.json`` and ``out/gradvar.png``.
 
     Every profile uses a generator seeded with ``seed`` (on the sampler's device), so several
@@ -685,7 +696,8 @@ def probe_gradvar_cli(targets: Sequence[ProbeTarget], out, *, times="0:1:21", sa
             gen = torch.Generator(device=_infer_device(target.sampler)).manual_seed(seed)
             res = gradient_variance(target.net, path, target.sampler, times, n_samples=samples, method=method,
                                     chunk_size=chunk_size, generator=gen, reduction=reduction, groups=groups,
-                                    direction=direction, progress=progress, micro_batch_size=micro_batch_size)
+                                    direction=direction, progress=progress, micro_batch_size=micro_batch_size,
+                                    ghost_conv=ghost_conv)
             label = target.label if len(directions) == 1 else f"{target.label} ({direction})"
             taken = {lab for lab, _ in profiles}
             if label in taken:
@@ -710,7 +722,8 @@ def _cli(args) -> int:
     doc = probe_gradvar_cli(targets, args.out, times=args.times, samples=args.samples, method=args.method,
                             directions=directions, sigma=args.sigma, schedule=args.schedule,
                             chunk_size=args.chunk_size, micro_batch_size=args.micro_batch_size, groups=args.groups,
-                            reduction=args.reduction, seed=args.seed, progress=not args.no_progress)
+                            reduction=args.reduction, seed=args.seed, progress=not args.no_progress,
+                            ghost_conv=args.ghost_conv)
     for p in doc["profiles"]:
         peak = max(p["rows"], key=lambda r: r["gv"] or 0.0)
         print(f"{p['label']}: GV peaks at t = {peak['t']:.3g} ({peak['gv']:.4g} +- {peak['gv_se']:.2g})")
@@ -738,6 +751,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--schedule", default=None, choices=("constant", "bridge"), help="override the noise schedule")
     p.add_argument("--chunk-size", type=int, default=64, help="samples per vmap / backward chunk (memory)")
     p.add_argument("--micro-batch-size", type=int, default=8, help="micro-batch size m for --method microbatch")
+    p.add_argument("--ghost-conv", default="auto", choices=CONV_RULES,
+                   help="--method ghost: per-sample conv weight gradients by grouped convolution, im2col matmuls, "
+                        "or the faster of the two per layer shape (auto, the default)")
     p.add_argument("--groups", default="layer", choices=("layer", "block", "all"), help="per-group breakdown")
     p.add_argument("--reduction", default="sum", choices=REDUCTIONS, help="loss over dimensions (default sum)")
     p.add_argument("--seed", type=int, default=0)
