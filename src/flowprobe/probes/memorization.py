@@ -16,7 +16,8 @@ other. The same quantities for held-out real images are the reference level of a
 Distances are Euclidean over flattened samples, found with a chunked float32 matmul
 ||q||^2 + ||p||^2 - 2 q.p (on the queries' device, so the GPU when they live there; TF32 is switched
 off for it), then the best candidates are re-ranked with distances recomputed directly as
-sqrt(sum (q - p)^2) accumulated in float64, so an exact copy gives distance 0, not a rounding residue.
+sqrt(sum (q - p)^2) (float32, or float64 for float64 queries), free of that formula's cancellation, so an
+exact copy gives distance 0, not a rounding residue.
 
 Pairs files. :func:`save_pairs` / :func:`load_pairs` read and write the ``.safetensors`` format used by
 ``flowprobe probe memorization``: tensors ``x0`` (N, ...) float32 sources and ``x1`` (N, ...) targets
@@ -66,8 +67,9 @@ def nearest_neighbours(queries: Tensor, pool: Tensor, k: int = 1, chunk_size: in
     """Euclidean k nearest neighbours of each query row in ``pool`` (flattened samples), chunked over
     queries so memory stays at chunk_size x N. Returns (distances, indices), each (Q, k), ascending.
 
-    Candidates come from float32 matmul distances; the best min(N, k + 8) are re-ranked with exact
-    direct distances (float64 accumulation), which are the distances returned.
+    Candidates come from float32 matmul distances (||q||^2 + ||p||^2 - 2 q.p, which loses digits to
+    cancellation when a distance is small beside the norms, e.g. for a copy); the best min(N, k + 8) are
+    re-ranked with direct distances ||q - p|| (no cancellation), which are the distances returned.
     """
     if k < 1 or k > pool.shape[0]:
         raise ValueError(f"k must be in [1, {pool.shape[0]}] (the pool size), got {k}")
@@ -75,6 +77,8 @@ def nearest_neighbours(queries: Tensor, pool: Tensor, k: int = 1, chunk_size: in
     p = _flat(pool).to(q.device)
     out_dtype = q.dtype
     q32, p32 = q.float(), p.float()
+    # re-ranking precision: the queries' own for float64, float32 otherwise
+    q_re, p_re = (q, p.to(q.dtype)) if q.dtype == torch.float64 else (q32, p32)
     p_sq = p32.pow(2).sum(1)
     n_cand = min(p.shape[0], k + 8)
     dists, idxs = [], []
@@ -83,14 +87,15 @@ def nearest_neighbours(queries: Tensor, pool: Tensor, k: int = 1, chunk_size: in
             qc = q32[s:s + chunk_size]
             d2 = qc.pow(2).sum(1, keepdim=True) + p_sq[None, :] - 2 * qc @ p32.T
             _, cand = torch.topk(d2, n_cand, dim=1, largest=False)
-            exact = torch.empty(cand.shape, dtype=torch.float64, device=q.device)
-            sub = max(1, (1 << 23) // max(1, n_cand * q.shape[1]))
-            q_rows = q[s:s + chunk_size]
+            exact = torch.empty(cand.shape, dtype=q_re.dtype, device=q.device)
+            sub = max(1, (1 << 24) // max(1, n_cand * q.shape[1]))
+            q_rows = q_re[s:s + chunk_size]
             for r in range(0, cand.shape[0], sub):
-                diff = q_rows[r:r + sub, None, :].double() - p[cand[r:r + sub]].double()
-                exact[r:r + sub] = diff.pow(2).sum(-1)
+                # direct differences: no cancellation, so float32 gives ~1e-7 relative accuracy
+                diff = q_rows[r:r + sub, None, :] - p_re[cand[r:r + sub]]
+                exact[r:r + sub] = torch.linalg.vector_norm(diff, dim=-1)
             d, order = torch.topk(exact, k, dim=1, largest=False)
-            dists.append(d.sqrt().to(out_dtype))
+            dists.append(d.to(out_dtype))
             idxs.append(torch.gather(cand, 1, order))
     return torch.cat(dists), torch.cat(idxs)
 
