@@ -10,6 +10,9 @@
 #                        evaluation); ~9 min
 #          cifar-sigma05 cifar-gradvar, sigma = 0.05, forward and backward side by side, 2500 steps each (the
 #                        sigma = 0 fields were run at 2500 steps on 2026-11-23); ~6-8 min
+#          steps         benchmarks/train_step.py on the experiments' own nets (cifar10-64, celeba64; batch 128):
+#                        eager fp32 / tf32 / bf16 / bf16 + channels_last, and compiled with CUDA graphs; ~5 min.
+#                        Decides which precision and layout "auto" should mean for eager image training
 #          gvbench       the CIFAR-10 UNet gradient-variance benchmark alone on the GPU (ghost with the auto
 #                        rule and with each convolution rule forced, naive, exact; ~5 min): re-measures ghost
 #                        vs exact after the centred-variance change, and grouped vs im2col weight gradients
@@ -98,6 +101,14 @@ case "$MODE" in
     wait
     for dir in forward backward; do echo "== $dir"; grep -v -i warn "$RESULTS/cifar-gradvar-$dir-sigma0.05/log.txt" | tail -n 6; done
     ;;
+  steps)
+    mkdir -p "$RESULTS/train-step"
+    for net in cifar10-64 celeba64; do
+      timeout --signal=INT 280 python benchmarks/train_step.py --net "$net" --device "${DEVICE:-cuda}" \
+        --variants ours-fp32,ours-tf32,ours-bf16,ours-bf16-cl,ours-bf16-cl-compile-cudagraphs \
+        --json "$RESULTS/train-step/$net.json" ${BENCH_EXTRA:-} 2>&1 | grep -v -i warn | tee "$RESULTS/train-step/$net.txt"
+    done
+    ;;
   gvbench)
     mkdir -p "$RESULTS/gradvar-bench"
     timeout --signal=INT 330 python benchmarks/gradvar.py --model unet --device "${DEVICE:-cuda}" --repeat 1 \
@@ -132,7 +143,7 @@ case "$MODE" in
     run 120 smoke-cifar-gradvar cifar-gradvar --set steps=100 --set gv_samples=64 --set n_train=5000
     ;;
   *)
-    echo "unknown mode '$MODE'; choose pairs, pairs-rest, cifar-sigma05, gvbench, reflow, pairs-sigmas, pairs-n5000, cifar, smoke, compile-smoke, gvbench-cifar or sweep32" >&2
+    echo "unknown mode '$MODE'; choose pairs, pairs-rest, cifar-sigma05, steps, gvbench, reflow, pairs-sigmas, pairs-n5000, cifar, smoke, compile-smoke, gvbench-cifar or sweep32" >&2
     exit 2
     ;;
 esac

@@ -42,6 +42,13 @@ FULL = dict(image_size=32, model_channels=128, channel_mult=(1, 2, 2, 2), num_re
             num_head_channels=64)
 TINY = dict(image_size=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
             num_head_channels=32)
+#: --net: the benchmark's network (``cifar10``, the torchcfm comparison), the nets the image experiments
+#: train by default (no dropout): ``cifar10-64`` (cifar-gradvar) and ``celeba64`` (celeba-pairs / -reflow),
+#: and ``tiny`` (a CPU smoke test). torchcfm's side runs only for cifar10 and tiny, whose shapes it mirrors.
+NETS = {"cifar10": FULL, "tiny": TINY,
+        "cifar10-64": dict(FULL, model_channels=64, dropout=0.0),
+        "celeba64": dict(image_size=64, model_channels=64, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
+                         attention_resolutions=(16,), num_head_channels=64, use_scale_shift_norm=True, dropout=0.0)}
 VARIANTS = ("torchcfm-fp32", "ours-fp32", "ours-tf32", "ours-bf16", "ours-bf16-cl", "ours-bf16-cl-compile",
             "ours-bf16-cl-compile-cudagraphs")
 LR, WARMUP, EMA_DECAY, CLIP = 2e-4, 5000, 0.9999, 1.0
@@ -104,7 +111,7 @@ def cfm_loss(net: nn.Module, x1: torch.Tensor) -> torch.Tensor:
 
 def ours_step_fn(cfg: dict, device: torch.device, precision: str, channels_last: bool, compile: bool,
                  cudagraphs: bool):
-    net = UNet(dropout=0.1, use_scale_shift_norm=False, **cfg)
+    net = UNet(**{"dropout": 0.1, "use_scale_shift_norm": False, **cfg})
     net = prepare_model(net, device, channels_last=channels_last)
     ema = make_ema(net)
     opt = make_optimizer(net.parameters(), lr=LR, kind="adam")
@@ -173,7 +180,7 @@ def flops_per_image(cfg: dict, device: torch.device, batch: int) -> float:
     """Model FLOPs of one forward + backward pass per image, by FlopCounterMode (fp32 eager)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    net = UNet(dropout=0.1, use_scale_shift_norm=False, **cfg).to(device)
+    net = UNet(**{"dropout": 0.1, "use_scale_shift_norm": False, **cfg}).to(device)
     side = cfg["image_size"]
     x = torch.randn(batch, 3, side, side, device=device)
     t = torch.rand(batch, device=device)
@@ -191,6 +198,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="a small UNet on 16x16 images (CPU smoke test)")
+    parser.add_argument("--net", default=None, choices=sorted(NETS),
+                        help="network (default cifar10; --tiny means tiny): cifar10-64 and celeba64 are the nets "
+                             "of the image experiments")
     parser.add_argument("--batch-size", type=int, default=None, help="default 128 (16 with --tiny)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 50, 5 with --tiny)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per variant (default 10, 2 --tiny)")
@@ -202,7 +212,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    cfg = TINY if args.tiny else FULL
+    net_name = args.net or ("tiny" if args.tiny else "cifar10")
+    cfg = NETS[net_name]
+    args.tiny = net_name == "tiny"
     batch = args.batch_size or (16 if args.tiny else 128)
     steps = args.steps or (5 if args.tiny else 50)
     warmup = args.warmup if args.warmup is not None else (2 if args.tiny else 10)
@@ -219,7 +231,7 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     flops = flops_per_image(cfg, device, min(batch, 8))
     print(f"device: {gpu}; torch {torch.__version__}; batch {batch}; {warmup} warm-up + {steps} timed steps; "
-          f"config {'tiny' if args.tiny else 'cifar10'}")
+          f"net {net_name}")
     print(f"model FLOPs per image (forward + backward, FlopCounterMode): {flops / 1e9:.2f} GFLOP")
 
     side = cfg["image_size"]
@@ -239,6 +251,9 @@ def main(argv=None) -> int:
         else:
             configure_backends("tf32", cudnn_benchmark=args.cudnn_benchmark)  # TF32 matmuls and convolutions
         if name == "torchcfm-fp32":
+            if net_name not in ("cifar10", "tiny"):
+                print(f"{name}: skipped (torchcfm's side mirrors only the cifar10 and tiny nets)")
+                continue
             try:
                 net, step = torchcfm_step_fn(cfg, device)
             except ImportError as err:
@@ -272,7 +287,7 @@ def main(argv=None) -> int:
     if args.json:
         from flowprobe.io import write_json
 
-        write_json(args.json, dict(device=gpu, torch=torch.__version__, batch=batch, steps=steps, warmup=warmup,
+        write_json(args.json, dict(device=gpu, net=net_name, torch=torch.__version__, batch=batch, steps=steps, warmup=warmup,
                                    flops_per_image=flops, peak_tflops=args.peak_tflops, results=results))
     return 0
 
