@@ -406,6 +406,8 @@ def per_sample_grad_stats(net: nn.Module, t: Tensor | float, x_t: Tensor, u_t: T
     ``ghost_conv``: how the ghost method forms per-sample convolution weight gradients: "grouped",
     "unfold", or "auto" (the faster of the two for each layer shape, timed once per process;
     :data:`flowprobe.probes.ghost.CONV_RULES`); the numbers agree to rounding, the speed is hardware-dependent.
+    Since "auto" decides by timing, two processes may choose differently and differ in the last digits;
+    name a rule for bitwise-repeatable numbers.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
