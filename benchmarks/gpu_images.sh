@@ -31,8 +31,10 @@
 # DEVICE (default cuda) and EXTRA (arguments appended to every command) allow a CPU dry run of the
 # script itself, e.g.  DEVICE=cpu EXTRA="--quick --set steps=20 --set curve_every=10" bash benchmarks/gpu_images.sh
 #
-# Each mode is one invocation of at most ~9 minutes (every command has its own timeout), ordered by
-# importance: run `pairs` first. Budgets come from step times measured on an H100 inside `fit` (bf16
+# Each mode is one invocation of at most ~9 minutes (every command has its own timeout). `pairs` ran on
+# 2026-11-23; left, in order: compile-smoke (~4 min; if CUDA graphs work inside fit, add
+# EXTRA="--set compile=reduce-overhead" to the long runs), gvbench (~5 min), pairs-rest, cifar-sigma05,
+# steps, reflow. Budgets come from step times measured on an H100 inside `fit` (bf16
 # autocast, batch 128, eager): celeba64 UNet (9.6M parameters) at 64x64 ~105 ms/step, cifar10 UNet at
 # 64 channels (9.0M) at 32x32 ~88 ms/step (2026-11-23). Both appear bound by the host's kernel launches
 # rather than the GPU (the larger image costs little more), which is why two runs side by side on one
