@@ -125,6 +125,24 @@ def test_cifar_gradvar_tiny_pipeline(tmp_path):
     assert len(res["criteria"]) == 4 and (tmp_path / "out" / "gradvar.png").is_file()
 
 
+def test_cifar_gradvar_residual_probe(tmp_path):
+    """The residual probe: at each t, actual / white / image residuals of equal per-sample norms (so equal
+    mean squared norms), each with a positive gain, in results and in the report."""
+    src = _tar(tmp_path / "train.tar.gz", 20, 8, classes=["a", "b"], seed=2)
+    res = run_experiment("cifar-gradvar", tmp_path / "out", device="cpu", verbose=False, overrides=[
+        f"dataset={src}", "resolution=8", "steps=5", "batch_size=8", "times=[0.1, 0.9]", "gv_samples=6",
+        "gv_chunk=3", "directions=[backward]", "sigmas=[0.0]", "residual_probe=true", "gv_method=ghost", *TINY_MLP])
+    (run,) = res["runs"]
+    assert [g["t"] for g in run["residual_gain"]] == [0.1, 0.9]
+    for g in run["residual_gain"]:
+        sq = g["actual"]["sq_norm"]
+        assert sq > 0 and g["white"]["sq_norm"] == pytest.approx(sq, rel=1e-5)
+        assert g["image"]["sq_norm"] == pytest.approx(sq, rel=1e-5)
+        assert all(g[k]["gain"] > 0 and g[k]["gain"] == pytest.approx(g[k]["gv"] / g[k]["sq_norm"])
+                   for k in ("actual", "white", "image"))
+    assert "Gain GV / mean ||r||^2" in (tmp_path / "out" / "report.md").read_text()
+
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_celeba = pytest.mark.skipif(not (SHARED / "celeba" / "images.tar.gz").is_file(), reason="no shared CelebA")
 needs_cifar = pytest.mark.skipif(not (SHARED / "cifar10" / "train.tar.gz").is_file(), reason="no shared CIFAR-10")

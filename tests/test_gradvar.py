@@ -452,3 +452,38 @@ def test_cli_from_a_training_checkpoint(tmp_path):
     doc = read_json(out / "gradvar.json")
     assert doc["profiles"][0]["step"] == 5 and doc["profiles"][0]["method"] == "ghost"
     assert main(["probe", "gradvar", str(run), "--times", "nonsense", "--out", str(out), "--device", "cpu"]) == 2
+
+
+class _LinearField(nn.Module):
+    """v(t, x) = W x: per-sample gradients of ||W x - u||^2 are 2 (W x - u) x^T in closed form."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.lin = nn.Linear(d, d, bias=False)
+
+    def forward(self, t, x):
+        return self.lin(x)
+
+
+def test_residual_gain_matches_the_closed_form_of_a_linear_field():
+    from flowprobe.probes.gradvar import matched_residuals, residual_gain
+
+    torch.manual_seed(0)
+    d, n = 5, 12
+    net = _LinearField(d).double()
+    x = torch.randn(n, d, dtype=torch.float64)
+    actual = torch.randn(n, d, dtype=torch.float64) * torch.linspace(0.5, 2, n, dtype=torch.float64)[:, None]
+    white = torch.randn(n, d, dtype=torch.float64)
+    res = matched_residuals(actual, {"white": white})
+    torch.testing.assert_close(res["white"].norm(dim=1), actual.norm(dim=1))
+    out = residual_gain(net, 0.3, x, res, method="exact")
+    for name, r in res.items():
+        g = 2 * r[:, :, None] * x[:, None, :]  # (n, d_out, d_in): 2 r_i x_i^T
+        g = g.flatten(1)
+        gv = ((g - g.mean(0)).pow(2).sum(1)).sum() / (n - 1)
+        assert out[name]["gv"] == pytest.approx(float(gv), rel=1e-10)
+        assert out[name]["sq_norm"] == pytest.approx(float(r.pow(2).sum(1).mean()), rel=1e-12)
+        assert out[name]["gain"] == pytest.approx(float(gv) / float(r.pow(2).sum(1).mean()), rel=1e-10)
+    assert out["white"]["gv"] != pytest.approx(out["actual"]["gv"], rel=1e-3)  # direction matters, not only size
+    with pytest.raises(ValueError, match="reduction"):
+        residual_gain(net, 0.3, x, res, reduction="mean")

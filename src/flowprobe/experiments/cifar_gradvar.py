@@ -51,6 +51,8 @@ class CifarGradvarConfig(ImageTrainOptions):
     gv_chunk: int = option(64, ge=1)
     gv_ghost_conv: str = option("auto", choices=CONV_RULES, help="gv_method ghost: the convolution rule")
     gv_reduction: str = option("sum", choices=("sum", "mean"), help="per-sample loss of the probe")
+    residual_probe: bool = option(False, help="also measure the gain GV / loss of the actual residual, of white "
+                                  "noise and of image differences with the same per-sample norms, at each t")
     forward_peak_min: float = option(0.8, help="criterion: forward argmax_t GV >= this")
     backward_peak_max: float = option(0.2, help="criterion: backward argmax_t GV <= this")
 
@@ -104,12 +106,16 @@ def run(cfg: CifarGradvarConfig, ctx) -> dict:
                                     generator=gen, reduction=cfg.gv_reduction, direction=direction, device=dev,
                                     ghost_conv=cfg.gv_ghost_conv)
             gv_s = time.perf_counter() - t1
+            gains = (_residual_gains(net, make_path(float(sigma), "constant"), coupling, forward, cfg, gen, dev)
+                     if cfg.residual_probe else None)
             gv = [float(v) for v in res.gv]
             tail = state.losses[-min(len(state.losses), 100):]
             run_row = {"direction": direction, "sigma": float(sigma), "times": [float(v) for v in res.times],
                        "gv": gv, "gv_se": [float(v) for v in res.gv_se], "loss": [float(v) for v in res.loss],
                        "argmax_t": float(res.times[int(np.nanargmax(res.gv))]), "steps": cfg.steps,
                        "final_train_loss": sum(tail) / max(1, len(tail)), "train_s": train_s, "gv_s": gv_s}
+            if gains is not None:
+                run_row["residual_gain"] = gains
             runs.append(run_row)
             write_json(ctx.out / "partial.json", {"runs": runs})  # survives a timeout
             profiles.append((f"{direction} sigma={sigma:g}", res))
@@ -141,6 +147,13 @@ def run(cfg: CifarGradvarConfig, ctx) -> dict:
         ctx.table(f"GV(sigma=0.05) / GV(sigma=0), {direction} (no direction asserted)",
                   [{"t": t, "gv_sigma0": b, "gv_sigma0.05": n, "ratio": q}
                    for t, b, n, q in zip(base["times"], base["gv"], noisy["gv"], ratio)])
+    for r in runs:
+        if "residual_gain" in r:
+            ctx.table(f"Gain GV / mean ||r||^2 of residuals with the actual per-sample norms, {r['direction']} "
+                      f"sigma={r['sigma']:g} (actual = v - u; white = Gaussian noise; image = centred images)",
+                      [{"t": g["t"], "loss": g["actual"]["sq_norm"],
+                        **{f"gain_{k}": g[k]["gain"] for k in ("actual", "white", "image")},
+                        "image/white": g["image"]["gain"] / g["white"]["gain"]} for g in r["residual_gain"]])
     ctx.table("Gradient variance at the ends of the grid",
               [{"direction": r["direction"], "sigma": r["sigma"], "argmax_t": r["argmax_t"], "gv_first": r["gv"][0],
                 "gv_last": r["gv"][-1], "loss_first": r["loss"][0], "loss_last": r["loss"][-1],
@@ -151,3 +164,27 @@ def run(cfg: CifarGradvarConfig, ctx) -> dict:
              f"{cfg.gv_method} per-sample gradients, n = {cfg.gv_samples} per t, loss reduction "
              f"'{cfg.gv_reduction}', the net in eval mode; error bars are standard errors.")
     return {"runs": runs, "ratios": ratios, "model": spec, "precision": precision}
+
+
+def _residual_gains(net, path, coupling, forward, cfg, generator, device) -> list[dict]:
+    """Per t of the grid: :func:`flowprobe.probes.gradvar.residual_gain` of the actual residual v - u, of
+    white noise and of centred training images (``forward``'s targets, whatever the field's direction), each
+    rescaled to the actual per-sample norms."""
+    from ..objectives import CFMObjective
+    from ..probes.gradvar import matched_residuals, residual_gain
+
+    objective = CFMObjective(path, "sum")
+    rows = []
+    n = cfg.gv_samples
+    for t in cfg.times:
+        pairing = coupling.sample(n, generator)
+        tv, x_t, u_t = objective.draw(pairing, generator, torch.full((n,), float(t), device=device))
+        with torch.no_grad():
+            actual = net(tv, x_t) - u_t
+        white = torch.randn(x_t.shape, generator=generator, device=generator.device).to(device)
+        images = forward.sample(n, generator).x1.to(device)
+        images = images - images.mean(0, keepdim=True)
+        res = matched_residuals(actual, {"white": white, "image": images})
+        rows.append({"t": float(t), **residual_gain(net, tv, x_t, res, method=cfg.gv_method,
+                                                     chunk_size=cfg.gv_chunk, ghost_conv=cfg.gv_ghost_conv)})
+    return rows
