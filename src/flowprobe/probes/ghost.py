@@ -234,8 +234,9 @@ def conv_rule_choices() -> dict[str, str]:
     """The rules ``conv_rule="auto"`` has chosen so far in this process, {description of the layer shape: rule}."""
     out = {}
     for key, rule in _CHOICES.items():
-        kind, w, stride, _, _, groups, shapes, m, _, dtype, dev = key
-        out[f"{kind} w{list(w)} s{list(stride)} g{groups} in{list(shapes[0][0])} x{m} {dtype} {dev}"] = rule
+        kind, w, stride, pad, dil, groups, shapes, m, names, dtype, dev = key
+        out[f"{kind} w{list(w)} s{list(stride)} p{list(pad)} d{list(dil)} g{groups} in{[list(a) for a, _ in shapes]} "
+            f"x{m} {'+'.join(names)} {dtype} {dev}"] = rule
     return out
 
 
@@ -353,7 +354,7 @@ def _conv_unfold_sq_dot(mod, calls, names, ref, m, dtype):
 _CONV_FNS = {"grouped": _conv_sq_dot, "unfold": _conv_unfold_sq_dot}
 
 
-def run_ghost(net, params, t, x, u, reduction, chunk_size, mom, conv_rule: str = "grouped") -> tuple[Tensor, list[str]]:
+def run_ghost(net, params, t, x, u, reduction, chunk_size, mom, conv_rule: str = "auto") -> tuple[Tensor, list[str]]:
     """The ghost-norm pass of :func:`flowprobe.probes.gradvar.per_sample_grad_stats`.
 
     Per chunk: one forward and one backward of sum_i l_i with hooks give sum_i g_i (the ordinary batch
