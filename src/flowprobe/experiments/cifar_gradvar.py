@@ -101,13 +101,13 @@ def run(cfg: CifarGradvarConfig, ctx) -> dict:
             net = state.model.eval()
             t1 = time.perf_counter()
             gen = torch.Generator(device=dev).manual_seed(ctx.seed * 1_000_003 + 501 + k)
-            res = gradient_variance(net, make_path(float(sigma), "constant"), forward, cfg.times,
+            path = make_path(float(sigma), "constant")
+            res = gradient_variance(net, path, forward, cfg.times,
                                     n_samples=cfg.gv_samples, method=cfg.gv_method, chunk_size=cfg.gv_chunk,
                                     generator=gen, reduction=cfg.gv_reduction, direction=direction, device=dev,
                                     ghost_conv=cfg.gv_ghost_conv)
             gv_s = time.perf_counter() - t1
-            gains = (_residual_gains(net, make_path(float(sigma), "constant"), coupling, forward, cfg, gen, dev)
-                     if cfg.residual_probe else None)
+            gains = _residual_gains(net, path, coupling, forward, cfg, gen, dev) if cfg.residual_probe else None
             gv = [float(v) for v in res.gv]
             tail = state.losses[-min(len(state.losses), 100):]
             run_row = {"direction": direction, "sigma": float(sigma), "times": [float(v) for v in res.times],

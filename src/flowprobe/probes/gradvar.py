@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from ..couplings import Pairing
 from ..objectives import REDUCTIONS, CFMObjective, cfm_sample_loss, squared_error
 from ..paths import Path
-from .ghost import CONV_RULES
+from .ghost import CONV_RULES, conv_rule_choices
 
 __all__ = [
     "METHODS", "GradStats", "GradVarResult", "gradient_variance", "per_sample_grad_stats", "parse_times",
@@ -643,8 +643,6 @@ def gradient_variance(net: nn.Module, path: Path, sampler, times, n_samples: int
     if method == "ghost":
         extra["ghost_conv"] = ghost_conv
         if ghost_conv == "auto":
-            from .ghost import conv_rule_choices
-
             extra["ghost_conv_choices"] = conv_rule_choices()
     if bins is not None:
         extra["times"] = times
