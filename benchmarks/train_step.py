@@ -287,8 +287,8 @@ def main(argv=None) -> int:
     if args.json:
         from flowprobe.io import write_json
 
-        write_json(args.json, dict(device=gpu, net=net_name, torch=torch.__version__, batch=batch, steps=steps, warmup=warmup,
-                                   flops_per_image=flops, peak_tflops=args.peak_tflops, results=results))
+        write_json(args.json, dict(device=gpu, net=net_name, torch=torch.__version__, batch=batch, steps=steps,
+                                   warmup=warmup, flops_per_image=flops, peak_tflops=args.peak_tflops, results=results))
     return 0
 
 

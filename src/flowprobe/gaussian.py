@@ -341,6 +341,13 @@ class GaussianCoupling:
         """The marginal field as a callable ``field(t, x)`` (for :func:`flowprobe.solvers.integrate`)."""
         return lambda t, x: self.marginal_field(t, x, path)
 
+    def marginal_score(self, t: Tensor, x: Tensor, path: Path | None = None) -> Tensor:
+        """grad_x log p_t(x) = -C_xx^{-1} (x - E x_t), the score of the Gaussian marginal of x_t, batched over
+        t (B,) and x (B, d). Undefined where C_xx is singular (a deterministic coupling's crossing time)."""
+        m = self.moments(t.to(self.dtype).reshape(-1).expand(x.shape[0]), path)
+        diff = (x.to(self.dtype) - m["mean_x"]).unsqueeze(-1)
+        return (-torch.linalg.solve(m["C_xx"], diff)).squeeze(-1).to(x.dtype)
+
     def conditional_covariance(self, t: Tensor, path: Path | None = None) -> Tensor:
         """Cov(u_t | x_t) = C_uu - C_ux C_xx^+ C_xu, shape (T, d, d). The pseudo-inverse makes the formula exact
         also where x_t is degenerate (e.g. x_t = mu / 2 at t = 1/2 for the 180-degree pairing)."""

@@ -1,20 +1,33 @@
-"""ODE solvers for dx/dt = v(t, x), forward (0 -> 1) or backward (1 -> 0), counting evaluations.
+"""ODE and SDE solvers for a velocity field v(t, x), forward (0 -> 1) or backward (1 -> 0), counting evaluations.
 
-Fixed-step methods run over an explicit time grid t_0, ..., t_K (any monotone sequence, so the grid
-can go backward or be non-uniform); their orders are euler 1, midpoint 2, heun 2, rk4 4. ``dopri5``
-(adaptive, through torchdiffeq) uses ``atol`` / ``rtol``. Every result carries the number of function
-evaluations (nfe) that produced it, and optionally the trajectory at the grid times.
+ODE: dx/dt = v(t, x). Fixed-step methods run over an explicit time grid t_0, ..., t_K (any monotone
+sequence, so the grid can go backward or be non-uniform); their orders are euler 1, midpoint 2, heun 2,
+rk4 4. ``dopri5`` (adaptive, through torchdiffeq) uses ``atol`` / ``rtol``.
+
+SDE (:func:`integrate_sde`): the family of SDEs with the same marginals p_t as the ODE,
+
+    dX = [v(t, X) + eps(t) grad log p_t(X)] dt + sqrt(2 eps(t)) dW        (forward in t),
+
+integrated by Euler-Maruyama. The score grad log p_t is given, or derived from the velocity itself
+(:func:`velocity_to_score`) when the source is Gaussian and drawn independently of the target.
+
+Every result carries the number of function evaluations (nfe) that produced it, and optionally the
+trajectory at the grid times.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["SolveResult", "time_grid", "integrate", "FIXED_STEP_METHODS", "METHODS", "ORDERS"]
+from .paths import LinearPath, Path, expand_like
+
+__all__ = ["SolveResult", "time_grid", "integrate", "integrate_sde", "velocity_to_score", "score_from_velocity",
+           "diffusion_schedule", "DIFFUSION_SCHEDULES", "FIXED_STEP_METHODS", "METHODS", "ORDERS"]
 
 Field = Callable[[Tensor, Tensor], Tensor]
 
@@ -50,6 +63,21 @@ def time_grid(steps: int, t0: float = 0.0, t1: float = 1.0, schedule: str = "uni
     elif schedule != "uniform":
         raise ValueError(f"schedule must be 'uniform' or 'cosine', got {schedule!r}")
     return (t0 + (t1 - t0) * s).to(dtype=dtype, device=device)
+
+
+def _checked_grid(grid: Tensor | None, steps: int | None, t0: float, t1: float, schedule: str) -> Tensor:
+    """The integration grid (float64, on the CPU): ``grid`` itself, or ``steps`` steps from t0 to t1."""
+    if grid is None:
+        if steps is None:
+            raise ValueError("give steps or grid")
+        grid = time_grid(steps, t0, t1, schedule)
+    grid = torch.as_tensor(grid).to(torch.float64).cpu()
+    if grid.dim() != 1 or grid.numel() < 2:
+        raise ValueError("grid must be a 1-D tensor of at least two times")
+    d = torch.diff(grid)
+    if not (bool((d > 0).all()) or bool((d < 0).all())):
+        raise ValueError("grid must be strictly monotone")
+    return grid
 
 
 def _tvec(t: Tensor, x: Tensor) -> Tensor:
@@ -90,18 +118,11 @@ def integrate(field: Field, x: Tensor, method: str = "euler", steps: int | None 
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if grid is None:
-        if steps is None:
-            if method != "dopri5":
-                raise ValueError("give steps or grid for a fixed-step method")
-            steps = 1
-        grid = time_grid(steps, t0, t1, schedule)
-    grid = grid.to(torch.float64).cpu()
-    if grid.dim() != 1 or grid.numel() < 2:
-        raise ValueError("grid must be a 1-D tensor of at least two times")
-    d = torch.diff(grid)
-    if not (bool((d > 0).all()) or bool((d < 0).all())):
-        raise ValueError("grid must be strictly monotone")
+    if grid is None and steps is None:
+        if method != "dopri5":
+            raise ValueError("give steps or grid for a fixed-step method")
+        steps = 1
+    grid = _checked_grid(grid, steps, t0, t1, schedule)
 
     if method == "dopri5":
         from torchdiffeq import odeint
@@ -127,3 +148,107 @@ def integrate(field: Field, x: Tensor, method: str = "euler", steps: int | None 
     nfe = _EVALS_PER_STEP[method] * (grid.numel() - 1)
     traj = torch.stack(states) if states is not None else None
     return SolveResult(x, grid, nfe, method, traj)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SDE sampling with the ODE's marginals
+
+
+def velocity_to_score(v: Tensor, t: Tensor, x: Tensor, path: Path | None = None, source_std: float = 1.0) -> Tensor:
+    """The marginal score grad_x log p_t(x) from the marginal velocity v = E[u_t | x_t = x] at the same (t, x).
+
+    Valid when the source is x0 ~ N(0, s0^2 I) (s0 = ``source_std``) drawn *independently* of the target
+    (the independent coupling; not minibatch OT or fixed pairs), along an affine path
+    x_t = a x0 + b x1 + g z (:mod:`flowprobe.paths`). Write x_t = b x1 + e with e = a x0 + g z ~ N(0, S^2 I),
+    S^2 = a^2 s0^2 + g^2, independent of x1. Then (Tweedie) grad log p_t(x) = -E[e | x_t = x] / S^2, and
+
+        v = E[a' x0 + b' x1 + g' z | x] = b' (x - E[e | x]) / b + c E[e | x],   c = (a a' s0^2 + g g') / S^2,
+
+    so E[e | x] = (b v - b' x) / (b c - b'). Linear path (a = 1 - t, b = t, g = 0, s0 = 1):
+    grad log p_t(x) = -(x - t v) / (1 - t). The score is singular where S = 0 (t = 1 for a path with
+    g(1) = 0): an SDE should switch its noise off there (:func:`diffusion_schedule` ``"decay"``).
+    ``t`` has shape (B,) or is a scalar.
+    """
+    path = path or LinearPath()
+    if not (source_std > 0 and math.isfinite(source_std)):
+        raise ValueError(f"source_std must be a finite number > 0, got {source_std!r}")
+    t64 = torch.as_tensor(t, dtype=torch.float64).reshape(-1).cpu()
+    a, b, g, da, db, dg = (f(t64) for f in (path.a, path.b, path.g, path.da, path.db, path.dg))
+    s0sq = float(source_std) ** 2
+    S2 = a * a * s0sq + g * g
+    c = (a * da * s0sq + g * dg) / S2
+    den = b * c - db
+    kv, kx = b / (den * S2), db / (den * S2)  # score = -(kv v - kx x)
+    if kv.numel() == 1:
+        kv, kx = kv.expand(x.shape[0]), kx.expand(x.shape[0])
+    kv = expand_like(kv.to(x.device), x)
+    kx = expand_like(kx.to(x.device), x)
+    return kx * x - kv * v
+
+
+def score_from_velocity(field: Field, path: Path | None = None, source_std: float = 1.0) -> Field:
+    """``score(t, x)`` = :func:`velocity_to_score` of ``field(t, x)`` (one evaluation of the field per call)."""
+    return lambda t, x: velocity_to_score(field(t, x), t, x, path, source_std)
+
+
+DIFFUSION_SCHEDULES = ("constant", "decay")
+
+
+def diffusion_schedule(eps: float, kind: str = "decay") -> Callable[[float], float]:
+    """eps(t) for :func:`integrate_sde`: ``"constant"`` eps, or ``"decay"`` eps (1 - t), which switches the
+    noise off at the data end t = 1, where a velocity-derived score is singular."""
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"diffusion must be a finite number >= 0, got {eps!r}")
+    if kind == "constant":
+        return lambda t: float(eps)
+    if kind == "decay":
+        return lambda t: float(eps) * max(0.0, 1.0 - float(t))
+    raise ValueError(f"diffusion schedule must be one of {DIFFUSION_SCHEDULES}, got {kind!r}")
+
+
+@torch.no_grad()
+def integrate_sde(field: Field, x: Tensor, diffusion: float | Callable[[float], float], generator: torch.Generator,
+                  steps: int | None = None, t0: float = 0.0, t1: float = 1.0, grid: Tensor | None = None,
+                  schedule: str = "uniform", score: Field | None = None, path: Path | None = None,
+                  source_std: float = 1.0, return_trajectory: bool = False) -> SolveResult:
+    """Euler-Maruyama for the SDE with the ODE's marginals, from x at t0 to t1 (either direction):
+
+        x_{k+1} = x_k + h v(t_k, x_k) + |h| eps(t_k) s(t_k, x_k) + sqrt(2 eps(t_k) |h|) xi_k,   xi_k ~ N(0, I)
+
+    with h = t_{k+1} - t_k. Forward this is dX = (v + eps s) dt + sqrt(2 eps) dW; backward (h < 0) it is
+    the same SDE in the reversed time, dX = (-v + eps s) d(-t) + sqrt(2 eps) dW. In both directions the
+    Fokker-Planck equation reduces to the continuity equation of the ODE (eps div(p s) = eps Laplacian p
+    cancels the diffusion), so every eps gives the marginals p_t of the ODE; eps = 0 is Euler's method.
+
+    ``diffusion``: eps as a number (constant) or a function of t (e.g. :func:`diffusion_schedule`).
+    ``score``: grad log p_t as a callable; by default derived from the same evaluation of ``field`` with
+    :func:`velocity_to_score` (``path``, ``source_std``), valid for a Gaussian source drawn independently of
+    the target. The score is not evaluated at steps where eps(t_k) = 0. Noise comes from ``generator``, so
+    a seed gives the same samples. nfe counts evaluations of ``field`` and of ``score``.
+    """
+    eps_of = diffusion if callable(diffusion) else diffusion_schedule(diffusion, "constant")
+    grid = _checked_grid(grid, steps, t0, t1, schedule)
+    states = [x] if return_trajectory else None
+    nfe = 0
+    for k in range(grid.numel() - 1):
+        t, h = grid[k], float(grid[k + 1] - grid[k])
+        eps = float(eps_of(float(t)))
+        if not (math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"diffusion eps(t) must be finite and >= 0, got {eps!r} at t = {float(t):.6g}")
+        tv = _tvec(t, x)
+        v = field(tv, x)
+        nfe += 1
+        x_next = x + h * v
+        if eps > 0:
+            if score is None:
+                s = velocity_to_score(v, tv, x, path, source_std)
+            else:
+                s = score(tv, x)
+                nfe += 1
+            noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+            x_next = x_next + (abs(h) * eps) * s + math.sqrt(2 * eps * abs(h)) * noise
+        x = x_next
+        if states is not None:
+            states.append(x)
+    traj = torch.stack(states) if states is not None else None
+    return SolveResult(x, grid, nfe, "euler_maruyama", traj)

@@ -828,15 +828,46 @@ def _fit_kwargs(cfg: TrainConfig) -> dict:
                 gradvar_samples=cfg.gradvar_samples, optimizer_kwargs={"fused": True} if o.fused else None)
 
 
-def _generate(model, source, n: int, solver: str, steps: int, seed: int, device, trajectory: bool = False):
-    """Push n source draws (generator seeded ``seed``) through the learned ODE from t = 0 to t = 1."""
-    from .solvers import integrate
+def _generate(model, source, n: int, solver: str, steps: int, seed: int, device, trajectory: bool = False,
+              sde: dict | None = None):
+    """Push n source draws (generator seeded ``seed``) through the learned ODE from t = 0 to t = 1, or, with
+    ``sde`` = {diffusion, schedule, path, source_std}, through the SDE with the same marginals
+    (:func:`flowprobe.solvers.integrate_sde`; its noise continues the same generator)."""
+    from .solvers import diffusion_schedule, integrate, integrate_sde
 
     g = torch.Generator(device=device).manual_seed(seed)
     x0, _ = source.sample(n, g)
     model.eval()
     with torch.no_grad():
-        return integrate(model, x0, method=solver, steps=steps, return_trajectory=trajectory)
+        if sde is None:
+            return integrate(model, x0, method=solver, steps=steps, return_trajectory=trajectory)
+        eps = diffusion_schedule(sde["diffusion"], sde["schedule"])
+        return integrate_sde(model, x0, eps, g, steps=steps, path=sde["path"], source_std=sde["source_std"],
+                             return_trajectory=trajectory)
+
+
+def _sde_options(cfg: TrainConfig, diffusion: float, schedule: str) -> dict:
+    """What :func:`_generate` needs to sample a run with an SDE, after checking that the velocity-derived score
+    applies: independent coupling and a Gaussian source N(0, s^2 I) (images, or the 2-D ``gaussian`` toy)."""
+    from .paths import make_path
+    from .solvers import DIFFUSION_SCHEDULES
+
+    if schedule not in DIFFUSION_SCHEDULES:
+        raise ConfigError(f"--sde-schedule: {schedule!r} is not allowed; choose from {', '.join(DIFFUSION_SCHEDULES)}")
+    if not (math.isfinite(diffusion) and diffusion > 0):
+        raise ConfigError(f"--sde: the diffusion must be a finite number > 0, got {diffusion!r}")
+    if cfg.coupling.kind != "independent":
+        raise ConfigError(f"--sde: the score is derived from the velocity, which needs the source drawn independently "
+                          f"of the target; this run used coupling.kind: {cfg.coupling.kind}")
+    if cfg.data.dataset is not None:
+        source_std = 1.0
+    elif cfg.data.source == "gaussian":
+        source_std = float(cfg.data.source_params.get("std", 1.0))
+    else:
+        raise ConfigError(f"--sde: the score is derived from the velocity, which needs a Gaussian source; this run's "
+                          f"source is {cfg.data.source!r}")
+    return {"diffusion": float(diffusion), "schedule": schedule, "path": make_path(cfg.path.sigma, cfg.path.schedule),
+            "source_std": source_std}
 
 
 def save_image_grid(path: str | Path, images: Tensor, ncol: int | None = None, pad: int = 2) -> Path:
@@ -937,12 +968,16 @@ def train_from_config(cfg: TrainConfig, out: str | Path, device: str | torch.dev
 
 
 def sample_checkpoint(checkpoint: str | Path, n: int, steps: int, solver: str = "euler", seed: int = 0,
-                      device: str | torch.device | None = None, use_ema: bool = True, trajectory: bool = False):
+                      device: str | torch.device | None = None, use_ema: bool = True, trajectory: bool = False,
+                      diffusion: float = 0.0, diffusion_schedule: str = "decay"):
     """Load a checkpoint written by ``flowprobe train`` and integrate ``n`` source draws from t = 0 to 1.
 
     Returns (SolveResult, info dict with checkpoint, step, model, solver, steps, nfe, n, seed, config).
     Image runs need no data: the source is N(0, I) of the sample shape stored in the sidecar; their
-    trajectories are not kept (``trajectory`` applies to 2-D runs).
+    trajectories are not kept (``trajectory`` applies to 2-D runs). ``diffusion`` > 0 samples the SDE with
+    the ODE's marginals by Euler-Maruyama (``solver`` is then "euler_maruyama"), with eps(t) = diffusion
+    (``"constant"``) or diffusion (1 - t) (``"decay"``) and the score derived from the velocity; this needs
+    an independent coupling and a Gaussian source.
     """
     dev = device if isinstance(device, torch.device) else _resolve_device(device)
     if solver not in METHODS:
@@ -957,9 +992,14 @@ def sample_checkpoint(checkpoint: str | Path, n: int, steps: int, solver: str = 
     else:
         source = _make_sampler(cfg.data.source, cfg.data.source_params, "source", dev)
     which = _weights(ck, use_ema)
-    res = _generate(net, source, n, solver, steps, seed, dev, trajectory=trajectory and cfg.data.dataset is None)
-    info = {"checkpoint": str(ck.path), "step": ck.step, "model": which, "solver": solver, "steps": steps,
+    sde = _sde_options(cfg, diffusion, diffusion_schedule) if diffusion else None
+    res = _generate(net, source, n, solver, steps, seed, dev, trajectory=trajectory and cfg.data.dataset is None,
+                    sde=sde)
+    info = {"checkpoint": str(ck.path), "step": ck.step, "model": which, "solver": res.method, "steps": steps,
             "nfe": res.nfe, "n": n, "seed": seed, "version": __version__}
+    if sde is not None:
+        info.update(diffusion=sde["diffusion"], diffusion_schedule=sde["schedule"], source_std=sde["source_std"],
+                    score="from the velocity (independent Gaussian source)")
     return res, info, cfg
 
 
@@ -982,11 +1022,17 @@ def register_cli(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cli_train)
 
-    s = subparsers.add_parser("sample", help="draw samples from a trained checkpoint with an ODE solver")
+    s = subparsers.add_parser("sample", help="draw samples from a trained checkpoint with an ODE or SDE solver")
     s.add_argument("checkpoint", help="a step_*.safetensors checkpoint, its checkpoints/ folder or the run folder")
     s.add_argument("--n", type=int, default=1000, help="number of samples")
     s.add_argument("--steps", type=int, default=100, help="solver steps (ignored by dopri5)")
     s.add_argument("--solver", default="euler", choices=METHODS)
+    s.add_argument("--sde", type=float, default=0.0, metavar="EPS",
+                   help="sample the SDE dX = (v + eps(t) score) dt + sqrt(2 eps(t)) dW, which has the ODE's marginals, "
+                        "by Euler-Maruyama (replaces --solver); the score comes from the velocity, so the run must "
+                        "use the independent coupling and a Gaussian source")
+    s.add_argument("--sde-schedule", default="decay", choices=("constant", "decay"),
+                   help="eps(t) = EPS (constant) or EPS (1 - t) (decay, the default: no noise at the data end)")
     s.add_argument("--out", required=True, help="output file: .safetensors, .npy or (images) .png grid, plus a "
                                                 ".json record")
     s.add_argument("--plot", default=None, metavar="PNG",
@@ -1044,7 +1090,8 @@ def _cli_sample(args) -> int:
     if out.suffix not in (".safetensors", ".npy", ".png"):
         raise ConfigError(f"--out: {out.name} must end in .safetensors, .npy or .png (image grid)")
     res, info, cfg = sample_checkpoint(args.checkpoint, args.n, args.steps, args.solver, args.seed, args.device,
-                                       use_ema=not args.no_ema, trajectory=args.plot is not None)
+                                       use_ema=not args.no_ema, trajectory=args.plot is not None,
+                                       diffusion=args.sde, diffusion_schedule=args.sde_schedule)
     x = res.x.detach().float().cpu()
     images = x.dim() == 4
     if out.suffix == ".png" and not images:
