@@ -6,17 +6,21 @@ import torch
 from flowprobe.couplings import IndependentCoupling
 from flowprobe.data.toy import EightGaussians, StandardGaussian
 from flowprobe.nets import MLP
-from flowprobe.objectives import CFMObjective
+from flowprobe.objectives import make_objective
 from flowprobe.paths import StochasticPath
 
 
-def make_tiny_problem(seed: int = 0, dtype=torch.float32, sigma: float = 0.1, width: int = 32):
-    """N(0, I) -> eight Gaussians with a stochastic path (so the noise draw matters), a small MLP."""
+def make_tiny_problem(seed: int = 0, dtype=torch.float32, sigma: float = 0.1, width: int = 32,
+                      objective: str = "cfm"):
+    """N(0, I) -> eight Gaussians with a stochastic path (so the noise draw matters), a small MLP. ``objective``:
+    cfm, or a few-step objective (then the MLP takes a step input)."""
     torch.manual_seed(seed)
-    net = MLP(2, width=width, depth=2, time_embed_dim=8).to(dtype)
+    few_step = objective != "cfm"
+    net = MLP(2, width=width, depth=2, time_embed_dim=8, step_embed=few_step, time_scale=10.0 if few_step else 1000.0)
+    net = net.to(dtype)
     coupling = IndependentCoupling(StandardGaussian(dtype=dtype), EightGaussians(dtype=dtype))
-    objective = CFMObjective(StochasticPath(sigma), reduction="mean")
-    return net, coupling, objective
+    return net, coupling, make_objective(objective, StochasticPath(sigma), reduction="mean", **(
+        {} if objective == "cfm" else {"jump_fraction": 0.5}))
 
 
 @pytest.fixture

@@ -158,3 +158,32 @@ def test_sample_with_the_sde(tmp_path, capsys):
     assert main(["sample", str(run), *short, "--sde", "-1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "independent" in err[0] and "> 0" in err[1]
+
+
+@pytest.mark.parametrize("kind", ["meanflow", "splitmeanflow"])
+def test_train_and_sample_a_few_step_objective(tmp_path, capsys, kind):
+    """objective.kind gives the net a step input; sample.solver / --solver average jump with it; a velocity run or
+    config that asks for jumps stops with one line."""
+    run = tmp_path / "run"
+    few = ["--set", f"objective.kind={kind}", "--set", "model.time_scale=10", "--set", "sample.solver=average",
+           "--set", "sample.steps=2", "--set", "sample.plot=false"]
+    assert main(["train", "--out", str(run), *TINY, *few]) == 0
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert recs[0]["objective"]["objective"] == kind
+    ev = [r for r in recs if r["event"] == "eval"][0]
+    assert ev["solver"] == "average" and ev["nfe"] == 2
+    spec = json.loads(next((run / "checkpoints").glob("*.json")).read_text())["extra"]["model"]
+    assert spec["kwargs"]["step_embed"] is True and spec["kwargs"]["time_scale"] == 10.0
+    out = tmp_path / "one.npy"
+    assert main(["sample", str(run), "--n", "20", "--steps", "1", "--solver", "average", "--out", str(out)]) == 0
+    assert np.load(out).shape == (20, 2) and json.loads(out.with_suffix(".json").read_text())["nfe"] == 1
+    # the same net is also a velocity field (h = 0): the ODE solvers work on it
+    assert main(["sample", str(run), "--n", "20", "--steps", "3", "--solver", "heun", "--out", str(out)]) == 0
+
+    cfm = tmp_path / "cfm"
+    assert main(["train", "--out", str(cfm), *TINY, "--set", "sample.plot=false"]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(cfm), "--n", "5", "--steps", "1", "--solver", "average", "--out", str(out)]) == 2
+    assert main(["train", "--out", str(tmp_path / "x"), *TINY, "--set", "sample.solver=average"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("average" in line for line in err)

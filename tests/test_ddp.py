@@ -20,13 +20,13 @@ KW = dict(steps=8, batch_size=16, lr=0.02, warmup=2, lr_schedule="cosine", grad_
           log_every=4)
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, kind: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         # rank 1 starts from other weights: DDP must broadcast rank 0's before the first step
-        net, coupling, objective = make_tiny_problem(seed=rank, dtype=torch.float64)
+        net, coupling, objective = make_tiny_problem(seed=rank, dtype=torch.float64, objective=kind)
         rows = []
         net.net[0].register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
         state = fit(net, coupling, objective, log_path=os.path.join(out, "metrics.jsonl"),
@@ -46,10 +46,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_equals_single_process(tmp_path):
+# forward passes of the net per optimiser step: CFM one; MeanFlow two under DDP (the JVP on the inner module,
+# the prediction through DDP); SplitMeanFlow three (the prediction and the two halves of the split target)
+FORWARDS = {"cfm": 1, "meanflow": 2, "splitmeanflow": 3}
+
+
+@pytest.mark.parametrize("kind", list(FORWARDS))
+def test_two_process_ddp_equals_single_process(tmp_path, kind):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    ctx = mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
+    ctx = mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), kind), nprocs=2, join=False)
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
@@ -57,7 +63,7 @@ def test_two_process_ddp_equals_single_process(tmp_path):
                 p.kill()
             pytest.fail("DDP workers did not finish in 120 s")
 
-    net, coupling, objective = make_tiny_problem(seed=0, dtype=torch.float64)
+    net, coupling, objective = make_tiny_problem(seed=0, dtype=torch.float64, objective=kind)
     single = fit(net, coupling, objective, **KW)
     r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
     for k, v in net.state_dict().items():
@@ -68,10 +74,10 @@ def test_two_process_ddp_equals_single_process(tmp_path):
     # the logged losses are the global-batch losses (rank means averaged), as in one process
     info = json.loads((tmp_path / "rank0.json").read_text())
     assert info["step"] == 8
-    assert info["rows"] == [8] * 8  # each rank runs the net on its half of the global batch of 16
+    assert info["rows"] == [8] * 8 * FORWARDS[kind]  # each rank runs the net on its half of the global batch of 16
     assert info["losses"] == pytest.approx(single.losses, rel=1e-10)
     # and the parameters did move: equality is not that of two untouched nets
-    init, _, _ = make_tiny_problem(seed=0, dtype=torch.float64)
+    init, _, _ = make_tiny_problem(seed=0, dtype=torch.float64, objective=kind)
     assert not torch.allclose(next(init.parameters()), next(net.parameters()))
     # rank 0 alone writes logs and checkpoints
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -448,6 +448,63 @@ class IndependentGaussianCoupling(GaussianCoupling):
     def describe(self) -> dict:
         return {"coupling": "independent_gaussian", "m1": self.m1.tolist(), "S1": self.S11.tolist()}
 
+    # -- the flow of the marginal field, in closed form ---------------------------------------------------------
+    def _isotropic_source_variance(self) -> float:
+        s0sq = float(self.S00[0, 0])
+        if not torch.allclose(self.S00, s0sq * torch.eye(self.d, dtype=self.dtype, device=self.device)):
+            raise ValueError("the closed-form flow needs an isotropic source covariance S0 = s0^2 I")
+        return s0sq
+
+    def _eigen(self) -> tuple[Tensor, Tensor]:
+        if not hasattr(self, "_eig"):
+            lam, Q = torch.linalg.eigh(_sym(self.S11))
+            self._eig = (lam.clamp_min(0), Q)
+        return self._eig
+
+    def average_velocity(self, t: Tensor, x: Tensor, h: Tensor, path: Path | None = None) -> Tensor:
+        """u*(t, x, h) = (Phi_{t -> t+h}(x) - x) / h, the average velocity over [t, t + h] of the ODE of the marginal
+        field (the quantity MeanFlow-type objectives learn); h = 0 gives the marginal field itself.
+
+        With an isotropic source S0 = s0^2 I every C_xx(tau) = (a^2 s0^2 + g^2) I + b^2 S1 and C_ux(tau) are
+        functions of S1, so they commute and in the eigenbasis S1 = Q diag(lam) Q^T the flow acts on each axis
+        as the increasing affine map between N(m_t, c_k(t)) and N(m_s, c_k(s)), c_k = a^2 s0^2 + g^2 + b^2 lam_k:
+
+            Phi_{t -> s}(x) = m_s + Q diag(sqrt(c(s) / c(t))) Q^T (x - m_t),      m_tau = a m0 + b m1.
+
+        Written in torch, batched over t, h (B,) and x (B, d), and differentiable in all three (for JVPs).
+        """
+        path = path or LinearPath()
+        s0sq = self._isotropic_source_variance()
+        lam, Q = self._eigen()
+        dt = self.dtype
+        t, h, x = t.to(dt).reshape(-1), h.to(dt).reshape(-1), x.to(dt)
+        s = t + h
+
+        def coeffs(tau):
+            a, b, g = path.a(tau)[:, None], path.b(tau)[:, None], path.g(tau)[:, None]
+            return a * self.m0 + b * self.m1, a * a * s0sq + g * g + b * b * lam
+
+        m_t, c_t = coeffs(t)
+        m_s, c_s = coeffs(s)
+        y = (x - m_t) @ Q  # coordinates in the eigenbasis
+        zero = (h == 0)[:, None]
+        h_safe = torch.where(zero, torch.ones_like(h[:, None]), h[:, None])
+        u_step = (m_s - m_t) / h_safe + ((torch.sqrt(c_s / c_t) - 1) / h_safe * y) @ Q.T
+        # h = 0: the marginal field m'_t + Q diag(c'(t) / (2 c(t))) Q^T (x - m_t)
+        a, b, g = path.a(t)[:, None], path.b(t)[:, None], path.g(t)[:, None]
+        da, db, dg = path.da(t)[:, None], path.db(t)[:, None], path.dg(t)[:, None]
+        dm = da * self.m0 + db * self.m1
+        dc = 2 * a * da * s0sq + 2 * g * dg + 2 * b * db * lam
+        u_zero = dm + (dc / (2 * c_t) * y) @ Q.T
+        return torch.where(zero, u_zero, u_step)
+
+    def flow_map(self, t: Tensor, x: Tensor, s: Tensor, path: Path | None = None) -> Tensor:
+        """Phi_{t -> s}(x): where the ODE of the marginal field carries x from time t to time s (closed form, see
+        :meth:`average_velocity`)."""
+        t = t.to(self.dtype).reshape(-1)
+        h = s.to(self.dtype).reshape(-1) - t
+        return x.to(self.dtype) + h[:, None] * self.average_velocity(t, x, h, path)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loss and gradient variance of the Lemma-1 family, in closed form

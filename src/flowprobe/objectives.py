@@ -7,6 +7,12 @@ The conditional flow-matching (CFM) loss of one sample is
 summed over dimensions (``reduction="sum"``, the paper's definition, used by the gradient-variance
 probe) or averaged over them (``reduction="mean"``, torchcfm's training convention; only a rescaling
 of the learning rate). The batch loss is the (optionally weighted) mean of per-sample losses.
+
+Few-step objectives learn the *average* velocity u(t, x, h) = (1/h) int_t^{t+h} v(tau, x_tau) dtau along
+the ODE through x at time t (a net built with ``step_embed=True``, called ``net(t, x, h)``), so that one
+jump x_{t+h} = x_t + h u(t, x_t, h) follows the flow (:func:`flowprobe.solvers.integrate_average`):
+:class:`MeanFlowObjective` (a JVP of the net) and :class:`SplitMeanFlowObjective` (interval splitting, no
+JVP). Both keep time running from the source (t = 0) to the target (t = 1).
 """
 
 from __future__ import annotations
@@ -17,9 +23,10 @@ import torch
 from torch import Tensor
 
 from .couplings import Pairing
-from .paths import Path
+from .paths import Path, expand_like
 
-__all__ = ["squared_error", "cfm_sample_loss", "cfm_losses", "CFMObjective", "sample_times"]
+__all__ = ["squared_error", "cfm_sample_loss", "cfm_losses", "CFMObjective", "sample_times", "sample_intervals",
+           "AverageVelocityObjective", "MeanFlowObjective", "SplitMeanFlowObjective", "OBJECTIVES", "make_objective"]
 
 REDUCTIONS = ("sum", "mean")
 
@@ -99,3 +106,165 @@ class CFMObjective:
         if weights.shape != losses.shape:
             raise ValueError(f"weights must have shape {tuple(losses.shape)}, got {tuple(weights.shape)}")
         return (weights * losses).sum() / weights.sum()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Few-step objectives: the average velocity u(t, x, h)
+
+
+def sample_intervals(n: int, generator: torch.Generator, jump_fraction: float, device=None,
+                     dtype=torch.float32, time_range: tuple[float, float] = (0.0, 1.0)) -> tuple[Tensor, Tensor]:
+    """Intervals [t, t + h] inside ``time_range``: two uniform draws, t the smaller and t + h the larger; then
+    h is set to 0 for a random ``1 - jump_fraction`` of the batch (those samples train the instantaneous
+    velocity, the plain CFM loss). Returns (t, h), each of shape (n,)."""
+    if not 0.0 <= jump_fraction <= 1.0:
+        raise ValueError(f"jump_fraction must be in [0, 1], got {jump_fraction!r}")
+    lo, hi = time_range
+    r = torch.rand(3, n, generator=generator, device=generator.device, dtype=dtype)
+    a, b = lo + (hi - lo) * r[0], lo + (hi - lo) * r[1]
+    t, s = torch.minimum(a, b), torch.maximum(a, b)
+    h = torch.where(r[2] < jump_fraction, s - t, torch.zeros_like(t))
+    dev = device if device is not None else t.device
+    return t.to(dev), h.to(dev)
+
+
+class AverageVelocityObjective:
+    """Shared parts of the few-step objectives: drawing (t, h, x_t, u_t), the weighted batch mean, describe()."""
+
+    name = "average"
+
+    def __init__(self, path: Path, reduction: str = "mean", jump_fraction: float = 0.25, adaptive_power: float = 0.0,
+                 adaptive_eps: float = 1e-3):
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if not 0.0 <= jump_fraction <= 1.0:
+            raise ValueError(f"jump_fraction must be in [0, 1], got {jump_fraction!r}")
+        if adaptive_power < 0 or adaptive_eps <= 0:
+            raise ValueError("adaptive_power must be >= 0 and adaptive_eps > 0")
+        self.path, self.reduction = path, reduction
+        self.jump_fraction = float(jump_fraction)
+        self.adaptive_power, self.adaptive_eps = float(adaptive_power), float(adaptive_eps)
+
+    def time_range(self) -> tuple[float, float]:
+        return getattr(self.path, "time_range", (0.0, 1.0))
+
+    def draw(self, pairing: Pairing, generator: torch.Generator, t: Tensor | None = None, h: Tensor | None = None):
+        """(t, h, x_t, u_t, lam): intervals from :func:`sample_intervals` unless given, z ~ N(0, I), and a split
+        point lam ~ U[0, 1] (used by :class:`SplitMeanFlowObjective`; drawn always, so both objectives see the
+        same (t, h, x_t) for the same generator state)."""
+        x0, x1 = pairing.x0, pairing.x1
+        if t is None or h is None:
+            t_draw, h_draw = sample_intervals(x0.shape[0], generator, self.jump_fraction, x0.device, x0.dtype,
+                                              self.time_range())
+            t = t_draw if t is None else t
+            h = h_draw if h is None else h
+        z = None
+        if not self.path.deterministic:
+            z = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
+        x_t, u_t = self.path.sample(x0, x1, t, z)
+        lam = torch.rand(x0.shape[0], generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
+        return t, h, x_t, u_t, lam
+
+    def target(self, net, t: Tensor, h: Tensor, x_t: Tensor, u_t: Tensor, lam: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(prediction u(t, x_t, h) with its graph, regression target without one)."""
+        raise NotImplementedError
+
+    def losses(self, net, t: Tensor, h: Tensor, x_t: Tensor, u_t: Tensor, lam: Tensor | None = None) -> Tensor:
+        """Per-sample || u - sg(target) ||^2, times sg(1 / (||u - target||^2 + adaptive_eps)^adaptive_power)
+        (MeanFlow's adaptive weight; power 0 is the plain squared error)."""
+        pred, tgt = self.target(net, t, h, x_t, u_t, lam)
+        loss = squared_error(pred, tgt, self.reduction)
+        if self.adaptive_power:
+            loss = loss / (loss.detach() + self.adaptive_eps) ** self.adaptive_power
+        return loss
+
+    def __call__(self, net, pairing: Pairing, generator: torch.Generator, weights: Tensor | None = None,
+                 t: Tensor | None = None, h: Tensor | None = None) -> Tensor:
+        losses = self.losses(net, *self.draw(pairing, generator, t, h))
+        if weights is None:
+            return losses.mean()
+        if weights.shape != losses.shape:
+            raise ValueError(f"weights must have shape {tuple(losses.shape)}, got {tuple(weights.shape)}")
+        return (weights * losses).sum() / weights.sum()
+
+    def describe(self) -> dict:
+        return {"objective": self.name, "reduction": self.reduction, "jump_fraction": self.jump_fraction,
+                "adaptive_power": self.adaptive_power, "adaptive_eps": self.adaptive_eps}
+
+
+class MeanFlowObjective(AverageVelocityObjective):
+    """MeanFlow: regress u(t, x_t, h) on sg(u_t + h du/dt), the MeanFlow identity in forward time.
+
+    With s = t + h fixed, h u(t, x_t, h) = int_t^s v d tau; differentiating in t along the flow,
+    -u + h du/dt = -v, so u = v + h du/dt with the total derivative du/dt = (d_x u) v + d_t u - d_h u. The
+    conditional target u_t replaces v (the regression is linear in it, so its minimiser is unchanged), and
+    du/dt is one Jacobian-vector product of the net with tangents (u_t, 1, -1) in (x, t, h)
+    (``torch.func.jvp``, which also returns u for the loss: one forward and one forward-mode pass; under
+    DistributedDataParallel the JVP runs on the inner module without a graph and u through DDP, one forward
+    more). At h = 0 this is the CFM loss.
+    """
+
+    name = "meanflow"
+
+    def target(self, net, t, h, x_t, u_t, lam=None):
+        from torch.func import jvp
+
+        ddp = isinstance(net, torch.nn.parallel.DistributedDataParallel)
+        inner = net.module if ddp else net  # torch.func transforms do not pass through DDP's forward
+
+        def f(x, tt, hh):
+            return inner(tt, x, hh)
+
+        ones = torch.ones_like(t)
+        if ddp:  # the tangent without a graph, the prediction through DDP (so its gradients are all-reduced)
+            with torch.no_grad():
+                _, dudt = jvp(f, (x_t, t, h), (u_t, ones, -ones))
+            pred = net(t, x_t, h)
+        else:
+            pred, dudt = jvp(f, (x_t, t, h), (u_t, ones, -ones))
+        tgt = u_t + expand_like(h, x_t) * dudt
+        return pred, tgt.detach()
+
+
+class SplitMeanFlowObjective(AverageVelocityObjective):
+    """SplitMeanFlow: interval splitting consistency, no JVP.
+
+    For t <= m <= s = t + h with m = t + lam h (lam ~ U[0, 1]) the average velocity is additive:
+
+        h u(t, x_t, h) = lam h u(t, x_t, lam h) + (1 - lam) h u(m, x_m, (1 - lam) h),
+        x_m = x_t + lam h u(t, x_t, lam h),
+
+    so the target of u(t, x_t, h) is sg(lam u(t, x_t, lam h) + (1 - lam) u(m, x_m, (1 - lam) h)) (two more
+    forward passes without a graph). Samples with h = 0 take the boundary condition u(t, x, 0) = v: the CFM
+    target u_t.
+    """
+
+    name = "splitmeanflow"
+
+    def target(self, net, t, h, x_t, u_t, lam=None):
+        if lam is None:
+            raise ValueError("SplitMeanFlowObjective needs the split points lam (from draw())")
+        pred = net(t, x_t, h)
+        with torch.no_grad():
+            h1, h2 = lam * h, (1 - lam) * h
+            u1 = net(t, x_t, h1)
+            x_m = x_t + expand_like(h1, x_t) * u1
+            u2 = net(t + h1, x_m, h2)
+            split = expand_like(lam, x_t) * u1 + expand_like(1 - lam, x_t) * u2
+            tgt = torch.where(expand_like(h == 0, x_t).bool(), u_t, split)
+        return pred, tgt
+
+
+OBJECTIVES = ("cfm", "meanflow", "splitmeanflow")
+
+
+def make_objective(kind: str, path: Path, reduction: str = "mean", **options):
+    """The objective named ``kind`` (one of OBJECTIVES) on ``path``; ``options`` (jump_fraction, adaptive_power,
+    adaptive_eps) go to the few-step objectives."""
+    if kind == "cfm":
+        return CFMObjective(path, reduction)
+    if kind == "meanflow":
+        return MeanFlowObjective(path, reduction, **options)
+    if kind == "splitmeanflow":
+        return SplitMeanFlowObjective(path, reduction, **options)
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {kind!r}")

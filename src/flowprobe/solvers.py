@@ -27,7 +27,8 @@ from torch import Tensor
 from .paths import LinearPath, Path, expand_like
 
 __all__ = ["SolveResult", "time_grid", "integrate", "integrate_sde", "velocity_to_score", "score_from_velocity",
-           "diffusion_schedule", "DIFFUSION_SCHEDULES", "FIXED_STEP_METHODS", "METHODS", "ORDERS"]
+           "diffusion_schedule", "DIFFUSION_SCHEDULES", "integrate_average", "FIXED_STEP_METHODS", "METHODS",
+           "ORDERS"]
 
 Field = Callable[[Tensor, Tensor], Tensor]
 
@@ -252,3 +253,26 @@ def integrate_sde(field: Field, x: Tensor, diffusion: float | Callable[[float], 
             states.append(x)
     traj = torch.stack(states) if states is not None else None
     return SolveResult(x, grid, nfe, "euler_maruyama", traj)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Few-step sampling with an average-velocity net
+
+
+@torch.no_grad()
+def integrate_average(net: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor, steps: int | None = None,
+                      t0: float = 0.0, t1: float = 1.0, grid: Tensor | None = None, schedule: str = "uniform",
+                      return_trajectory: bool = False) -> SolveResult:
+    """Jumps x_{k+1} = x_k + h_k u(t_k, x_k, h_k), h_k = t_{k+1} - t_k, with a net of the average velocity
+    ``net(t, x, h)`` (MeanFlow, SplitMeanFlow; :mod:`flowprobe.objectives`). One step from 0 to 1 is one-step
+    generation; if u is the exact average velocity, every grid gives the ODE's end point. nfe = steps."""
+    grid = _checked_grid(grid, steps, t0, t1, schedule)
+    states = [x] if return_trajectory else None
+    for k in range(grid.numel() - 1):
+        t, h = grid[k], grid[k + 1] - grid[k]
+        tv, hv = _tvec(t, x), _tvec(h, x)
+        x = x + h.to(x.dtype) * net(tv, x, hv)
+        if states is not None:
+            states.append(x)
+    traj = torch.stack(states) if states is not None else None
+    return SolveResult(x, grid, grid.numel() - 1, "average", traj)

@@ -39,8 +39,12 @@ from .fast import PRECISIONS, compile_options, ema_update_, has_conv, make_ema, 
     prepare_model, set_tf32
 from .fast import resolve_auto as fast_resolve_auto
 from .io import append_jsonl, atomic_write, machine_info, write_json
-from .objectives import CFMObjective
+from .nets.embedding import TIME_SCALE
+from .objectives import OBJECTIVES, AverageVelocityObjective, CFMObjective, make_objective
 from .solvers import METHODS
+
+#: what ``sample.solver`` / ``--solver`` accept: the ODE methods, and "average" (jumps of a few-step net)
+SAMPLE_SOLVERS = METHODS + ("average",)
 
 __all__ = [
     "fit", "TrainState", "learning_rate", "LR_SCHEDULES", "PRECISIONS", "ema_update", "distributed_info",
@@ -148,8 +152,10 @@ class _GracefulInterrupt:
 
 
 def _plain_cfm(objective) -> bool:
-    """True when the objective's batch loss is mean_i losses_i of draw() (CFMObjective without overrides)."""
-    return isinstance(objective, CFMObjective) and type(objective).__call__ is CFMObjective.__call__
+    """True when the objective's batch loss is mean_i losses_i of draw() (CFMObjective or a few-step objective,
+    without overrides of the batch loss)."""
+    return any(isinstance(objective, base) and type(objective).__call__ is base.__call__
+               for base in (CFMObjective, AverageVelocityObjective))
 
 
 def _batch_fns(objective, coupling, generator, batch_size: int, rank: int, world: int, channels_last: bool = False):
@@ -175,15 +181,15 @@ def _batch_fns(objective, coupling, generator, batch_size: int, rank: int, world
     sl = slice(rank * per, (rank + 1) * per)
 
     def next_batch():
-        t, x_t, u_t = objective.draw(coupling.sample(batch_size, generator), generator)
+        batch = objective.draw(coupling.sample(batch_size, generator), generator)  # (t, x_t, u_t) for CFM
         if world > 1:
-            t, x_t, u_t = t[sl], x_t[sl], u_t[sl]
-        if channels_last and x_t.dim() == 4:
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
-        return t, x_t, u_t
+            batch = tuple(v[sl] for v in batch)
+        if channels_last:
+            batch = tuple(v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for v in batch)
+        return batch
 
-    def cfm_loss(model, t, x_t, u_t):
-        return objective.losses(model, t, x_t, u_t).mean()
+    def cfm_loss(model, *batch):
+        return objective.losses(model, *batch).mean()
 
     return next_batch, cfm_loss
 
@@ -485,7 +491,9 @@ class ModelConfig:
     ``arch="mlp"``: an MLP on [x, sinusoidal embedding of 1000 t] (``width`` x ``depth``), on the flattened
     sample for images. ``arch="unet"`` (images only): :func:`flowprobe.nets.unet.unet_preset` ``preset`` with
     ``image_size`` and ``in_channels`` set from the data and the optional overrides (None keeps the preset's
-    value); attention resolutions the image does not reach are dropped."""
+    value); attention resolutions the image does not reach are dropped. ``time_scale``: the embedding sees
+    ``time_scale`` t (and the step h); MeanFlow's JVP differentiates through it, and 1000 made MeanFlow diverge
+    on a 2-D Gaussian where 10 or less trained well (docs/few-step.md)."""
 
     arch: str = option("mlp", choices=("mlp", "unet"))
     width: int = option(256, ge=1)
@@ -498,6 +506,7 @@ class ModelConfig:
     num_res_blocks: int | None = option(None, ge=1)
     attention_resolutions: list[int] | None = option(None, ge=1)
     dropout: float | None = option(None, ge=0, lt=1)
+    time_scale: float = option(TIME_SCALE, gt=0)
 
 
 @dataclass
@@ -534,6 +543,19 @@ class OptimConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """What the net learns: ``cfm`` (the velocity) or a few-step objective that learns the average velocity
+    u(t, x, h) over [t, t + h] (``meanflow``: a JVP of the net; ``splitmeanflow``: interval splitting), which
+    gives the net a step input (``step_embed``) and samples in a few jumps with ``sample.solver: average``.
+    ``jump_fraction``: share of samples with h > 0 (the rest train h = 0, the CFM loss); ``adaptive_power``:
+    MeanFlow's loss weight 1 / (loss + 1e-3)^p."""
+
+    kind: str = option("cfm", choices=OBJECTIVES)
+    jump_fraction: float = option(0.25, ge=0, le=1)
+    adaptive_power: float = option(0.0, ge=0)
+
+
+@dataclass
 class SampleConfig:
     """Samples drawn after training: ``n`` points integrated with ``solver`` over ``steps`` steps;
     ``trajectories`` of them are drawn as paths in the plot (2-D), or the first ``grid`` images are written as
@@ -541,7 +563,7 @@ class SampleConfig:
 
     n: int = option(2000, ge=1)
     steps: int = option(100, ge=1)
-    solver: str = option("euler", choices=METHODS)
+    solver: str = option("euler", choices=SAMPLE_SOLVERS)
     trajectories: int = option(256, ge=0)
     grid: int = option(64, ge=1)
     plot: bool = True
@@ -561,6 +583,7 @@ class TrainConfig:
     coupling: CouplingConfig = option(default_factory=CouplingConfig)
     optim: OptimConfig = option(default_factory=OptimConfig)
     sample: SampleConfig = option(default_factory=SampleConfig)
+    objective: ObjectiveConfig = option(default_factory=ObjectiveConfig)
     reduction: str = option("mean", choices=("mean", "sum"))
     ema_decay: float | None = option(None, ge=0, lt=1)
     precision: str = option("fp32", choices=PRECISIONS + ("auto",))
@@ -578,6 +601,9 @@ class TrainConfig:
     def __post_init__(self):
         if self.coupling.kind == "fixed_pairs" and self.data.n_train is None:
             raise ConfigError("coupling.kind: fixed_pairs needs data.n_train (the number of fixed pairs)")
+        if self.sample.solver == "average" and self.objective.kind == "cfm":
+            raise ConfigError("sample.solver: average needs a few-step objective (objective.kind: meanflow or "
+                              "splitmeanflow); a cfm net has no step input")
         if self.model.arch == "unet" and self.data.dataset is None:
             raise ConfigError("model.arch: unet needs image data (set data.dataset) or use arch: mlp")
         if self.compile != "auto":
@@ -618,25 +644,30 @@ class _FlatMLP(nn.Module):
     """An MLP velocity on flattened samples (images): v(t, x) = MLP(t, x.flatten()).reshape(x.shape)."""
 
     def __init__(self, dim: int, width: int = 256, depth: int = 3, time_embed_dim: int = 32,
-                 activation: str = "silu"):
+                 activation: str = "silu", **options):
         super().__init__()
         from .nets import MLP
 
-        self.mlp = MLP(dim, width, depth, time_embed_dim, activation)
+        self.mlp = MLP(dim, width, depth, time_embed_dim, activation, **options)
 
-    def forward(self, t: Tensor, x: Tensor) -> Tensor:
-        return self.mlp(t, x.reshape(x.shape[0], -1)).reshape(x.shape)
+    def forward(self, t: Tensor, x: Tensor, h: Tensor | None = None) -> Tensor:
+        return self.mlp(t, x.reshape(x.shape[0], -1), h).reshape(x.shape)
 
 
-def model_spec(model: ModelConfig, shape: tuple[int, ...] | list[int]) -> dict:
+def model_spec(model: ModelConfig, shape: tuple[int, ...] | list[int], step_embed: bool = False) -> dict:
     """The portable description of a net, ``{"class": "MLP" | "FlatMLP" | "UNet", "kwargs": {...}}``, for
     samples of ``shape`` (``(d,)`` vectors or ``(C, H, W)`` images). It is stored in checkpoint sidecars
     (``extra["model"]``) and :func:`build_net` rebuilds the net from it. ``model`` is a :class:`ModelConfig`
-    (or anything with its fields, like the image experiments' ``ImageModelConfig``)."""
+    (or anything with its fields, like the image experiments' ``ImageModelConfig``). ``step_embed``: the net
+    takes a step h too (few-step objectives). Keys at their defaults are left out, so older specs still match."""
     shape = tuple(int(s) for s in shape)
+    extra = {"step_embed": True} if step_embed else {}
+    time_scale = getattr(model, "time_scale", TIME_SCALE)
     if model.arch == "mlp":
         mlp = {"width": model.width, "depth": model.depth, "time_embed_dim": getattr(model, "time_embed_dim", 32),
-               "activation": getattr(model, "activation", "silu")}
+               "activation": getattr(model, "activation", "silu"), **extra}
+        if time_scale != TIME_SCALE:
+            mlp["time_scale"] = float(time_scale)
         if len(shape) == 1:
             return {"class": "MLP", "kwargs": {"dim": shape[0], **mlp}}
         return {"class": "FlatMLP", "kwargs": {"dim": math.prod(shape), **mlp}}
@@ -652,11 +683,19 @@ def model_spec(model: ModelConfig, shape: tuple[int, ...] | list[int]) -> dict:
         v = getattr(model, name, None)
         if v is not None:
             kw[name] = v
+    kw.update(extra)
+    if time_scale != TIME_SCALE:
+        kw["time_embed_scale"] = float(time_scale)
     kw = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in kw.items()}
     # attention only where the feature map exists; a preset's resolution may not fit a small image
     sides = {shape[1] // 2 ** i for i in range(len(kw["channel_mult"]))}
     kw["attention_resolutions"] = [r for r in kw["attention_resolutions"] if r in sides]
     return {"class": "UNet", "kwargs": kw}
+
+
+def run_model_spec(cfg: TrainConfig, shape: tuple[int, ...] | list[int]) -> dict:
+    """:func:`model_spec` of a training config: its model, with a step input when its objective needs one."""
+    return model_spec(cfg.model, shape, step_embed=cfg.objective.kind != "cfm")
 
 
 def build_net(spec: dict, seed: int | None = None) -> nn.Module:
@@ -729,18 +768,20 @@ def build_data(cfg: TrainConfig, device: str | torch.device = "cpu", progress: b
     return coupling, source, target, (2,)
 
 
-def build_objective(cfg: TrainConfig) -> CFMObjective:
-    """The CFM objective of the config's path (sigma, schedule) and loss reduction."""
+def build_objective(cfg: TrainConfig):
+    """The objective of the config (``objective.kind``) on its path (sigma, schedule), with its loss reduction."""
     from .paths import make_path
 
-    return CFMObjective(make_path(cfg.path.sigma, cfg.path.schedule), reduction=cfg.reduction)
+    o = cfg.objective
+    options = {} if o.kind == "cfm" else {"jump_fraction": o.jump_fraction, "adaptive_power": o.adaptive_power}
+    return make_objective(o.kind, make_path(cfg.path.sigma, cfg.path.schedule), cfg.reduction, **options)
 
 
 def build_run(cfg: TrainConfig, device: str | torch.device = "cpu"):
     """(net, coupling, objective, source, target) for a config, on ``device``; the net is
     ``build_net(model_spec(cfg.model, shape), cfg.seed)`` (see :func:`build_data` for the data)."""
     coupling, source, target, shape = build_data(cfg, device)
-    net = build_net(model_spec(cfg.model, shape), cfg.seed).to(device)
+    net = build_net(run_model_spec(cfg, shape), cfg.seed).to(device)
     return net, coupling, build_objective(cfg), source, target
 
 
@@ -775,7 +816,7 @@ def load_model(checkpoint, device: str | torch.device = "cpu", use_ema: bool = T
         cfg = checkpoint_config(ck)
         if cfg.data.dataset is not None:
             raise ConfigError(f"{ck.path}: image checkpoint without a model spec in its sidecar")
-        spec = model_spec(cfg.model, (2,))
+        spec = run_model_spec(cfg, (2,))
     net = build_net(spec)
     net.load_state_dict(ck.state_dict(_weights(ck, use_ema)))
     return net.to(device).eval(), ck
@@ -833,12 +874,14 @@ def _generate(model, source, n: int, solver: str, steps: int, seed: int, device,
     """Push n source draws (generator seeded ``seed``) through the learned ODE from t = 0 to t = 1, or, with
     ``sde`` = {diffusion, schedule, path, source_std}, through the SDE with the same marginals
     (:func:`flowprobe.solvers.integrate_sde`; its noise continues the same generator)."""
-    from .solvers import diffusion_schedule, integrate, integrate_sde
+    from .solvers import diffusion_schedule, integrate, integrate_average, integrate_sde
 
     g = torch.Generator(device=device).manual_seed(seed)
     x0, _ = source.sample(n, g)
     model.eval()
     with torch.no_grad():
+        if solver == "average":
+            return integrate_average(model, x0, steps=steps, return_trajectory=trajectory)
         if sde is None:
             return integrate(model, x0, method=solver, steps=steps, return_trajectory=trajectory)
         eps = diffusion_schedule(sde["diffusion"], sde["schedule"])
@@ -922,7 +965,7 @@ def train_from_config(cfg: TrainConfig, out: str | Path, device: str | torch.dev
     if not resume and latest_checkpoint(ckpt_dir) is not None:
         raise ConfigError(f"out: {out} already holds checkpoints; pass --resume to continue or choose another --out")
     coupling, source, target, shape = build_data(cfg, dev, progress=progress and rank == 0)
-    spec = model_spec(cfg.model, shape)
+    spec = run_model_spec(cfg, shape)
     net = build_net(spec, cfg.seed).to(dev)
     objective = build_objective(cfg)
     images = cfg.data.dataset is not None
@@ -980,10 +1023,15 @@ def sample_checkpoint(checkpoint: str | Path, n: int, steps: int, solver: str = 
     an independent coupling and a Gaussian source.
     """
     dev = device if isinstance(device, torch.device) else _resolve_device(device)
-    if solver not in METHODS:
-        raise ConfigError(f"solver: {solver!r} is not allowed; choose from {', '.join(METHODS)}")
+    if solver not in SAMPLE_SOLVERS:
+        raise ConfigError(f"solver: {solver!r} is not allowed; choose from {', '.join(SAMPLE_SOLVERS)}")
     net, ck = load_model(checkpoint, dev, use_ema)
     cfg = checkpoint_config(ck)
+    if solver == "average" and cfg.objective.kind == "cfm":
+        raise ConfigError(f"--solver average: {ck.path} holds a velocity net without a step input; train with "
+                          f"objective.kind: meanflow or splitmeanflow")
+    if solver == "average" and diffusion:
+        raise ConfigError("--sde and --solver average exclude each other")
     if cfg.data.dataset is not None:
         shape = (ck.extra or {}).get("shape")
         if not shape:
@@ -1026,7 +1074,8 @@ def register_cli(subparsers) -> None:
     s.add_argument("checkpoint", help="a step_*.safetensors checkpoint, its checkpoints/ folder or the run folder")
     s.add_argument("--n", type=int, default=1000, help="number of samples")
     s.add_argument("--steps", type=int, default=100, help="solver steps (ignored by dopri5)")
-    s.add_argument("--solver", default="euler", choices=METHODS)
+    s.add_argument("--solver", default="euler", choices=SAMPLE_SOLVERS,
+                   help="an ODE method, or average: jumps x + h u(t, x, h) of a few-step (MeanFlow) net")
     s.add_argument("--sde", type=float, default=0.0, metavar="EPS",
                    help="sample the SDE dX = (v + eps(t) score) dt + sqrt(2 eps(t)) dW, which has the ODE's marginals, "
                         "by Euler-Maruyama (replaces --solver); the score comes from the velocity, so the run must "

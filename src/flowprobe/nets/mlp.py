@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .embedding import timestep_embedding
+from .embedding import TIME_SCALE, timestep_embedding
 
 __all__ = ["MLP"]
 
@@ -15,31 +15,47 @@ _ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Ta
 class MLP(nn.Module):
     """v(t, x) = MLP([x, emb(t)]), with ``depth`` hidden layers of ``width`` units.
 
-    ``time_embed_dim``: size of the sinusoidal embedding of 1000 t (0 feeds raw t as one input).
+    ``time_embed_dim``: size of the sinusoidal embedding of ``time_scale`` t (default 1000 t; 0 feeds raw t as
+    one input).
+    ``step_embed``: also take a step h (``net(t, x, h)``, the average velocity over [t, t + h] of few-step
+    objectives such as MeanFlow): [x, emb(t), emb(h)]. The first layer's weights on emb(h) start at zero,
+    so the new net starts as a velocity field, and h = 0 (or None) is the instantaneous velocity.
     """
 
     def __init__(self, dim: int, width: int = 256, depth: int = 3, time_embed_dim: int = 32,
-                 activation: str = "silu", out_dim: int | None = None):
+                 activation: str = "silu", out_dim: int | None = None, step_embed: bool = False,
+                 time_scale: float = TIME_SCALE):
         super().__init__()
         if dim < 1 or width < 1 or depth < 1 or time_embed_dim < 0:
             raise ValueError("dim, width and depth must be >= 1 and time_embed_dim >= 0")
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
-        self.dim, self.time_embed_dim = dim, time_embed_dim
+        self.dim, self.time_embed_dim, self.step_embed = dim, time_embed_dim, bool(step_embed)
+        self.time_scale = float(time_scale)
         act = _ACTIVATIONS[activation]
         layers: list[nn.Module] = []
-        n_in = dim + max(time_embed_dim, 1)
+        n_time = max(time_embed_dim, 1)
+        n_in = dim + n_time * (2 if step_embed else 1)
         for _ in range(depth):
             layers += [nn.Linear(n_in, width), act()]
             n_in = width
         layers.append(nn.Linear(n_in, out_dim or dim))
         self.net = nn.Sequential(*layers)
+        if step_embed:
+            with torch.no_grad():
+                self.net[0].weight[:, dim + n_time:] = 0
 
-    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+    def _embed(self, t: Tensor, x: Tensor) -> Tensor:
+        t = torch.as_tensor(t, device=x.device)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        if self.time_embed_dim:
-            te = timestep_embedding(t, self.time_embed_dim)
-        else:
-            te = t[:, None]
-        return self.net(torch.cat([x, te.to(x.dtype)], dim=-1))
+        te = timestep_embedding(t, self.time_embed_dim, scale=self.time_scale) if self.time_embed_dim else t[:, None]
+        return te.to(x.dtype)
+
+    def forward(self, t: Tensor, x: Tensor, h: Tensor | None = None) -> Tensor:
+        parts = [x, self._embed(t, x)]
+        if self.step_embed:
+            parts.append(self._embed(torch.zeros(()) if h is None else h, x))
+        elif h is not None:
+            raise ValueError("this net has no step input (build it with step_embed=True)")
+        return self.net(torch.cat(parts, dim=-1))

@@ -204,6 +204,10 @@ class UNet(nn.Module):
         time_embed_scale: t is multiplied by this before the sinusoidal embedding (1000 by default).
         num_groups: GroupNorm groups (32 in ADM; smaller for very narrow nets).
         conv_resample: use convolutions in the plain up/down-sampling layers.
+        step_embed: also take a step h (``net(t, x, h)``, the average velocity over [t, t + h] of few-step
+            objectives such as MeanFlow): a second embedding MLP of h, added to the time embedding. Its last
+            layer starts at zero, so the new net starts as a velocity field; h = 0 (or None) is the
+            instantaneous velocity.
     """
 
     def __init__(self, image_size: int = 32, in_channels: int = 3, model_channels: int = 128,
@@ -211,7 +215,7 @@ class UNet(nn.Module):
                  attention_resolutions: Iterable[int] = (16,), dropout: float = 0.1, num_heads: int = 4,
                  num_head_channels: int | None = 64, use_scale_shift_norm: bool = True,
                  resblock_updown: bool = False, time_embed_scale: float = TIME_SCALE, num_groups: int = 32,
-                 conv_resample: bool = True):
+                 conv_resample: bool = True, step_embed: bool = False):
         super().__init__()
         channel_mult = tuple(int(m) for m in channel_mult)
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
@@ -231,6 +235,10 @@ class UNet(nn.Module):
         self.time_embed_scale = float(time_embed_scale)
         emb_dim = 4 * model_channels
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.step_embed = None
+        if step_embed:
+            self.step_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(),
+                                            _zero(nn.Linear(emb_dim, emb_dim)))
 
         def res(cin: int, cout: int, updown: str | None = None) -> ResBlock:
             return ResBlock(cin, emb_dim, cout, dropout, use_scale_shift_norm, updown, num_groups)
@@ -267,13 +275,21 @@ class UNet(nn.Module):
         self.out = nn.Sequential(_norm(ch, num_groups), nn.SiLU(), _zero(nn.Conv2d(ch, self.out_channels, 3,
                                                                                    padding=1)))
 
-    def forward(self, t: Tensor | float, x: Tensor) -> Tensor:
-        """v(t, x): t of shape (B,) (or a scalar, broadcast to the batch), x of shape (B, C, H, W)."""
+    def _embed(self, t: Tensor | float, x: Tensor, mlp: nn.Sequential) -> Tensor:
         t = torch.as_tensor(t, device=x.device)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         emb = timestep_embedding(t, self.model_channels, scale=self.time_embed_scale)
-        emb = self.time_embed(emb.to(self.time_embed[0].weight.dtype))
+        return mlp(emb.to(mlp[0].weight.dtype))
+
+    def forward(self, t: Tensor | float, x: Tensor, h: Tensor | float | None = None) -> Tensor:
+        """v(t, x): t of shape (B,) (or a scalar, broadcast to the batch), x of shape (B, C, H, W); with
+        ``step_embed``, u(t, x, h), the average velocity over [t, t + h] (h = None means 0)."""
+        emb = self._embed(t, x, self.time_embed)
+        if self.step_embed is not None:
+            emb = emb + self._embed(0.0 if h is None else h, x, self.step_embed)
+        elif h is not None:
+            raise ValueError("this net has no step input (build it with step_embed=True)")
         h = self.input_conv(x)
         skips = [h]
         for block in self.down:
