@@ -150,6 +150,18 @@ def test_sample_with_the_sde(tmp_path, capsys):
     assert ra["source_std"] == 1.5 and ra["nfe"] == 8 and rc["solver"] == "euler" and "diffusion" not in rc
     assert np.array_equal(a, b) and not np.allclose(a, c) and np.isfinite(a).all()
 
+    # a Bellman-optimal Euler grid, recorded with what it cost; refused for a method it does not optimise
+    f = tmp_path / "opt.npy"
+    assert main(["sample", str(run), "--n", "50", "--steps", "4", "--schedule", "optimal", "--out", str(f)]) == 0
+    rec = json.loads(f.with_suffix(".json").read_text())
+    grid = rec["grid"]
+    assert rec["schedule"] == "optimal" and len(grid) == 5 and grid[0] == 0 and grid[-1] == 1
+    assert grid == sorted(grid) and rec["schedule_nfe"] == 17 * 64 and rec["nfe"] == 4
+    capsys.readouterr()
+    assert main(["sample", str(run), "--n", "5", "--steps", "4", "--schedule", "optimal", "--solver", "heun",
+                 "--out", str(f)]) == 2
+    assert "Euler" in capsys.readouterr().err
+
     other = tmp_path / "ot"  # the packaged toy: minibatch OT from eight Gaussians
     assert main(["train", "--out", str(other), *TINY, "--set", "sample.plot=false"]) == 0
     capsys.readouterr()

@@ -21,6 +21,8 @@ TINY = {
     "reflow": ["width=16", "steps=10", "base_steps=10", "n_pairs=32", "n_eval=32", "solver_steps=4", "rounds=2",
                "batch_size=16", "floor=true"],
     "forward-backward": ["width=16", "steps=10", "n_samples=8", "times=[0.01, 0.5, 0.99]", "dim=4", "batch_size=16"],
+    "few-step": ["width=16", "mem_width=16", "gauss_steps=10", "mem_steps=10", "n_eval=64", "n_pairs=16", "dim=3",
+                 "sigmas=[0, 1]", "jumps=[1, 2]", "solver_steps=4", "batch_size=16", "gauss_dim=3"],
 }
 
 
@@ -103,6 +105,21 @@ def test_forward_backward_pipeline(tmp_path):
     assert [c["held"] for c in control_crits] == [r["flat_spread"] <= 0.15 for r in control_runs]
     assert all("flat within +-0.15" in c["name"] for c in control_crits)
     assert (tmp_path / "gradvar_forward_backward.png").exists()
+
+
+def test_few_step_pipeline(tmp_path):
+    res = run_experiment("few-step", tmp_path, seed=0, overrides=TINY["few-step"], device="cpu", verbose=False)
+    gauss, mem = res["gaussian"], res["memorization"]
+    # cfm, meanflow, splitmeanflow at the main time scale, and meanflow again at the extra one
+    assert [(r["objective"], r["time_scale"]) for r in gauss] == [("cfm", 10.0), ("meanflow", 10.0),
+                                                                    ("splitmeanflow", 10.0), ("meanflow", 1000.0)]
+    for r in gauss:
+        assert r["jumps"] == [1, 2] and len(r["jump_error"]) == 2 and r["spread"] > 0
+    assert {(r["objective"], r["sigma"]) for r in mem} == {(o, s) for o in ("cfm", "meanflow", "splitmeanflow")
+                                                           for s in (0.0, 1.0)}
+    for r in mem:
+        assert 0 <= r["nn_acc_assigned_jump"] <= 1 and 0 <= r["nn_acc_assigned_ode"] <= 1
+    assert len(res["criteria"]) == 6 and (tmp_path / "few_step.png").stat().st_size > 0
 
 
 def test_flat_spread_is_the_narrowest_relative_band():

@@ -27,7 +27,8 @@ from torch import Tensor
 from .paths import LinearPath, Path, expand_like
 
 __all__ = ["SolveResult", "time_grid", "integrate", "integrate_sde", "velocity_to_score", "score_from_velocity",
-           "diffusion_schedule", "DIFFUSION_SCHEDULES", "integrate_average", "FIXED_STEP_METHODS", "METHODS",
+           "diffusion_schedule", "DIFFUSION_SCHEDULES", "integrate_average", "StepSchedule", "local_error_matrix",
+           "best_path", "optimal_schedule", "FIXED_STEP_METHODS", "METHODS",
            "ORDERS"]
 
 Field = Callable[[Tensor, Tensor], Tensor]
@@ -276,3 +277,89 @@ def integrate_average(net: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor
             states.append(x)
     traj = torch.stack(states) if states is not None else None
     return SolveResult(x, grid, grid.numel() - 1, "average", traj)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Step schedules chosen by dynamic programming (Bellman-optimal step sizes)
+
+
+@dataclass
+class StepSchedule:
+    """grid: the chosen K + 1 times; local_error: its summed one-step error along the reference trajectory (the
+    quantity minimised); candidates: the fine grid it was chosen from; nfe: evaluations spent choosing it."""
+
+    grid: Tensor
+    local_error: float
+    candidates: Tensor
+    nfe: int
+
+
+@torch.no_grad()
+def local_error_matrix(field: Field, x: Tensor, candidates: Tensor, reference_steps_per_interval: int = 4,
+                       chunk_size: int = 8192) -> tuple[Tensor, int]:
+    """E[i, j] (i < j) = mean_b || X_j - X_i - (c_j - c_i) v(c_i, X_i) ||^2: the error of one Euler step from c_i to
+    c_j started on the reference trajectory X (RK4 with ``reference_steps_per_interval`` steps per candidate
+    interval, from x at c_0). Entries with i >= j are +inf. Returns (E (N+1, N+1) float64 on the CPU, nfe)."""
+    candidates = _checked_grid(candidates, None, 0.0, 1.0, "uniform")
+    n = candidates.numel()
+    states, vs = [x], []
+    nfe = 0
+    for k in range(n - 1):
+        vs.append(field(_tvec(candidates[k], x), x))
+        nfe += 1
+        sub = torch.linspace(float(candidates[k]), float(candidates[k + 1]), reference_steps_per_interval + 1,
+                             dtype=torch.float64)
+        res = integrate(field, x, "rk4", grid=sub)
+        x = res.x
+        nfe += res.nfe
+        states.append(x)
+    err = torch.full((n, n), float("inf"), dtype=torch.float64)
+    flat = torch.stack([s.reshape(s.shape[0], -1) for s in states])  # (N+1, B, D)
+    b = flat.shape[1]
+    for i in range(n - 1):
+        vi = vs[i].reshape(b, -1)
+        h = (candidates[i + 1:] - candidates[i]).to(device=flat.device, dtype=flat.dtype)[:, None, None]
+        total = torch.zeros(n - 1 - i, dtype=torch.float64, device=flat.device)
+        for s in range(0, b, chunk_size):
+            d = flat[i + 1:, s:s + chunk_size] - flat[i, s:s + chunk_size] - h * vi[s:s + chunk_size]
+            total += d.double().pow(2).sum(dim=(1, 2))
+        err[i, i + 1:] = total.cpu() / b
+    return err, nfe
+
+
+def best_path(cost: Tensor, steps: int) -> tuple[list[int], float]:
+    """The path 0 = i_0 < i_1 < ... < i_K = N through a cost matrix (cost[i, j] for i < j) with exactly K = ``steps``
+    edges and the least summed cost (dynamic programming, O(K N^2)). Returns (indices, summed cost)."""
+    n = cost.shape[0]
+    if not (isinstance(steps, int) and 1 <= steps <= n - 1):
+        raise ValueError(f"steps must be an integer in [1, {n - 1}] for {n} candidate times, got {steps!r}")
+    inf = float("inf")
+    best = torch.full((steps + 1, n), inf, dtype=torch.float64)
+    arg = torch.full((steps + 1, n), -1, dtype=torch.long)
+    best[0, 0] = 0.0
+    for k in range(1, steps + 1):
+        # best[k, j] = min_i best[k-1, i] + cost[i, j]
+        total = best[k - 1][:, None] + cost
+        best[k], arg[k] = total.min(dim=0)
+    path = [n - 1]
+    for k in range(steps, 0, -1):
+        path.append(int(arg[k, path[-1]]))
+    path.reverse()
+    return path, float(best[steps, n - 1])
+
+
+def optimal_schedule(field: Field, x: Tensor, steps: int, candidates: int | Tensor = 64, t0: float = 0.0,
+                     t1: float = 1.0, reference_steps_per_interval: int = 4) -> StepSchedule:
+    """A ``steps``-step Euler grid from t0 to t1 chosen among ``candidates`` (a number of uniform intervals, or an
+    explicit grid) to minimise the summed one-step error along the reference trajectories of the samples ``x``
+    (:func:`local_error_matrix`, :func:`best_path`), as in Bellman-optimal step-size straightening. The result
+    is a grid for :func:`integrate` (``grid=``); a uniform grid whose points are candidates is among those
+    searched, so the chosen grid's summed local error is never larger than the uniform one's."""
+    if isinstance(candidates, int):
+        if candidates < steps:
+            raise ValueError(f"candidates ({candidates}) must be >= steps ({steps})")
+        candidates = time_grid(candidates, t0, t1)
+    err, nfe = local_error_matrix(field, x, candidates, reference_steps_per_interval)
+    path, total = best_path(err, steps)
+    cand = _checked_grid(candidates, None, t0, t1, "uniform")
+    return StepSchedule(cand[path], total, cand, nfe)

@@ -11,9 +11,10 @@ from torch import Tensor, nn
 from ..config import option
 
 from ..nets import MLP
-from ..objectives import CFMObjective
+from ..nets.embedding import TIME_SCALE
+from ..objectives import make_objective
 from ..paths import make_path
-from ..solvers import integrate
+from ..solvers import integrate, integrate_average
 from ..train import fit
 
 __all__ = ["MixtureFlowOptions", "train_velocity", "push_forward", "run_seed"]
@@ -46,15 +47,20 @@ def run_seed(ctx, offset: int) -> int:
 
 def train_velocity(dim: int, coupling, sigma: float, *, width: int, depth: int, steps: int, batch_size: int,
                    lr: float, seed: int, device, reduction: str = "mean", schedule: str = "constant",
-                   time_embed_dim: int = 32, lr_schedule: str = "cosine") -> tuple[nn.Module, list]:
+                   time_embed_dim: int = 32, lr_schedule: str = "cosine", objective: str = "cfm",
+                   jump_fraction: float = 0.25, time_scale: float = TIME_SCALE) -> tuple[nn.Module, list]:
     """Fit an MLP velocity v(t, x) with the CFM objective of path ``make_path(sigma, schedule)`` on
-    ``coupling``; returns (net in eval mode, per-step losses). The net is initialised from ``seed``."""
+    ``coupling`` (or, with ``objective`` meanflow / splitmeanflow, an MLP of the average velocity u(t, x, h)
+    with a step input); returns (net in eval mode, per-step losses). The net is initialised from ``seed``."""
+    few_step = objective != "cfm"
     with torch.random.fork_rng(devices=[]):  # seeded initialisation, global RNG left untouched
         torch.manual_seed(seed)
-        net = MLP(dim, width, depth, time_embed_dim)
+        net = MLP(dim, width, depth, time_embed_dim, step_embed=few_step, time_scale=time_scale)
     net = net.to(device)
-    state = fit(net, coupling, CFMObjective(make_path(sigma, schedule), reduction=reduction), steps=steps,
-                batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, seed=seed, device=device)
+    obj = make_objective(objective, make_path(sigma, schedule), reduction,
+                         **({"jump_fraction": jump_fraction} if few_step else {}))
+    state = fit(net, coupling, obj, steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, seed=seed,
+                device=device)
     model = state.model
     model.eval()
     return model, state.losses
@@ -63,7 +69,12 @@ def train_velocity(dim: int, coupling, sigma: float, *, width: int, depth: int, 
 @torch.no_grad()
 def push_forward(net: nn.Module, x0: Tensor, method: str = "rk4", steps: int = 50, chunk_size: int = 8192,
                  t0: float = 0.0, t1: float = 1.0) -> Tensor:
-    """Phi(x0): integrate dx/dt = net(t, x) from t0 to t1, ``chunk_size`` rows at a time."""
-    outs = [integrate(net, x0[s:s + chunk_size], method=method, steps=steps, t0=t0, t1=t1).x
-            for s in range(0, x0.shape[0], chunk_size)]
+    """Phi(x0): integrate dx/dt = net(t, x) from t0 to t1, ``chunk_size`` rows at a time; ``method="average"``
+    jumps with an average-velocity net instead (:func:`flowprobe.solvers.integrate_average`)."""
+    def solve(x):
+        if method == "average":
+            return integrate_average(net, x, steps=steps, t0=t0, t1=t1).x
+        return integrate(net, x, method=method, steps=steps, t0=t0, t1=t1).x
+
+    outs = [solve(x0[s:s + chunk_size]) for s in range(0, x0.shape[0], chunk_size)]
     return torch.cat(outs)

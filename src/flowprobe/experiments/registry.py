@@ -27,6 +27,7 @@ EXPERIMENT_MODULES = [
     "flowprobe.experiments.forward_backward",
     "flowprobe.experiments.celeba",
     "flowprobe.experiments.cifar_gradvar",
+    "flowprobe.experiments.few_step",
 ]
 
 
