@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from flowprobe.couplings import IndependentCoupling
+from flowprobe.couplings import IndependentCoupling, WeightedCoupling
 from flowprobe.data.toy import EightGaussians, StandardGaussian
 from flowprobe.nets import MLP
 from flowprobe.objectives import make_objective
@@ -11,14 +11,16 @@ from flowprobe.paths import StochasticPath
 
 
 def make_tiny_problem(seed: int = 0, dtype=torch.float32, sigma: float = 0.1, width: int = 32,
-                      objective: str = "cfm"):
+                      objective: str = "cfm", weighted: bool = False):
     """N(0, I) -> eight Gaussians with a stochastic path (so the noise draw matters), a small MLP. ``objective``:
-    cfm, or a few-step objective (then the MLP takes a step input)."""
+    cfm, or a few-step objective (then the MLP takes a step input); ``weighted``: W-CFM weights on the pairs."""
     torch.manual_seed(seed)
     few_step = objective != "cfm"
     net = MLP(2, width=width, depth=2, time_embed_dim=8, step_embed=few_step, time_scale=10.0 if few_step else 1000.0)
     net = net.to(dtype)
     coupling = IndependentCoupling(StandardGaussian(dtype=dtype), EightGaussians(dtype=dtype))
+    if weighted:
+        coupling = WeightedCoupling(coupling, 8.0)
     return net, coupling, make_objective(objective, StochasticPath(sigma), reduction="mean", **(
         {} if objective == "cfm" else {"jump_fraction": 0.5}))
 

@@ -26,7 +26,7 @@ def _worker(rank: int, world: int, port: int, out: str, kind: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         # rank 1 starts from other weights: DDP must broadcast rank 0's before the first step
-        net, coupling, objective = make_tiny_problem(seed=rank, dtype=torch.float64, objective=kind)
+        net, coupling, objective = _problem(rank, kind)
         rows = []
         net.net[0].register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
         state = fit(net, coupling, objective, log_path=os.path.join(out, "metrics.jsonl"),
@@ -48,7 +48,14 @@ def _free_port() -> int:
 
 # forward passes of the net per optimiser step: CFM one; MeanFlow two under DDP (the JVP on the inner module,
 # the prediction through DDP); SplitMeanFlow three (the prediction and the two halves of the split target)
-FORWARDS = {"cfm": 1, "meanflow": 2, "splitmeanflow": 3}
+FORWARDS = {"cfm": 1, "meanflow": 2, "splitmeanflow": 3, "cfm-weighted": 1}
+
+
+def _problem(seed, kind):
+    """The tiny problem for ``kind``: an objective name, or cfm-weighted (W-CFM weights, normalised over the
+    global batch so that the ranks' means average to the single-process loss)."""
+    return make_tiny_problem(seed=seed, dtype=torch.float64, objective=kind.removesuffix("-weighted"),
+                             weighted=kind.endswith("-weighted"))
 
 
 @pytest.mark.parametrize("kind", list(FORWARDS))
@@ -63,7 +70,7 @@ def test_two_process_ddp_equals_single_process(tmp_path, kind):
                 p.kill()
             pytest.fail("DDP workers did not finish in 120 s")
 
-    net, coupling, objective = make_tiny_problem(seed=0, dtype=torch.float64, objective=kind)
+    net, coupling, objective = _problem(0, kind)
     single = fit(net, coupling, objective, **KW)
     r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
     for k, v in net.state_dict().items():
@@ -77,7 +84,7 @@ def test_two_process_ddp_equals_single_process(tmp_path, kind):
     assert info["rows"] == [8] * 8 * FORWARDS[kind]  # each rank runs the net on its half of the global batch of 16
     assert info["losses"] == pytest.approx(single.losses, rel=1e-10)
     # and the parameters did move: equality is not that of two untouched nets
-    init, _, _ = make_tiny_problem(seed=0, dtype=torch.float64, objective=kind)
+    init, _, _ = _problem(0, kind)
     assert not torch.allclose(next(init.parameters()), next(net.parameters()))
     # rank 0 alone writes logs and checkpoints
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

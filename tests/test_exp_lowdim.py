@@ -159,11 +159,14 @@ MUST_HOLD = {
     "reflow": lambda name: "straightens" in name,
     "forward-backward": lambda name: not name.startswith("control"),
     "gmm": lambda name: "Generalization" in name,
+    # few-step: the Gaussian flow-map criteria and CFM's memorisation; whether the ODE of a MeanFlow-type net's
+    # h = 0 field memorises within the quick budget varies with the seed (0.89-0.99) and is reported
+    "few-step": lambda name: not name.startswith(("meanflow, sigma", "splitmeanflow, sigma")),
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["pair-memorization", "gmm", "reflow", "forward-backward"])
+@pytest.mark.parametrize("name", ["pair-memorization", "gmm", "reflow", "forward-backward", "few-step"])
 def test_quick_experiment_criteria_hold(name, tmp_path):
     res = run_experiment(name, tmp_path, quick=True, seed=0, device="cpu", verbose=False)
     checked = [c for c in res["criteria"] if MUST_HOLD[name](c["name"])]

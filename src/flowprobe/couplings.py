@@ -9,6 +9,8 @@ itself. Every draw takes an explicit ``torch.Generator``.
 - :class:`MinibatchOTCoupling`: independent minibatches re-paired by exact OT (a permutation, no
   duplicate pairs) or entropic OT (POT's Sinkhorn; each source row draws one partner from its row of
   the plan).
+- :class:`WeightedCoupling`: the pairs of another coupling with Gibbs weights exp(-||x0 - x1||^2 / eps)
+  (weighted CFM, W-CFM): the objectives weight each pair's loss by them.
 
 ``ot_permutation`` and ``sinkhorn_pairing`` are the functional forms of the minibatch solvers.
 """
@@ -24,23 +26,26 @@ from torch import Tensor
 
 __all__ = [
     "Pairing", "Sampler", "GaussianSampler", "TensorSampler", "IndependentCoupling", "FixedPairs",
-    "MinibatchOTCoupling", "SwappedCoupling", "ot_permutation", "sinkhorn_pairing", "squared_distances",
+    "MinibatchOTCoupling", "SwappedCoupling", "WeightedCoupling", "ot_permutation", "sinkhorn_pairing",
+    "squared_distances",
 ]
 
 
 @dataclass
 class Pairing:
     """A batch of pairs. ``x0[k]`` is paired with ``x1[k]``; ``i0[k]`` and ``i1[k]`` index the pools
-    they came from (for a fresh Gaussian draw, i0 is the position in that draw)."""
+    they came from (for a fresh Gaussian draw, i0 is the position in that draw). ``weights`` (optional,
+    positive, any scale): how much each pair counts in the loss (:class:`WeightedCoupling`)."""
 
     x0: Tensor
     x1: Tensor
     i0: Tensor
     i1: Tensor
+    weights: Tensor | None = None
 
     def swapped(self) -> "Pairing":
         """The same pairs with source and target exchanged (for a backward, target->source field)."""
-        return Pairing(self.x1, self.x0, self.i1, self.i0)
+        return Pairing(self.x1, self.x0, self.i1, self.i0, self.weights)
 
 
 class Sampler(Protocol):
@@ -218,3 +223,34 @@ class SwappedCoupling:
     def describe(self) -> dict:
         inner = self.base.describe() if hasattr(self.base, "describe") else {}
         return {"coupling": "swapped", "base": inner}
+
+
+class WeightedCoupling:
+    """Weighted CFM (W-CFM): the pairs of ``base`` (usually independent) with Gibbs weights
+
+        w(x0, x1) = exp(-||x0 - x1||^2 / epsilon),
+
+    which the objectives use as per-pair loss weights (normalised by their sum over the batch). Minimising
+    the weighted loss is minimising the plain loss under the coupling pi_eps(x0, x1) proportional to
+    base(x0, x1) w(x0, x1): an entropic-OT-like coupling whose marginals are tilted away from the base's
+    (for Gaussians in closed form: :func:`flowprobe.gaussian.gibbs_tilted_coupling`). ||x0 - x1||^2 is summed over
+    all dimensions, so ``epsilon`` should grow with the dimension. Weights are computed relative to the
+    batch's smallest distance, so they never underflow to all zeros.
+    """
+
+    weighted = True
+
+    def __init__(self, base, epsilon: float):
+        if not (isinstance(epsilon, (int, float)) and np.isfinite(epsilon) and epsilon > 0):
+            raise ValueError(f"epsilon must be a finite number > 0, got {epsilon!r}")
+        self.base, self.epsilon = base, float(epsilon)
+
+    def sample(self, n: int, generator: torch.Generator) -> Pairing:
+        p = self.base.sample(n, generator)
+        d2 = (p.x0 - p.x1).reshape(p.x0.shape[0], -1).pow(2).sum(1)
+        w = torch.exp(-(d2 - d2.min()) / self.epsilon)
+        return Pairing(p.x0, p.x1, p.i0, p.i1, w)
+
+    def describe(self) -> dict:
+        inner = self.base.describe() if hasattr(self.base, "describe") else {}
+        return {"coupling": "weighted", "epsilon": self.epsilon, "base": inner}

@@ -44,6 +44,7 @@ __all__ = [
     "sqrtm_psd", "rotation_matrix", "gaussian_ot_matrix", "gaussian_ot_map", "bures_wasserstein_squared",
     "bures_wasserstein", "lemma_one_field", "LemmaOneField", "linear_coupling_field", "antipodal_field",
     "antipodal_irreducible_loss", "GaussianCoupling", "LinearGaussianCoupling", "IndependentGaussianCoupling",
+    "JointGaussianCoupling", "gibbs_tilted_coupling",
     "lemma_one_gradient_moments", "lemma_one_per_sample_gradients",
 ]
 
@@ -509,6 +510,53 @@ class IndependentGaussianCoupling(GaussianCoupling):
 # ----------------------------------------------------------------------------------------------------------------
 # Loss and gradient variance of the Lemma-1 family, in closed form
 # ----------------------------------------------------------------------------------------------------------------
+
+class JointGaussianCoupling(GaussianCoupling):
+    """Any jointly Gaussian coupling, given by its moments (m0, S00, m1, S11, S01 = Cov(x0, x1)); draws come from
+    the Cholesky factor of the joint covariance. Its closed forms are those of :class:`GaussianCoupling`."""
+
+    def __init__(self, m0, S00, m1, S11, S01, dtype: torch.dtype = torch.float64, device=None, name: str = "joint"):
+        d = torch.as_tensor(m0).shape[0]
+        super().__init__(m0, S00, m1, S11, S01, dtype, device)
+        joint = torch.cat([torch.cat([self.S00, self.S01], 1), torch.cat([self.S01.T, self.S11], 1)], 0)
+        self._chol = torch.linalg.cholesky(_sym(joint))
+        self._d, self.name = d, name
+
+    def sample(self, n: int, generator: torch.Generator) -> Pairing:
+        z = torch.randn(n, 2 * self._d, generator=generator, device=generator.device, dtype=self.dtype).to(self.device)
+        xy = z @ self._chol.T
+        idx = torch.arange(n, device=self.device)
+        return Pairing(self.m0 + xy[:, :self._d], self.m1 + xy[:, self._d:], idx, idx)
+
+    def describe(self) -> dict:
+        return {"coupling": "joint_gaussian", "name": self.name}
+
+
+def gibbs_tilted_coupling(m0, S0, m1, S1, epsilon: float, dtype: torch.dtype = torch.float64,
+                          device=None) -> JointGaussianCoupling:
+    """The coupling that weighted CFM trains on, for independent Gaussian endpoints: density proportional to
+    N(x0; m0, S0) N(x1; m1, S1) exp(-||x0 - x1||^2 / epsilon) (:class:`flowprobe.couplings.WeightedCoupling` over an
+    independent coupling). It is Gaussian with precision and mean
+
+        P = [[S0^{-1} + (2/eps) I, -(2/eps) I], [-(2/eps) I, S1^{-1} + (2/eps) I]],
+        mu = P^{-1} [S0^{-1} m0; S1^{-1} m1],
+
+    so its marginals are tilted toward each other: neither is N(m0, S0) or N(m1, S1) (eps -> infinity recovers the
+    independent coupling)."""
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
+    m0, m1 = (torch.as_tensor(v, dtype=dtype, device=device) for v in (m0, m1))
+    S0, S1 = (torch.as_tensor(v, dtype=dtype, device=device) for v in (S0, S1))
+    d = m0.shape[0]
+    eye = torch.eye(d, dtype=dtype, device=device)
+    k = 2.0 / float(epsilon)
+    P0, P1 = torch.linalg.inv(S0), torch.linalg.inv(S1)
+    P = torch.cat([torch.cat([P0 + k * eye, -k * eye], 1), torch.cat([-k * eye, P1 + k * eye], 1)], 0)
+    cov = _sym(torch.linalg.inv(P))
+    mean = cov @ torch.cat([P0 @ m0, P1 @ m1])
+    return JointGaussianCoupling(mean[:d], cov[:d, :d], mean[d:], cov[d:, d:], cov[:d, d:], dtype, device,
+                                 name=f"gibbs_tilted(eps={float(epsilon):g})")
+
 
 def lemma_one_per_sample_gradients(t: Tensor, x_t: Tensor, u_t: Tensor, theta: Tensor, Theta: Tensor):
     """Per-sample gradients of l = ||u_t - v(x_t, t)||^2 for the Lemma-1 field, written out.

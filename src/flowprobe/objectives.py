@@ -25,8 +25,9 @@ from torch import Tensor
 from .couplings import Pairing
 from .paths import Path, expand_like
 
-__all__ = ["squared_error", "cfm_sample_loss", "cfm_losses", "CFMObjective", "sample_times", "sample_intervals",
-           "AverageVelocityObjective", "MeanFlowObjective", "SplitMeanFlowObjective", "OBJECTIVES", "make_objective"]
+__all__ = ["squared_error", "cfm_sample_loss", "cfm_losses", "CFMObjective", "weighted_mean", "sample_times",
+           "sample_intervals", "AverageVelocityObjective", "MeanFlowObjective", "SplitMeanFlowObjective", "OBJECTIVES",
+           "make_objective"]
 
 REDUCTIONS = ("sum", "mean")
 
@@ -56,6 +57,15 @@ def cfm_losses(net: Callable[[Tensor, Tensor], Tensor], t: Tensor, x_t: Tensor, 
                reduction: str = "sum") -> Tensor:
     """Per-sample CFM losses of a batch, shape (B,)."""
     return squared_error(net(t, x_t), u_t, reduction)
+
+
+def weighted_mean(losses: Tensor, weights: Tensor | None) -> Tensor:
+    """sum_i w_i l_i / sum_i w_i, or the plain mean when ``weights`` is None."""
+    if weights is None:
+        return losses.mean()
+    if weights.shape != losses.shape:
+        raise ValueError(f"weights must have shape {tuple(losses.shape)}, got {tuple(weights.shape)}")
+    return (weights * losses).sum() / weights.sum()
 
 
 def sample_times(n: int, generator: torch.Generator, device=None, dtype=torch.float32,
@@ -98,14 +108,10 @@ class CFMObjective:
 
     def __call__(self, net, pairing: Pairing, generator: torch.Generator, weights: Tensor | None = None,
                  t: Tensor | None = None) -> Tensor:
-        """Scalar batch loss: mean_i w_i l_i / mean_i w_i (plain mean without weights)."""
+        """Scalar batch loss: mean_i w_i l_i / mean_i w_i (plain mean without weights); ``weights`` default to
+        the pairing's own (:class:`~flowprobe.couplings.WeightedCoupling`)."""
         t, x_t, u_t = self.draw(pairing, generator, t)
-        losses = self.losses(net, t, x_t, u_t)
-        if weights is None:
-            return losses.mean()
-        if weights.shape != losses.shape:
-            raise ValueError(f"weights must have shape {tuple(losses.shape)}, got {tuple(weights.shape)}")
-        return (weights * losses).sum() / weights.sum()
+        return weighted_mean(self.losses(net, t, x_t, u_t), pairing.weights if weights is None else weights)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -181,11 +187,7 @@ class AverageVelocityObjective:
     def __call__(self, net, pairing: Pairing, generator: torch.Generator, weights: Tensor | None = None,
                  t: Tensor | None = None, h: Tensor | None = None) -> Tensor:
         losses = self.losses(net, *self.draw(pairing, generator, t, h))
-        if weights is None:
-            return losses.mean()
-        if weights.shape != losses.shape:
-            raise ValueError(f"weights must have shape {tuple(losses.shape)}, got {tuple(weights.shape)}")
-        return (weights * losses).sum() / weights.sum()
+        return weighted_mean(losses, pairing.weights if weights is None else weights)
 
     def describe(self) -> dict:
         return {"objective": self.name, "reduction": self.reduction, "jump_fraction": self.jump_fraction,

@@ -179,17 +179,26 @@ def _batch_fns(objective, coupling, generator, batch_size: int, rank: int, world
         return next_pairing, pairing_loss
     per = batch_size // world
     sl = slice(rank * per, (rank + 1) * per)
+    weighted = bool(getattr(coupling, "weighted", False))
 
     def next_batch():
-        batch = objective.draw(coupling.sample(batch_size, generator), generator)  # (t, x_t, u_t) for CFM
+        pairing = coupling.sample(batch_size, generator)
+        batch = objective.draw(pairing, generator)  # (t, x_t, u_t) for CFM
+        if weighted:  # w_i B / sum w: the rank means of w_i l_i average to sum_i w_i l_i / sum_i w_i
+            w = pairing.weights
+            batch = (*batch, w * (w.shape[0] / w.sum()))
         if world > 1:
             batch = tuple(v[sl] for v in batch)
         if channels_last:
             batch = tuple(v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for v in batch)
         return batch
 
-    def cfm_loss(model, *batch):
-        return objective.losses(model, *batch).mean()
+    if weighted:
+        def cfm_loss(model, *batch):
+            return (batch[-1] * objective.losses(model, *batch[:-1])).mean()
+    else:
+        def cfm_loss(model, *batch):
+            return objective.losses(model, *batch).mean()
 
     return next_batch, cfm_loss
 
@@ -493,7 +502,7 @@ class ModelConfig:
     ``image_size`` and ``in_channels`` set from the data and the optional overrides (None keeps the preset's
     value); attention resolutions the image does not reach are dropped. ``time_scale``: the embedding sees
     ``time_scale`` t (and the step h); MeanFlow's JVP differentiates through it, and 1000 made MeanFlow diverge
-    on a 2-D Gaussian where 10 or less trained well (docs/few-step.md)."""
+    on a 2-D Gaussian where 10 or less trained well (docs/neighbours.md)."""
 
     arch: str = option("mlp", choices=("mlp", "unet"))
     width: int = option(256, ge=1)
