@@ -199,3 +199,17 @@ def test_train_and_sample_a_few_step_objective(tmp_path, capsys, kind):
     assert main(["train", "--out", str(tmp_path / "x"), *TINY, "--set", "sample.solver=average"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all("average" in line for line in err)
+
+
+def test_train_with_weighted_pairs(tmp_path, capsys):
+    """coupling.weight_epsilon trains weighted CFM on any coupling kind, is recorded, and rules out --sde."""
+    run = tmp_path / "run"
+    extra = ["--set", "coupling.kind=independent", "--set", "coupling.weight_epsilon=4", "--set", "sample.plot=false",
+             "--set", "data.source=gaussian", "--set", "data.source_params={}"]
+    assert main(["train", "--out", str(run), *TINY, *extra]) == 0
+    info = json.loads((run / "run.json").read_text())
+    assert info["coupling"] == {"coupling": "weighted", "epsilon": 4.0, "base": {"coupling": "independent"}}
+    capsys.readouterr()
+    assert main(["sample", str(run), "--n", "5", "--steps", "2", "--sde", "0.5", "--out", str(tmp_path / "x.npy")]) == 2
+    assert "weighted" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "bad"), *TINY, "--set", "coupling.weight_epsilon=0"]) == 2

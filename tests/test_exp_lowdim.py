@@ -159,14 +159,15 @@ MUST_HOLD = {
     "reflow": lambda name: "straightens" in name,
     "forward-backward": lambda name: not name.startswith("control"),
     "gmm": lambda name: "Generalization" in name,
-    # few-step: the Gaussian flow-map criteria and CFM's memorisation; whether the ODE of a MeanFlow-type net's
-    # h = 0 field memorises within the quick budget varies with the seed (0.89-0.99) and is reported
-    "few-step": lambda name: not name.startswith(("meanflow, sigma", "splitmeanflow, sigma")),
 }
+# few-step (beyond the paper) is not run here: its quick run takes 100 s, and its Gaussian criteria are asserted
+# with the same protocol by tests/test_meanflow.py::test_few_step_objectives_learn_the_one_step_map. Its quick
+# runs for seeds 0-2 met every Gaussian criterion and CFM's memorisation; the ODE of a MeanFlow net's h = 0 field
+# memorised 0.89-0.97 (docs/neighbours.md).
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["pair-memorization", "gmm", "reflow", "forward-backward", "few-step"])
+@pytest.mark.parametrize("name", ["pair-memorization", "gmm", "reflow", "forward-backward"])
 def test_quick_experiment_criteria_hold(name, tmp_path):
     res = run_experiment(name, tmp_path, quick=True, seed=0, device="cpu", verbose=False)
     checked = [c for c in res["criteria"] if MUST_HOLD[name](c["name"])]

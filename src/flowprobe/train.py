@@ -530,11 +530,13 @@ class PathConfig:
 @dataclass
 class CouplingConfig:
     """How pairs are drawn: independent, minibatch OT (exact, lsa or sinkhorn with ``reg``), or fixed pairs
-    (needs ``data.n_train``)."""
+    (needs ``data.n_train``). ``weight_epsilon``: weight each pair's loss by exp(-||x0 - x1||^2 / eps) (weighted
+    CFM, :class:`flowprobe.couplings.WeightedCoupling`; the trained marginals are tilted, docs/neighbours.md)."""
 
     kind: str = option("independent", choices=("independent", "minibatch_ot", "fixed_pairs"))
     method: str = option("exact", choices=("exact", "lsa", "sinkhorn"))
     reg: float = option(0.05, gt=0)
+    weight_epsilon: float | None = option(None, gt=0)
 
 
 @dataclass
@@ -759,7 +761,7 @@ def build_data(cfg: TrainConfig, device: str | torch.device = "cpu", progress: b
             coupling = MinibatchOTCoupling(source, target, cfg.coupling.method, cfg.coupling.reg)
         else:
             coupling = IndexedPairs(fixed_noise(len(images), shape, seed=cfg.seed + 1, device=device), images)
-        return coupling, source, target, shape
+        return _weighted(coupling, cfg), source, target, shape
     source = _make_sampler(cfg.data.source, cfg.data.source_params, "source", device)
     target = _make_sampler(cfg.data.target, cfg.data.target_params, "target", device)
     src, tgt = source, target
@@ -774,7 +776,14 @@ def build_data(cfg: TrainConfig, device: str | torch.device = "cpu", progress: b
         coupling = MinibatchOTCoupling(src, tgt, cfg.coupling.method, cfg.coupling.reg)
     else:
         coupling = FixedPairs(src.data, tgt.data)
-    return coupling, source, target, (2,)
+    return _weighted(coupling, cfg), source, target, (2,)
+
+
+def _weighted(coupling, cfg: TrainConfig):
+    from .couplings import WeightedCoupling
+
+    eps = cfg.coupling.weight_epsilon
+    return coupling if eps is None else WeightedCoupling(coupling, eps)
 
 
 def build_objective(cfg: TrainConfig):
@@ -938,9 +947,11 @@ def _sde_options(cfg: TrainConfig, diffusion: float, schedule: str) -> dict:
         raise ConfigError(f"--sde-schedule: {schedule!r} is not allowed; choose from {', '.join(DIFFUSION_SCHEDULES)}")
     if not (math.isfinite(diffusion) and diffusion > 0):
         raise ConfigError(f"--sde: the diffusion must be a finite number > 0, got {diffusion!r}")
-    if cfg.coupling.kind != "independent":
+    if cfg.coupling.kind != "independent" or cfg.coupling.weight_epsilon is not None:
+        used = (f"coupling.kind: {cfg.coupling.kind}" if cfg.coupling.kind != "independent"
+                else "weighted pairs (coupling.weight_epsilon)")
         raise ConfigError(f"--sde: the score is derived from the velocity, which needs the source drawn independently "
-                          f"of the target; this run used coupling.kind: {cfg.coupling.kind}")
+                          f"of the target; this run used {used}")
     if cfg.data.dataset is not None:
         source_std = 1.0
     elif cfg.data.source == "gaussian":
