@@ -191,6 +191,14 @@ def test_train_and_sample_a_few_step_objective(tmp_path, capsys, kind):
     assert np.load(out).shape == (20, 2) and json.loads(out.with_suffix(".json").read_text())["nfe"] == 1
     # the same net is also a velocity field (h = 0): the ODE solvers work on it
     assert main(["sample", str(run), "--n", "20", "--steps", "3", "--solver", "heun", "--out", str(out)]) == 0
+    # the gradient-variance probe measures its own loss at the jump to the end
+    probe = tmp_path / "gv"
+    assert main(["probe", "gradvar", str(run), "--times", "0:1:3", "--samples", "8", "--step", "to_end",
+                 "--out", str(probe), "--device", "cpu", "--no-progress"]) == 0
+    prof = json.loads((probe / "gradvar.json").read_text())["profiles"][0]
+    assert prof["step"] == "to_end" and prof["objective"]["objective"] == kind
+    assert main(["probe", "gradvar", str(run), "--times", "0:1:3", "--samples", "8", "--step", "soon",
+                 "--out", str(probe), "--device", "cpu", "--no-progress"]) == 2
 
     cfm = tmp_path / "cfm"
     assert main(["train", "--out", str(cfm), *TINY, "--set", "sample.plot=false"]) == 0
@@ -199,6 +207,9 @@ def test_train_and_sample_a_few_step_objective(tmp_path, capsys, kind):
     assert main(["train", "--out", str(tmp_path / "x"), *TINY, "--set", "sample.solver=average"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all("average" in line for line in err)
+    assert main(["probe", "gradvar", str(cfm), "--times", "0:1:3", "--samples", "8", "--step", "0.5",
+                 "--out", str(probe), "--device", "cpu", "--no-progress"]) == 2
+    assert "CFM objective" in capsys.readouterr().err
 
 
 def test_train_with_weighted_pairs(tmp_path, capsys):

@@ -140,3 +140,48 @@ def test_few_step_objectives_learn_the_one_step_map():
     spread = (ref - ref.mean(0)).norm(dim=1).mean().item()  # about 0.8: what collapsing to the mean costs
     assert errors["cfm"] > spread, errors
     assert errors["meanflow"] < 0.3 * spread and errors["split"] < 0.4 * spread, (errors, spread)
+
+
+@pytest.mark.parametrize("kind", ["meanflow", "splitmeanflow"])
+def test_gradient_variance_of_a_few_step_objective(kind):
+    """The probe's per-sample gradients of the few-step regression equal a loop of single-sample backward passes
+    through the objective's own loss; at step 0 it is the CFM profile."""
+    from flowprobe.objectives import make_objective
+    from flowprobe.probes.gradvar import gradient_variance
+
+    torch.manual_seed(0)
+    net = MLP(2, width=16, depth=2, step_embed=True, time_scale=10.0)
+    with torch.no_grad():
+        net.net[0].weight.normal_(0, 0.5)  # make the net depend on h
+    path = StochasticPath(0.1)
+    obj = make_objective(kind, path, "sum")
+    cpl = IndependentGaussianCoupling(M1[:2], S1[:2, :2], dtype=torch.float32)
+    times, n, step = [0.2, 0.6, 0.9], 12, 0.3
+    res = gradient_variance(net, path, cpl, times, n_samples=n, objective=obj, step=step,
+                            generator=torch.Generator().manual_seed(4))
+    assert res.extra["step"] == step and res.extra["objective"]["objective"] == kind
+
+    g = torch.Generator().manual_seed(4)  # the same draws, by hand
+    params = list(net.parameters())
+    for k, t in enumerate(times):
+        pairing = cpl.sample(n, g)
+        tv = torch.full((n,), t)
+        tv, x_t, u_t = CFMObjective(path).draw(pairing, g, tv)
+        lam = torch.rand(n, generator=g)
+        h = torch.clamp(1 - tv, max=step)
+        grads = []
+        for i in range(n):
+            li = obj.losses(net, tv[i:i + 1], h[i:i + 1], x_t[i:i + 1], u_t[i:i + 1], lam[i:i + 1])[0]
+            grads.append(torch.cat([gr.reshape(-1) for gr in torch.autograd.grad(li, params)]))
+        G = torch.stack(grads).double()
+        gv = (G - G.mean(0)).pow(2).sum() / (n - 1)
+        assert res.rows[k]["gv"] == pytest.approx(gv.item(), rel=1e-4), (t, res.rows[k]["gv"], gv.item())
+
+    cfm = gradient_variance(net, path, cpl, times, n_samples=n, generator=torch.Generator().manual_seed(4))
+    zero = gradient_variance(net, path, cpl, times, n_samples=n, objective=obj, step=0.0,
+                             generator=torch.Generator().manual_seed(4))
+    # the same draws (the probe also draws lam, after x_t, so the next time's draws shift: compare the first time)
+    assert zero.rows[0]["gv"] == pytest.approx(cfm.rows[0]["gv"], rel=1e-5)
+    assert abs(res.rows[0]["gv"] / cfm.rows[0]["gv"] - 1) > 0.05  # a step h > 0 does change the profile
+    with pytest.raises(ValueError, match="path"):
+        gradient_variance(net, LinearPath(), cpl, times, n_samples=n, objective=obj, step=step)

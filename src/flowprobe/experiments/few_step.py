@@ -10,7 +10,8 @@ Part 2, memorisation (an open question beside the paper: does a one-step objecti
 more?). The protocol of ``pair-memorization``: N fixed pairs (x0_i, x1_pi(i)) of two Gaussian point sets with a
 random (adversarial) assignment pi, trained with each objective and noise level sigma; training sources are
 pushed through the ODE (rk4) and through one jump, and we report the nearest-target accuracy for the assigned
-partner and for the OT partner.
+partner and for the OT partner, and the gradient variance of each net's own loss on its training pairs (the
+paper's signature of memorisation is its collapse; few-step nets are probed at the jump to the end).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import torch
 from ..config import option
 from ..couplings import FixedPairs, ot_permutation
 from ..gaussian import IndependentGaussianCoupling
-from ..objectives import OBJECTIVES
+from ..objectives import OBJECTIVES, make_objective
+from ..paths import make_path
+from ..probes.gradvar import gradient_variance
 from ..probes.memorization import pairing_metrics
 from ..report import plt, save_figure
 from ._lowdim import push_forward, run_seed, train_velocity
@@ -59,6 +62,9 @@ class FewStepConfig:
     sigmas: list[float] = option(default_factory=lambda: [0.0, 0.5, 1.0, 2.0], ge=0)
     mem_width: int = option(256, ge=1)
     mem_steps: int = option(4000, ge=1)
+    gv_times: list[float] = option(default_factory=lambda: [0.1, 0.5, 0.9], gt=0, lt=1,
+                                   help="part 2: gradient variance of each net's own loss at these times")
+    gv_samples: int = option(64, ge=2)
     solver: str = option("rk4", choices=("euler", "midpoint", "heun", "rk4"))
     solver_steps: int = option(50, ge=1)
     one_jump_tolerance: float = option(0.3, gt=0, help="criterion: one jump within this fraction of the spread")
@@ -119,6 +125,11 @@ def _memorization_part(cfg: FewStepConfig, ctx) -> list[dict]:
                                          depth=cfg.depth, steps=cfg.mem_steps, batch_size=cfg.batch_size, lr=cfg.lr,
                                          seed=run_seed(ctx, 100 + 10 * i + j), device=dev, objective=obj,
                                          jump_fraction=cfg.jump_fraction, time_scale=cfg.time_scale)
+            pairs = FixedPairs(x0, x1[assigned])
+            path = make_path(sigma)
+            gv = gradient_variance(net, path, pairs, list(cfg.gv_times), n_samples=min(cfg.gv_samples, cfg.n_pairs),
+                                   objective=None if obj == "cfm" else make_objective(obj, path, "sum"),
+                                   step="to_end", generator=ctx.generator(200 + 10 * i + j, device=dev))
             ode = pairing_metrics(push_forward(net, x0, cfg.solver, cfg.solver_steps), x1, partners)
             jump = pairing_metrics(push_forward(net, x0, "euler" if obj == "cfm" else "average", 1), x1, partners)
             tail = losses[-max(1, len(losses) // 20):]
@@ -126,7 +137,9 @@ def _memorization_part(cfg: FewStepConfig, ctx) -> list[dict]:
                    "nn_acc_ot_ode": ode["nn_acc_ot"], "l2_assigned_ode": ode["l2_assigned_mean"],
                    "l2_ot_ode": ode["l2_ot_mean"], "nn_acc_assigned_jump": jump["nn_acc_assigned"],
                    "nn_acc_ot_jump": jump["nn_acc_ot"], "l2_assigned_jump": jump["l2_assigned_mean"],
-                   "l2_ot_jump": jump["l2_ot_mean"], "final_loss": sum(tail) / len(tail), "chance": ode["chance"]}
+                   "l2_ot_jump": jump["l2_ot_mean"], "final_loss": sum(tail) / len(tail), "chance": ode["chance"],
+                   "gv_times": [r["t"] for r in gv.rows], "gv": [r["gv"] for r in gv.rows],
+                   "gv_se": [r["gv_se"] for r in gv.rows], "gv_loss": [r["loss"] for r in gv.rows]}
             ctx.log(f"pairs {obj} sigma={sigma}: nn_acc assigned ODE {row['nn_acc_assigned_ode']:.3f}, one jump "
                     f"{row['nn_acc_assigned_jump']:.3f}")
             rows.append(row)
@@ -167,6 +180,11 @@ def run(cfg: FewStepConfig, ctx) -> dict:
                   f"the ODE and of one jump", [{k: r[k] for k in (
                       "objective", "sigma", "nn_acc_assigned_ode", "nn_acc_ot_ode", "nn_acc_assigned_jump",
                       "nn_acc_ot_jump", "l2_assigned_jump", "l2_ot_jump", "final_loss")} for r in mem])
+        ctx.table("gradient variance of each net's own loss on its training pairs (exact per-sample gradients, sum "
+                  "over dimensions; few-step nets at the jump to the end, h = 1 - t)",
+                  [{"objective": r["objective"], "sigma": r["sigma"],
+                    **{f"GV(t={t:g})": v for t, v in zip(r["gv_times"], r["gv"])},
+                    **{f"loss(t={t:g})": v for t, v in zip(r["gv_times"], r["gv_loss"])}} for r in mem])
     _figure(ctx, cfg, gauss, mem)
     ctx.note("CFM nets are jumped with their velocity (k jumps = k Euler steps). Every net has the same MLP; the "
              "few-step nets add a step input h whose first-layer weights start at zero.")

@@ -58,14 +58,14 @@ import torch
 from torch import Tensor, nn
 
 from ..couplings import Pairing
-from ..objectives import REDUCTIONS, CFMObjective, cfm_sample_loss, squared_error
+from ..objectives import REDUCTIONS, AverageVelocityObjective, CFMObjective, cfm_sample_loss, squared_error
 from ..paths import Path
 from .ghost import CONV_RULES, conv_rule_choices
 
 __all__ = [
     "METHODS", "GradStats", "GradVarResult", "gradient_variance", "per_sample_grad_stats", "parse_times",
     "resolve_groups", "register_cli", "probe_gradvar_cli", "plot_profiles", "ProbeTarget", "load_probe_target",
-    "residual_gain", "matched_residuals",
+    "residual_gain", "matched_residuals", "StepBound",
 ]
 
 METHODS = ("exact", "naive", "microbatch", "ghost")
@@ -566,7 +566,8 @@ def gradient_variance(net: nn.Module, path: Path, sampler, times, n_samples: int
                       chunk_size: int = 64, generator: torch.Generator | None = None, reduction: str = "sum",
                       groups="layer", direction: str = "forward", oracle_loss: Callable[[float], float] | None = None,
                       device=None, progress: bool = False, *, micro_batch_size: int = 8,
-                      train_mode: bool = False, ghost_conv: str = "auto") -> GradVarResult:
+                      train_mode: bool = False, ghost_conv: str = "auto",
+                      objective: AverageVelocityObjective | None = None, step: float | str = 0.0) -> GradVarResult:
     """Gradient variance of the CFM loss as a function of t.
 
     At each time t of ``times`` (see :func:`parse_times`), draw n = ``n_samples`` pairs from ``sampler``
@@ -577,6 +578,12 @@ def gradient_variance(net: nn.Module, path: Path, sampler, times, n_samples: int
     ``ghost_conv``: see :func:`per_sample_grad_stats`.
     ``oracle_loss(t)`` (optional): an irreducible loss to report beside the measured one. ``generator``
     defaults to one seeded with 0 on the sampler's device. ``device`` defaults to the network's.
+
+    Few-step nets: with ``objective`` a :class:`~flowprobe.objectives.MeanFlowObjective` or
+    :class:`~flowprobe.objectives.SplitMeanFlowObjective` (on this ``path``), the loss is that objective's
+    regression ||u(t, x_t, h) - sg(target)||^2 at the step h = min(``step``, 1 - t) (``step="to_end"``: h = 1 - t,
+    the one jump to the target); its target is computed once per batch, then the same per-sample machinery
+    measures the gradients (:class:`StepBound`). The adaptive loss weight is not applied. h = 0 is the CFM loss.
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
@@ -594,7 +601,16 @@ def gradient_variance(net: nn.Module, path: Path, sampler, times, n_samples: int
         generator = torch.Generator(device=_infer_device(sampler)).manual_seed(0)
     time_range = tuple(getattr(path, "time_range", (0.0, 1.0)))
     ts, bins = parse_times(times, time_range)
-    objective = CFMObjective(path, reduction)
+    few_step = objective is not None
+    if few_step:
+        if not isinstance(objective, AverageVelocityObjective):
+            raise ValueError("objective must be a few-step objective (MeanFlowObjective or SplitMeanFlowObjective)")
+        if _describe_path(objective.path) != _describe_path(path):
+            raise ValueError(f"the objective's path {_describe_path(objective.path)} is not {_describe_path(path)}")
+        probe_net = StepBound(net, step)
+    else:
+        probe_net = net
+    cfm = CFMObjective(path, reduction)
     rows = []
     bar = None
     if progress:
@@ -616,8 +632,12 @@ def gradient_variance(net: nn.Module, path: Path, sampler, times, n_samples: int
                 a, b = bins[k]
                 r = torch.rand(n_samples, generator=generator, device=generator.device, dtype=dtype).to(device)
                 tv = a + (b - a) * r
-            tv, x_t, u_t = objective.draw(pairing, generator, tv)
-            st = per_sample_grad_stats(net, tv, x_t, u_t, method, chunk_size=chunk_size, reduction=reduction,
+            tv, x_t, u_t = cfm.draw(pairing, generator, tv)
+            if few_step:
+                lam = torch.rand(n_samples, generator=generator, device=generator.device, dtype=dtype).to(device)
+                with torch.no_grad():
+                    _, u_t = objective.target(net, tv, probe_net.steps(tv), x_t, u_t, lam)
+            st = per_sample_grad_stats(probe_net, tv, x_t, u_t, method, chunk_size=chunk_size, reduction=reduction,
                                        groups=groups, micro_batch_size=micro_batch_size, train_mode=train_mode,
                                        ghost_conv=ghost_conv)
             row = {"t": t, "gv": st.gv, "gv_se": st.gv_se, "mean_grad_sq": st.mean_grad_sq,
@@ -634,7 +654,7 @@ def gradient_variance(net: nn.Module, path: Path, sampler, times, n_samples: int
     finally:
         if bar is not None:
             bar.stop()
-    desc = path.describe() if hasattr(path, "describe") else {"path": type(path).__name__}
+    desc = _describe_path(path)
     extra = {}
     if hasattr(sampler, "describe"):
         extra["sampler"] = sampler.describe()
@@ -646,9 +666,38 @@ def gradient_variance(net: nn.Module, path: Path, sampler, times, n_samples: int
             extra["ghost_conv_choices"] = conv_rule_choices()
     if bins is not None:
         extra["times"] = times
+    if few_step:
+        extra["objective"] = objective.describe()
+        extra["step"] = step
     return GradVarResult(rows=rows, method=method, reduction=reduction, path=desc, n_samples=n_samples,
                          direction=direction, groups=groups if isinstance(groups, str) else dict(groups),
                          extra=extra)
+
+
+def _describe_path(path) -> dict:
+    return path.describe() if hasattr(path, "describe") else {"path": type(path).__name__}
+
+
+class StepBound(nn.Module):
+    """An average-velocity net u(t, x, h) seen as a net of (t, x) at a step rule h(t): h = min(step, 1 - t), or
+    h = 1 - t for ``step="to_end"``. Its parameters are the inner net's (names prefixed ``net.``)."""
+
+    def __init__(self, net: nn.Module, step: float | str = 0.0):
+        super().__init__()
+        if not (step == "to_end" or (isinstance(step, (int, float)) and step >= 0)):
+            raise ValueError(f"step must be a number >= 0 or 'to_end', got {step!r}")
+        self.net, self.step = net, step
+
+    def steps(self, t: Tensor) -> Tensor:
+        if self.step == "to_end":
+            return 1 - t
+        return torch.clamp(1 - t, max=float(self.step))
+
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        t = torch.as_tensor(t, device=x.device)
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        return self.net(t, x, self.steps(t))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -693,6 +742,7 @@ class ProbeTarget:
     path: Path
     sampler: object
     info: dict = field(default_factory=dict)
+    objective: AverageVelocityObjective | None = None  #: the few-step objective the net was trained with, if any
 
 
 def load_probe_target(checkpoint, device="cpu", use_ema: bool = True) -> ProbeTarget:
@@ -704,8 +754,9 @@ def load_probe_target(checkpoint, device="cpu", use_ema: bool = True) -> ProbeTa
     run = load_run(checkpoint, device, use_ema)
     ck = run.checkpoint
     label = ck.path.parent.parent.name if ck.path.parent.name == "checkpoints" else ck.path.parent.name
+    few = run.objective if isinstance(run.objective, AverageVelocityObjective) else None
     return ProbeTarget(label=f"{label}/step{ck.step}", net=run.net, path=run.objective.path, sampler=run.coupling,
-                       info={"checkpoint": str(ck.path), "step": ck.step, "weights": run.weights})
+                       info={"checkpoint": str(ck.path), "step": ck.step, "weights": run.weights}, objective=few)
 
 
 def _override_path(path: Path, sigma: float | None, schedule: str | None) -> Path:
@@ -722,12 +773,14 @@ def probe_gradvar_cli(targets: Sequence[ProbeTarget], out, *, times="0:1:21", sa
                       method: str = "exact", directions: Sequence[str] = ("forward",), sigma: float | None = None,
                       schedule: str | None = None, chunk_size: int = 64, micro_batch_size: int = 8,
                       groups="layer", reduction: str = "sum", seed: int = 0, progress: bool = True,
-                      ghost_conv: str = "auto") -> dict:
+                      ghost_conv: str = "auto", step: float | str | None = None) -> dict:
     """Profile every target in every direction and write ``out/gradvar.json`` and ``out/gradvar.png``.
 
     Every profile uses a generator seeded with ``seed`` (on the sampler's device), so several
     checkpoints are compared on the same draws (common random numbers). ``sigma``/``schedule``
-    override the checkpoint's path. Returns the JSON document.
+    override the checkpoint's path. ``step`` (few-step checkpoints): probe the loss of the objective they were
+    trained with at step h = min(step, 1 - t), or h = 1 - t for "to_end" (:func:`gradient_variance`).
+    Returns the JSON document.
     """
     from pathlib import Path as FsPath
 
@@ -744,12 +797,20 @@ def probe_gradvar_cli(targets: Sequence[ProbeTarget], out, *, times="0:1:21", sa
     profiles, docs = [], []
     for target in targets:
         path = _override_path(target.path, sigma, schedule)
+        objective = None
+        if step is not None:
+            if target.objective is None:
+                raise ConfigError(f"--step: {target.label} was trained with the CFM objective; --step probes "
+                                  f"few-step (meanflow, splitmeanflow) checkpoints")
+            from ..objectives import make_objective
+
+            objective = make_objective(target.objective.name, path, reduction)
         for direction in directions:
             gen = torch.Generator(device=_infer_device(target.sampler)).manual_seed(seed)
             res = gradient_variance(target.net, path, target.sampler, times, n_samples=samples, method=method,
                                     chunk_size=chunk_size, generator=gen, reduction=reduction, groups=groups,
                                     direction=direction, progress=progress, micro_batch_size=micro_batch_size,
-                                    ghost_conv=ghost_conv)
+                                    ghost_conv=ghost_conv, objective=objective, step=0.0 if step is None else step)
             label = target.label if len(directions) == 1 else f"{target.label} ({direction})"
             taken = {lab for lab, _ in profiles}
             if label in taken:
@@ -760,6 +821,20 @@ def probe_gradvar_cli(targets: Sequence[ProbeTarget], out, *, times="0:1:21", sa
     write_json(out / "gradvar.json", doc)
     plot_profiles(profiles, out / "gradvar.png", title=f"gradient variance ({method}, n = {samples})")
     return doc
+
+
+def _parse_step(text: str | None) -> float | str | None:
+    from ..config import ConfigError
+
+    if text is None or text == "to_end":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ConfigError(f"--step: {text!r} is neither a number >= 0 nor to_end")
+    return value
 
 
 def _cli(args) -> int:
@@ -775,7 +850,7 @@ def _cli(args) -> int:
                             directions=directions, sigma=args.sigma, schedule=args.schedule,
                             chunk_size=args.chunk_size, micro_batch_size=args.micro_batch_size, groups=args.groups,
                             reduction=args.reduction, seed=args.seed, progress=not args.no_progress,
-                            ghost_conv=args.ghost_conv)
+                            ghost_conv=args.ghost_conv, step=_parse_step(args.step))
     for p in doc["profiles"]:
         peak = max(p["rows"], key=lambda r: r["gv"] or 0.0)
         print(f"{p['label']}: GV peaks at t = {peak['t']:.3g} ({peak['gv']:.4g} +- {peak['gv_se']:.2g})")
@@ -806,6 +881,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--ghost-conv", default="auto", choices=CONV_RULES,
                    help="--method ghost: per-sample conv weight gradients by grouped convolution, im2col matmuls, "
                         "or the faster of the two per layer shape (auto, the default)")
+    p.add_argument("--step", default=None, metavar="H|to_end",
+                   help="few-step checkpoints (objective meanflow / splitmeanflow): probe their own loss at the step "
+                        "h = min(H, 1 - t), or the jump to the end (to_end); default: the CFM loss (h = 0)")
     p.add_argument("--groups", default="layer", choices=("layer", "block", "all"), help="per-group breakdown")
     p.add_argument("--reduction", default="sum", choices=REDUCTIONS, help="loss over dimensions (default sum)")
     p.add_argument("--seed", type=int, default=0)
