@@ -243,7 +243,7 @@ def integrate_sde(field: Field, x: Tensor, diffusion: float | Callable[[float], 
         x_next = x + h * v
         if eps > 0:
             if score is None:
-                s = velocity_to_score(v, tv, x, path, source_std)
+                s = velocity_to_score(v, t, x, path, source_std)  # t: the grid's CPU scalar, no device sync
             else:
                 s = score(tv, x)
                 nfe += 1
@@ -359,7 +359,7 @@ def optimal_schedule(field: Field, x: Tensor, steps: int, candidates: int | Tens
         if candidates < steps:
             raise ValueError(f"candidates ({candidates}) must be >= steps ({steps})")
         candidates = time_grid(candidates, t0, t1)
-    err, nfe = local_error_matrix(field, x, candidates, reference_steps_per_interval)
-    path, total = best_path(err, steps)
     cand = _checked_grid(candidates, None, t0, t1, "uniform")
+    err, nfe = local_error_matrix(field, x, cand, reference_steps_per_interval)
+    path, total = best_path(err, steps)
     return StepSchedule(cand[path], total, cand, nfe)

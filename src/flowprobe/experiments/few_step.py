@@ -121,11 +121,11 @@ def _memorization_part(cfg: FewStepConfig, ctx) -> list[dict]:
     rows = []
     for i, obj in enumerate(cfg.objectives):
         for j, sigma in enumerate(sorted(set(cfg.sigmas))):
-            net, losses = train_velocity(cfg.dim, FixedPairs(x0, x1[assigned]), sigma, width=cfg.mem_width,
+            pairs = FixedPairs(x0, x1[assigned])
+            net, losses = train_velocity(cfg.dim, pairs, sigma, width=cfg.mem_width,
                                          depth=cfg.depth, steps=cfg.mem_steps, batch_size=cfg.batch_size, lr=cfg.lr,
                                          seed=run_seed(ctx, 100 + 10 * i + j), device=dev, objective=obj,
                                          jump_fraction=cfg.jump_fraction, time_scale=cfg.time_scale)
-            pairs = FixedPairs(x0, x1[assigned])
             path = make_path(sigma)
             n_gv = min(cfg.gv_samples, cfg.n_pairs)
             # the CFM loss of the h = 0 field (every net has one), on common draws ...
