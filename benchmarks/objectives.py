@@ -32,9 +32,9 @@ def build(net_name: str, device: torch.device):
     if net_name == "mlp":
         return MLP(2, width=256, depth=3, step_embed=True, time_scale=10.0).to(device), (2,), 256
     if net_name == "tiny":
-        return unet_preset("tiny", step_embed=True, time_embed_scale=10.0).to(device), (3, 16, 16), 64
+        return unet_preset("tiny", step_embed=True, time_scale=10.0).to(device), (3, 16, 16), 64
     if net_name == "cifar10-64":
-        return (unet_preset("cifar10", model_channels=64, dropout=0.0, step_embed=True, time_embed_scale=10.0)
+        return (unet_preset("cifar10", model_channels=64, dropout=0.0, step_embed=True, time_scale=10.0)
                 .to(device), (3, 32, 32), 128)
     raise SystemExit(f"unknown --net {net_name!r}")
 

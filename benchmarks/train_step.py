@@ -7,7 +7,7 @@ Adam 2e-4 with linear warm-up, gradient clipping at 1.0 and an EMA (0.9999) upda
 - ``torchcfm-fp32``: torchcfm's ``UNetModelWrapper`` and ``ConditionalFlowMatcher(sigma=0.0)`` as its
   CIFAR-10 example runs them: fp32, PyTorch's default backend flags, ``torch.optim.Adam``, and an EMA
   that loops over the state_dict tensor by tensor;
-- ``ours-*``: :func:`flowprobe.nets.unet_preset` ("cifar10") and :func:`flowprobe.fast.make_train_step`
+- ``ours-*``: :func:`flowprobe.nets.unet_preset` ("cifar10") and :func:`flowprobe.train.step.make_train_step`
   (fused Adam, foreach clipping and EMA, SDPA attention), in fp32 with default flags, then TF32, bf16
   autocast, channels_last, ``torch.compile`` and CUDA graphs (compile mode "reduce-overhead").
 
@@ -33,7 +33,7 @@ import warnings
 import torch
 from torch import nn
 
-from flowprobe.fast import configure_backends, make_ema, make_optimizer, make_train_step, prepare_model
+from flowprobe.train.step import configure_backends, make_ema, make_optimizer, make_train_step, prepare_model
 from flowprobe.nets import UNet, count_parameters
 from flowprobe.objectives import squared_error
 from flowprobe.paths import LinearPath

@@ -13,7 +13,8 @@ import flowprobe.checkpoint as ckpt_mod
 from flowprobe.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
                                   save_checkpoint)
 from flowprobe.config import ConfigError
-from flowprobe.train import TrainConfig, fit
+from flowprobe.runs import TrainConfig
+from flowprobe.train import Callback, Checkpointer, fit
 
 KW = dict(batch_size=16, lr=0.01, warmup=3, lr_schedule="cosine", grad_clip=1.0, weight_decay=0.01, ema_decay=0.9)
 
@@ -58,7 +59,8 @@ def test_round_trip(tmp_path, tiny_problem):
 
 def _straight_and_resumed(tmp_path, tiny_problem, steps):
     net, coupling, objective = tiny_problem()
-    straight = fit(net, coupling, objective, steps=steps, ckpt_dir=tmp_path / "a", ckpt_every=steps // 2, **KW)
+    straight = fit(net, coupling, objective, steps=steps, hooks=[Checkpointer(tmp_path / "a", every=steps // 2)],
+                   **KW)
     mid = checkpoint_path(tmp_path / "a", steps // 2)
     assert mid.is_file()
     fresh, _, _ = tiny_problem(seed=123)  # a different initialisation: everything must come from the checkpoint
@@ -95,7 +97,8 @@ def _interrupted_run_resumes_exactly(tmp_path, tiny_problem, coupling, objective
 
     net2, _, _ = tiny_problem()
     with pytest.raises(KeyboardInterrupt):
-        fit(net2, coupling, objective, steps=16, ckpt_dir=tmp_path, callback=interrupt, callback_every=1, **KW)
+        fit(net2, coupling, objective, steps=16, hooks=[Callback(interrupt, 1), Checkpointer(tmp_path)],
+            **KW)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000007.safetensors"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     net3, _, _ = tiny_problem(seed=9)
@@ -151,7 +154,7 @@ def test_halves_must_agree(tmp_path, tiny_problem):
 
 def test_loading_never_unpickles(tmp_path, tiny_problem, monkeypatch):
     net, coupling, objective = tiny_problem()
-    fit(net, coupling, objective, steps=2, batch_size=4, ckpt_dir=tmp_path, ema_decay=0.9)
+    fit(net, coupling, objective, steps=2, batch_size=4, ema_decay=0.9, hooks=[Checkpointer(tmp_path)])
 
     def forbidden(*a, **k):
         raise AssertionError("torch.load called")
@@ -169,7 +172,7 @@ def test_loading_never_unpickles(tmp_path, tiny_problem, monkeypatch):
 
 def test_ckpt_keep_prunes_old_checkpoints(tmp_path, tiny_problem):
     net, coupling, objective = tiny_problem()
-    fit(net, coupling, objective, steps=8, batch_size=4, ckpt_dir=tmp_path, ckpt_every=2, ckpt_keep=2)
+    fit(net, coupling, objective, steps=8, batch_size=4, hooks=[Checkpointer(tmp_path, every=2, keep=2)])
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000006.safetensors", "step_00000008.safetensors"]
     assert len(list(tmp_path.iterdir())) == 4
 
@@ -180,9 +183,32 @@ def test_ignored_sigint_stays_ignored(tiny_problem):
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         seen = []
-        fit(net, coupling, objective, steps=2, callback=lambda s: seen.append(signal.getsignal(signal.SIGINT)),
-            callback_every=1, **KW)
+        fit(net, coupling, objective, steps=2,
+            hooks=[Callback(lambda s: seen.append(signal.getsignal(signal.SIGINT)), 1)],
+            **KW)
         assert seen and all(h is signal.SIG_IGN for h in seen)
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_cuda_rng_states_round_trip_in_device_order(tmp_path, tiny_problem, monkeypatch):
+    """The CUDA generator states of every device are saved and restored in device order (device 10 after 9, not
+    after 1), exercised on a CPU machine by standing in for torch.cuda's RNG calls."""
+    from flowprobe.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+
+    states = [torch.full((16,), i, dtype=torch.uint8) for i in range(12)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 12)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in states])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda ss: restored.extend(ss))
+    net, _, _ = tiny_problem()
+    path = save_checkpoint(checkpoint_path(tmp_path, 3), net=net, step=3)
+    load_checkpoint(path, restore_global_rng=True)
+    assert [int(s[0]) for s in restored] == list(range(12))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # fewer devices now: the first ones are restored
+    restored.clear()
+    load_checkpoint(path, restore_global_rng=True)
+    assert [int(s[0]) for s in restored] == [0, 1]

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from flowprobe.cli import main
 from flowprobe.config import load_config
-from flowprobe.train import TrainConfig, default_config_path
+from flowprobe.runs import TrainConfig, default_config_path
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--set", "steps=30", "--set", "batch_size=32", "--set", "model.width=16", "--set", "model.depth=1",

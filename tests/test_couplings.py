@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from flowprobe.couplings import (FixedPairs, GaussianSampler, IndependentCoupling, MinibatchOTCoupling, TensorSampler,
-                                 ot_permutation, sinkhorn_pairing, squared_distances)
+from flowprobe.couplings import (FixedPairs, GaussianSampler, IndependentCoupling, MinibatchOTCoupling, Pairing,
+                                 TensorSampler, ot_permutation, sinkhorn_pairing, squared_distances)
 
 
 def brute_force_cost(C: np.ndarray) -> float:
@@ -84,6 +84,9 @@ def test_fixed_pairs_and_swap():
     assert torch.equal(p.x1, -p.x0) and torch.equal(p.i0, p.i1)
     s = p.swapped()
     assert torch.equal(s.x0, p.x1) and torch.equal(s.x1, p.x0)
+    # the indices travel with their tensors: i0 names rows of the new source (the old target pool)
+    q = Pairing(torch.zeros(3, 1), torch.ones(3, 1), torch.tensor([0, 1, 2]), torch.tensor([7, 8, 9]))
+    assert torch.equal(q.swapped().i0, torch.tensor([7, 8, 9])) and torch.equal(q.swapped().i1, torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="rows"):
         FixedPairs(x0, x1[:3])
     with pytest.raises(ValueError, match="method"):

@@ -1,10 +1,16 @@
-"""Data-parallel training (two CPU processes, gloo, localhost) equals single-process training on the same
-global batch."""
+"""Data-parallel training (two CPU processes, gloo) equals single-process training on the same global batch.
 
+The harness is built to hold under load: the ranks meet through a file rendezvous in the test's tmp_path (no free
+port to race for), with a generous collective timeout; each rank writes its results to tmp_path before a final
+barrier, and then destroys its process group, so neither rank tears its group down while the other is still in a
+collective, and the parent reads files that were complete before either rank began to exit."""
+
+import datetime
+import gc
 import json
 import os
-import socket
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,36 +20,51 @@ from safetensors.torch import load_file, save_file
 
 from conftest import make_tiny_problem
 from flowprobe.checkpoint import list_checkpoints
-from flowprobe.train import fit
+from flowprobe.train import Checkpointer, MetricsLog, fit
 
 KW = dict(steps=8, batch_size=16, lr=0.02, warmup=2, lr_schedule="cosine", grad_clip=1.0, ema_decay=0.9, seed=3,
           log_every=4)
+WORLD = 2
+# how long a rank waits for its peer (rendezvous, each collective, the final barrier); a loaded machine can stall a
+# rank for many seconds, and a real hang still ends in a timeout error (then the parent's deadline below)
+TIMEOUT = datetime.timedelta(minutes=5)
+DEADLINE_S = TIMEOUT.total_seconds() + 120
 
 
-def _worker(rank: int, world: int, port: int, out: str, kind: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _write(path: str, write) -> None:
+    """Write a result file whole or not at all: into a temporary name, then renamed into place."""
+    tmp = path + ".part"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _worker(rank: int, world: int, init_file: str, out: str, kind: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world, timeout=TIMEOUT)
+    done = False
     try:
         # rank 1 starts from other weights: DDP must broadcast rank 0's before the first step
         net, coupling, objective = _problem(rank, kind)
         rows = []
         net.net[0].register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
-        state = fit(net, coupling, objective, log_path=os.path.join(out, "metrics.jsonl"),
-                    ckpt_dir=os.path.join(out, "ckpt"), **KW)
+        state = fit(net, coupling, objective, hooks=[MetricsLog(os.path.join(out, "metrics.jsonl")),
+                                                     Checkpointer(os.path.join(out, "ckpt"))], **KW)
         tensors = {f"net.{k}": v.contiguous() for k, v in net.state_dict().items()}
         tensors.update({f"ema.{k}": v.contiguous() for k, v in state.ema.state_dict().items()})
-        save_file(tensors, os.path.join(out, f"rank{rank}.safetensors"))
-        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-            json.dump({"losses": state.losses, "step": state.step, "rows": rows}, f)
+        info = {"losses": state.losses, "step": state.step, "rows": rows}
+        _write(os.path.join(out, f"rank{rank}.safetensors"), lambda p: save_file(tensors, p))
+        _write(os.path.join(out, f"rank{rank}.json"), lambda p: Path(p).write_text(json.dumps(info)))
+        gc.collect()  # the DDP wrapper inside fit (and its reducer's hold on the group) goes now, not at exit
+        done = True
     finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            # every rank has finished its collectives and written its results before any rank destroys the group;
+            # a rank that failed skips the barrier (its peer may be stuck in a collective it will never join) and
+            # exits with its error, which mp.spawn's join reports
+            if done:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 # forward passes of the net per optimiser step: CFM one; MeanFlow two under DDP (the JVP on the inner module,
@@ -62,13 +83,17 @@ def _problem(seed, kind):
 def test_two_process_ddp_equals_single_process(tmp_path, kind):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    ctx = mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), kind), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
+    init_file = tmp_path / "rendezvous"  # fresh per test: it must not exist before the group is created
+    assert not init_file.exists()
+    ctx = mp.spawn(_worker, args=(WORLD, str(init_file), str(tmp_path), kind), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + DEADLINE_S
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail("DDP workers did not finish in 120 s")
+            pytest.fail(f"DDP workers did not finish in {DEADLINE_S:.0f} s")
+    for rank in range(WORLD):
+        assert (tmp_path / f"rank{rank}.safetensors").exists() and (tmp_path / f"rank{rank}.json").exists()
 
     net, coupling, objective = _problem(0, kind)
     single = fit(net, coupling, objective, **KW)

@@ -71,9 +71,9 @@ def test_yaml_config_matches_defaults(name):
     from pathlib import Path
 
     from flowprobe.config import load_config, to_dict
-    from flowprobe.experiments.registry import REGISTRY, _load_all
+    from flowprobe.experiments.harness import REGISTRY, load_all
 
-    _load_all()
+    load_all()
     cls = REGISTRY[name].config_cls
     path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
     assert to_dict(load_config(cls, path)) == to_dict(cls())

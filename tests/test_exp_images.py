@@ -45,7 +45,7 @@ def _finite(*vals) -> bool:
 
 def test_celeba_pairs_tiny_pipeline(tmp_path):
     src = _tar(tmp_path / "faces.tar.gz", 16, 8)
-    res = run_experiment("celeba-pairs", tmp_path / "out", seed=3, device="cpu", verbose=False, overrides=[
+    res = run_experiment("celeba-pairs", tmp_path / "out", quick=False, seed=3, device="cpu", verbose=False, overrides=[
         f"dataset={src}", "resolution=8", "n_list=[12]", "sigmas=[0.0, 0.05]", "steps=20", "batch_size=8",
         "curve_every=10", "curve_n=6", "curve_solver_steps=3", "solver_steps=5", "save_pairs=true", "n_show=3",
         *TINY_MLP])
@@ -83,23 +83,24 @@ def test_image_experiments_take_a_compile_mode_or_backend(tmp_path):
     src = _tar(tmp_path / "faces.tar.gz", 8, 8)
     common = [f"dataset={src}", "resolution=8", "n_list=[6]", "sigmas=[0.0]", "steps=4", "batch_size=4",
               "curve_every=4", "curve_n=3", "curve_solver_steps=2", "solver_steps=2", "n_show=2", *TINY_MLP]
-    plain = run_experiment("celeba-pairs", tmp_path / "a", seed=1, device="cpu", verbose=False, overrides=common)
-    graph = run_experiment("celeba-pairs", tmp_path / "b", seed=1, device="cpu", verbose=False,
+    plain = run_experiment("celeba-pairs", tmp_path / "a", quick=False, seed=1, device="cpu", verbose=False,
+                           overrides=common)
+    graph = run_experiment("celeba-pairs", tmp_path / "b", quick=False, seed=1, device="cpu", verbose=False,
                            overrides=[*common, "compile=eager"])
     assert graph["config"]["compile"] == "eager"
     assert graph["runs"][0]["l2_shuffled_mean"] == pytest.approx(plain["runs"][0]["l2_shuffled_mean"], rel=1e-6)
 
 
 def test_celeba_pairs_selects_subsets():
-    from flowprobe.experiments.celeba import CelebaPairsConfig, _train_sigmas
+    from flowprobe.experiments.celeba import CelebaPairsConfig, train_jobs
 
     cfg = CelebaPairsConfig(n_list=[1000, 5000], sigmas=[0.0, 0.05, 0.2, 0.5], max_sigmas_large_n=2)
-    assert _train_sigmas(cfg) == [(1000, 0.0), (1000, 0.05), (1000, 0.2), (1000, 0.5), (5000, 0.0), (5000, 0.05)]
+    assert train_jobs(cfg) == [(1000, 0.0), (1000, 0.05), (1000, 0.2), (1000, 0.5), (5000, 0.0), (5000, 0.05)]
 
 
 def test_celeba_reflow_tiny_pipeline(tmp_path):
     src = _tar(tmp_path / "faces.tar.gz", 12, 8, seed=1)
-    res = run_experiment("celeba-reflow", tmp_path / "out", device="cpu", verbose=False, overrides=[
+    res = run_experiment("celeba-reflow", tmp_path / "out", quick=False, device="cpu", verbose=False, overrides=[
         f"dataset={src}", "resolution=8", "n=10", "first_steps=10", "steps=10", "batch_size=8", "gen_steps=4",
         "solver_steps=4", "n_show=2", *TINY_MLP])
     assert [r["sigma"] for r in res["runs"]] == [0.0, 0.05]
@@ -111,7 +112,7 @@ def test_celeba_reflow_tiny_pipeline(tmp_path):
 
 def test_cifar_gradvar_tiny_pipeline(tmp_path):
     src = _tar(tmp_path / "train.tar.gz", 20, 8, classes=["a", "b"], seed=2)
-    res = run_experiment("cifar-gradvar", tmp_path / "out", device="cpu", verbose=False, overrides=[
+    res = run_experiment("cifar-gradvar", tmp_path / "out", quick=False, device="cpu", verbose=False, overrides=[
         f"dataset={src}", "resolution=8", "steps=5", "batch_size=8", "times=[0.1, 0.5, 0.9]", "gv_samples=6",
         "gv_chunk=3", *TINY_MLP])
     assert [(r["direction"], r["sigma"]) for r in res["runs"]] == [("forward", 0.0), ("forward", 0.05),
@@ -129,7 +130,7 @@ def test_cifar_gradvar_residual_probe(tmp_path):
     """The residual probe: at each t, actual / white / image residuals of equal per-sample norms (so equal
     mean squared norms), each with a positive gain, in results and in the report."""
     src = _tar(tmp_path / "train.tar.gz", 20, 8, classes=["a", "b"], seed=2)
-    res = run_experiment("cifar-gradvar", tmp_path / "out", device="cpu", verbose=False, overrides=[
+    res = run_experiment("cifar-gradvar", tmp_path / "out", quick=False, device="cpu", verbose=False, overrides=[
         f"dataset={src}", "resolution=8", "steps=5", "batch_size=8", "times=[0.1, 0.9]", "gv_samples=6",
         "gv_chunk=3", "directions=[backward]", "sigmas=[0.0]", "residual_probe=true", "gv_method=ghost", *TINY_MLP])
     (run,) = res["runs"]

@@ -31,8 +31,8 @@ def _finite(v):
 
 
 def test_pair_memorization_pipeline(tmp_path):
-    res = run_experiment("pair-memorization", tmp_path, seed=0, overrides=TINY["pair-memorization"], device="cpu",
-                         verbose=False)
+    res = run_experiment("pair-memorization", tmp_path, quick=False, seed=0, overrides=TINY["pair-memorization"],
+                         device="cpu", verbose=False)
     runs = res["runs"]
     roles = [r["role"] for r in runs]
     assert roles.count("sweep") == 4 and roles.count("control") == 1 and roles.count("phase") == 2
@@ -50,13 +50,15 @@ def test_pair_memorization_pipeline(tmp_path):
 
 def test_pair_memorization_is_reproducible(tmp_path):
     over = TINY["pair-memorization"] + ["control=false", "phase=false", "sigmas=[0]"]
-    a = run_experiment("pair-memorization", tmp_path / "a", seed=3, overrides=over, device="cpu", verbose=False)
-    b = run_experiment("pair-memorization", tmp_path / "b", seed=3, overrides=over, device="cpu", verbose=False)
+    a = run_experiment("pair-memorization", tmp_path / "a", quick=False, seed=3, overrides=over, device="cpu",
+                       verbose=False)
+    b = run_experiment("pair-memorization", tmp_path / "b", quick=False, seed=3, overrides=over, device="cpu",
+                       verbose=False)
     assert a["runs"][0]["l2_assigned"] == b["runs"][0]["l2_assigned"]
 
 
 def test_gmm_pipeline(tmp_path):
-    res = run_experiment("gmm", tmp_path, seed=0, overrides=TINY["gmm"], device="cpu", verbose=False)
+    res = run_experiment("gmm", tmp_path, quick=False, seed=0, overrides=TINY["gmm"], device="cpu", verbose=False)
     runs = res["runs"]
     assert {(r["pairing"], r["sigma"]) for r in runs} == {("random", 0.0), ("random", 0.05), ("reflow", 0.0),
                                                           ("reflow", 0.05)}
@@ -69,7 +71,7 @@ def test_gmm_pipeline(tmp_path):
 
 
 def test_reflow_pipeline(tmp_path):
-    res = run_experiment("reflow", tmp_path, seed=0, overrides=TINY["reflow"], device="cpu", verbose=False)
+    res = run_experiment("reflow", tmp_path, quick=False, seed=0, overrides=TINY["reflow"], device="cpu", verbose=False)
     rounds = res["rounds"]
     # per start: round 0 + 2 sigmas x 2 rounds
     assert len(rounds) == 2 * (1 + 2 * 2)
@@ -86,8 +88,8 @@ def test_reflow_pipeline(tmp_path):
 
 
 def test_forward_backward_pipeline(tmp_path):
-    res = run_experiment("forward-backward", tmp_path, seed=0, overrides=TINY["forward-backward"], device="cpu",
-                         verbose=False)
+    res = run_experiment("forward-backward", tmp_path, quick=False, seed=0, overrides=TINY["forward-backward"],
+                         device="cpu", verbose=False)
     runs = res["runs"]
     assert [(r["data"], r["direction"], r["sigma"]) for r in runs] == [
         ("low_variance", "forward", 0.0), ("low_variance", "backward", 0.0), ("low_variance", "forward", 0.05),
@@ -108,7 +110,8 @@ def test_forward_backward_pipeline(tmp_path):
 
 
 def test_few_step_pipeline(tmp_path):
-    res = run_experiment("few-step", tmp_path, seed=0, overrides=TINY["few-step"], device="cpu", verbose=False)
+    res = run_experiment("few-step", tmp_path, quick=False, seed=0, overrides=TINY["few-step"], device="cpu",
+                         verbose=False)
     gauss, mem = res["gaussian"], res["memorization"]
     # cfm, meanflow, splitmeanflow at the main time scale, and meanflow again at the extra one
     assert [(r["objective"], r["time_scale"]) for r in gauss] == [("cfm", 10.0), ("meanflow", 10.0),

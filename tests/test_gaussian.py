@@ -8,8 +8,8 @@ import torch
 
 from flowprobe.gaussian import (IndependentGaussianCoupling, LemmaOneField, LinearGaussianCoupling, antipodal_field,
                                 antipodal_irreducible_loss, bures_wasserstein, bures_wasserstein_squared,
-                                gaussian_ot_map, gaussian_ot_matrix, lemma_one_field, lemma_one_gradient_moments,
-                                lemma_one_per_sample_gradients, rotation_matrix, sqrtm_psd)
+                                gaussian_ot_map, gaussian_ot_matrix, lemma_one_field, rotation_matrix, sqrtm_psd)
+from flowprobe.gaussian_moments import lemma_one_gradient_moments, lemma_one_per_sample_gradients
 from flowprobe.objectives import CFMObjective
 from flowprobe.paths import LinearPath, StochasticPath, make_path
 from flowprobe.solvers import integrate
@@ -75,7 +75,7 @@ def test_ot_map_against_pot_on_samples():
     """Discrete exact OT (POT emd) between n samples of N(0, I) and of N(mu, M): its cost converges to W2^2, and the
     discrete pairing is close to the Gaussian OT map."""
     ot = pytest.importorskip("ot")
-    n, reps = 500, 4
+    n, reps = 1000, 6
     m1 = torch.tensor([1.0, -2.0], dtype=F64)
     S1 = torch.tensor([[3.0, 1.0], [1.0, 0.8]], dtype=F64)
     w2 = float(bures_wasserstein_squared(torch.zeros(2, dtype=F64), I2, m1, S1))
@@ -94,10 +94,13 @@ def test_ot_map_against_pot_on_samples():
         # independent pairing (a baseline that is far from OT)
         cross.append(float((y - mapped).pow(2).sum(1).mean()))
     cost = np.mean(costs)
-    # the empirical OT cost is biased low at finite n and its fluctuations are O(1/sqrt(n)); the bound comes from
-    # the spread over repetitions (4 standard errors) plus the known O(n^(-1/2)) bias in d = 2, generously 15%.
+    # the empirical OT cost is biased at finite n and its fluctuations are O(1/sqrt(n)); the bound comes from the
+    # spread over repetitions (4 standard errors) plus an allowance of 5% for the O(n^(-1/2)) bias in d = 2. It is
+    # tighter than the covariance term of W2^2 (0.83 of 5.83 here): a W2 of the means alone must fail it.
     se = np.std(costs, ddof=1) / math.sqrt(reps)
-    assert abs(cost - w2) <= 4 * se + 0.15 * w2, (cost, w2)
+    bound = 4 * se + 0.05 * w2
+    assert abs(cost - w2) <= bound, (cost, w2, bound)
+    assert abs(cost - float(m1.pow(2).sum())) > bound
     # the discrete OT partner sits close to T(x): much closer than an unrelated sample does
     assert np.mean(map_err) < 0.1 * np.mean(cross), (np.mean(map_err), np.mean(cross))
 
@@ -272,9 +275,11 @@ def test_marginal_field_is_the_least_squares_minimiser(case):
     irr = c.irreducible_loss(t, path)
     se = float((l_star - irr).std() / math.sqrt(n))
     assert abs(float(l_star.mean() - irr.mean())) <= 5 * se
-    # closed-form expectation over t ~ U(0,1) from quadrature agrees with the per-sample average of the closed form
+    # the closed form's expectation over t ~ U(0,1) (quadrature) against the Monte Carlo mean of the actual
+    # per-sample loss of the marginal field (an independent computation: no irreducible_loss involved)
     tq = torch.linspace(0.0005, 0.9995, 1000, dtype=F64)
-    assert abs(float(c.irreducible_loss(tq, path).mean()) - float(irr.mean())) < 0.05 * float(irr.mean()) + 1e-3
+    se_l = float(l_star.std() / math.sqrt(n))
+    assert abs(float(c.irreducible_loss(tq, path).mean()) - float(l_star.mean())) <= 5 * se_l + 1e-3
     for delta in (torch.tensor([0.1, 0.0], dtype=F64), torch.tensor([0.0, -0.05], dtype=F64)):
         l_pert = (c.marginal_field(t, x_t, path) + delta - u_t).pow(2).sum(1)
         # E[l_pert] - E[l*] = ||delta||^2 exactly (the cross term vanishes for the conditional expectation)

@@ -119,6 +119,8 @@ def test_groups_partition_and_sum_to_total():
         per_layer[k] += (sl - sl.mean(0)).pow(2).sum() / (G.shape[0] - 1)
         start += s
     torch.testing.assert_close(st.group_gv, per_layer, rtol=1e-12, atol=0)
+    # per-group SE = sd_i(||g_i^G - g_bar^G||^2) / sqrt(n), from the brute-force slices
+    torch.testing.assert_close(st.group_gv_se, _group_se(G, index, sizes, len(names)), rtol=1e-9, atol=0)
     custom = per_sample_grad_stats(net, t, x, u, "exact", groups={"first": ["net.0"], "last_w": ["net.4.weight"]})
     assert custom.group_names == ["first", "last_w", "(other)"]
     assert custom.group_gv[0].item() == pytest.approx(per_layer[0].item(), rel=1e-12)
@@ -128,6 +130,43 @@ def test_groups_partition_and_sum_to_total():
         resolve_groups(net, {"a": ["net.0"], "b": ["net.0.weight"]})
     with pytest.raises(ValueError, match="names no trainable"):
         resolve_groups(net, {"a": ["nope"]})
+
+
+def _group_se(G, index, sizes, n_groups, scale=1.0):
+    """Per-group standard error scale * sd_u(||g_u^G - g_bar^G||^2) / sqrt(U) of the rows of G (U, P), written out
+    with plain loops over groups and units (independent of the probe's matrix formulation)."""
+    U = G.shape[0]
+    d = torch.zeros(U, n_groups, dtype=torch.float64)
+    start = 0
+    for k, s in zip(index, sizes):
+        sl = G[:, start:start + s]
+        d[:, k] += (sl - sl.mean(0)).pow(2).sum(1)
+        start += s
+    out = []
+    for k in range(n_groups):
+        col = scale * d[:, k]
+        mean = col.sum() / U
+        sd = math.sqrt(float(((col - mean) ** 2).sum()) / (U - 1))
+        out.append(sd / math.sqrt(U))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_group_standard_errors_match_the_formula_for_samples_and_micro_batches():
+    """group_gv_se against a direct computation on brute-force gradients: per-sample units (exact, naive, ghost),
+    and micro-batch units (the mean gradient of each micro-batch of m samples, scaled by m)."""
+    net = small_mlp()
+    t, x, u = batch(n=24)
+    names, params, index = resolve_groups(net, "layer")
+    sizes = [p.numel() for _, p in params]
+    G, _ = brute_force(net, t, x, u)
+    expected = _group_se(G, index, sizes, len(names))
+    for method in ("exact", "naive", "ghost"):
+        st = per_sample_grad_stats(net, t, x, u, method, chunk_size=7)
+        torch.testing.assert_close(st.group_gv_se, expected, rtol=1e-9, atol=0)
+    m = 4
+    Gm = G.reshape(-1, m, G.shape[1]).mean(1)  # (K, P) micro-batch mean gradients
+    st = per_sample_grad_stats(net, t, x, u, "microbatch", micro_batch_size=m)
+    torch.testing.assert_close(st.group_gv_se, _group_se(Gm, index, sizes, len(names), scale=m), rtol=1e-9, atol=0)
 
 
 class SmallConvNet(nn.Module):
@@ -244,7 +283,7 @@ def test_variance_is_centred_and_robust_to_a_mismatched_mean_gradient():
     A relative mismatch eps between the two (e.g. reduced-precision convolutions on a GPU) must not move the
     variance by ~2 eps ||g_bar||^2 / tr Cov, which is 10% here (the mean gradient dominates, as for an
     untrained network); the centred formula moves it by ~eps^2 ||g_bar||^2 / tr Cov."""
-    from flowprobe.probes.gradvar import _Moments
+    from flowprobe.probes.per_sample import Moments
 
     gen = torch.Generator().manual_seed(0)
     U, P = 256, 2000
@@ -255,7 +294,7 @@ def test_variance_is_centred_and_robust_to_a_mismatched_mean_gradient():
     assert g.mean(0).pow(2).sum() / truth > 40  # the regime where the uncentred formula cancels
     eps = 1e-3
     ref = (1 + eps) * g.mean(0)  # the batch gradient as the ghost path sees it
-    mom = _Moments(["w"])
+    mom = Moments(["w"])
     mom.ref = {"w": ref}
     mom.add_sum("w", U * ref)
     mom.add_norms(g.pow(2).sum(1, keepdim=True), (g @ ref).unsqueeze(1))
@@ -264,7 +303,7 @@ def test_variance_is_centred_and_robust_to_a_mismatched_mean_gradient():
     assert abs(uncentred / truth - 1) > 0.05  # the failure this guards against is real at this eps
     assert abs(gv.item() / truth - 1) < 1e-3
     # consistent inputs (exact path: sums are the per-sample gradients' sum): the identity holds to rounding
-    mom = _Moments(["w"])
+    mom = Moments(["w"])
     mom.ref = {"w": ref}
     mom.add_sum("w", g.sum(0))
     mom.add_norms(g.pow(2).sum(1, keepdim=True), (g @ ref).unsqueeze(1))
@@ -311,20 +350,30 @@ def test_se_is_honest_and_microbatch_unbiased():
     truth = gv_independent(t)
     gen = torch.Generator().manual_seed(11)
     net = ot_field()
+    groups = {"theta": ["theta"], "Theta": ["Theta"]}
     est = {"exact": [], "microbatch": []}
     ses = {"exact": [], "microbatch": []}
+    group_est = {"exact": [], "microbatch": []}
+    group_ses = {"exact": [], "microbatch": []}
     for _ in range(150):
         p = sampler.sample(128, gen)
         x_t, u_t = path.sample(p.x0, p.x1, torch.full((128,), t, dtype=torch.float64))
         for m in est:
-            st = per_sample_grad_stats(net, t, x_t, u_t, m, chunk_size=256, micro_batch_size=8)
+            st = per_sample_grad_stats(net, t, x_t, u_t, m, chunk_size=256, micro_batch_size=8, groups=groups)
             est[m].append(st.gv)
             ses[m].append(st.gv_se)
+            group_est[m].append(st.group_gv)
+            group_ses[m].append(st.group_gv_se)
     for m in est:
         v = torch.tensor(est[m])
         spread, mean_se = v.std().item(), torch.tensor(ses[m]).mean().item()
         assert 1 / 1.5 < mean_se / spread < 1.5, (m, mean_se, spread)
         assert abs(v.mean().item() - truth) < 4 * spread / math.sqrt(len(v)), (m, v.mean().item(), truth)
+        # per group: the reported SE matches the spread of that group's estimates over the repetitions
+        g_spread = torch.stack(group_est[m]).std(0)
+        g_mean_se = torch.stack(group_ses[m]).mean(0)
+        ratio = g_mean_se / g_spread
+        assert ((1 / 1.5 < ratio) & (ratio < 1.5)).all(), (m, ratio.tolist())
     # micro-batch uses 16 units, not 128 samples: noisier
     assert torch.tensor(est["microbatch"]).std() > 1.5 * torch.tensor(est["exact"]).std()
 
@@ -419,7 +468,7 @@ def test_eval_mode_during_probe_and_restored():
 
 def test_cli_function_on_in_memory_models(tmp_path):
     from flowprobe.io import read_json
-    from flowprobe.probes.gradvar import ProbeTarget, probe_gradvar_cli
+    from flowprobe.cli.probe import ProbeTarget, probe_gradvar_cli
 
     sampler = IndependentCoupling(GaussianSampler((2,)), GaussianSampler((2,), mean=2.0))
     torch.manual_seed(0)

@@ -13,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from flowprobe.data import images as im
+from flowprobe.data import image_files, images as im
+from flowprobe.report.images import to_uint8
+from flowprobe.solvers import push_forward
 
 
 def _png_bytes(arr: np.ndarray) -> bytes:
@@ -148,7 +150,7 @@ def test_restricted_unpickler_refuses_code(tmp_path):
     p = tmp_path / "data_batch_1"
     p.write_bytes(pickle.dumps({b"data": Evil()}, protocol=2))
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
-        im.read_cifar_batches(tmp_path, "train")
+        image_files.read_cifar_batches(tmp_path, "train")
 
 
 def test_cache_round_trip(tmp_path, cache):
@@ -191,7 +193,7 @@ def test_to_unit_and_back():
     x = im.to_unit(u)
     assert x.min().item() == -1.0 and x.max().item() == 1.0
     torch.testing.assert_close(x[0, 0, 0, 1], torch.tensor(1 / 127.5 - 1))
-    assert torch.equal(im.to_uint8(x), u)
+    assert torch.equal(to_uint8(x), u)
 
 
 def test_image_sampler_scaling_and_flip():
@@ -263,19 +265,20 @@ def test_ot_partner_matches_pot_and_brute_force():
     assert sum(Cs[i, p6[i]].item() for i in range(6)) == pytest.approx(best, rel=1e-12)
 
 
-def test_generate_pairs_integrates_model():
-    # v(t, x) = c (constant field): Phi(x0) = x0 + c exactly, with any solver
+def test_push_forward_integrates_model_in_batches():
+    # v(t, x) = c (constant field): Phi(x0) = x0 + c exactly, with any solver; batches of 3 rows cover all 7
     c = torch.full((3, 2, 2), 0.25)
 
     def field(t, x):
         return c.expand_as(x)
 
     x0 = torch.randn(7, 3, 2, 2)
-    out = im.generate_pairs(field, x0, method="euler", steps=4, batch_size=3)
+    out = push_forward(field, x0, method="euler", steps=4, batch_size=3)
     torch.testing.assert_close(out, x0 + c)
 
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# the data root as the library finds it: $FLOWPROBE_DATA, else ../shared/data (so these run wherever the data is)
+SHARED = image_files.find_data_root() or Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.mark.skipif(not (SHARED / "celeba" / "images.tar.gz").is_file(), reason="shared CelebA data not present")

@@ -129,3 +129,17 @@ def test_cli_on_exact_field(tmp_path):
     res = json.loads((tmp_path / "out" / "memorization.json").read_text())
     assert res["l2_assigned_mean"] < 1e-5 and res["nn_acc_assigned"] == 1.0 and res["nn_acc_ot"] == 0.0
     assert (tmp_path / "out" / "memorization.png").is_file()
+
+
+def test_evaluate_pairs_on_a_constant_field_and_limit_pairs():
+    """v = c sends x0 to x0 + c exactly (any solver); the assigned partner x1 = x0 + c is then hit exactly."""
+    c = torch.tensor([0.5, -1.0, 2.0])
+    x0 = torch.randn(10, 3, generator=torch.Generator().manual_seed(5))
+    pairs = mem.PairSet(x0, x0 + c, {"assigned": torch.arange(10), "ot": torch.roll(torch.arange(10), 1)})
+    m, out = mem.evaluate_pairs(lambda t, x: c.expand_as(x), pairs, method="rk4", steps=3, batch_size=4)
+    torch.testing.assert_close(out, x0 + c)
+    assert m["l2_assigned_mean"] < 1e-5 and m["nn_acc_assigned"] == 1.0 and m["nn_acc_ot"] == 0.0
+    assert m["n"] == 10 and m["solver"] == "rk4" and m["steps"] == 3
+    small, dropped = mem.limit_pairs(pairs, 4)
+    assert small.x0.shape[0] == 4 and dropped == ["ot"] and set(small.partners) == {"assigned"}
+    assert mem.limit_pairs(pairs, 10) == (pairs, [])

@@ -64,3 +64,26 @@ def test_bridge_objective_draws_inside_time_range():
     assert t.min() >= 0.01 and t.max() <= 0.99
     t, _, _ = CFMObjective(LinearPath()).draw(p, torch.Generator().manual_seed(0))
     assert t.min() < 0.01 and t.max() > 0.99
+
+
+def test_meanflow_adaptive_weight_value_and_gradient():
+    """MeanFlow's adaptive loss is sg(w) * ||u - sg(target)||^2 with w = 1 / (||u - target||^2 + eps)^p: its value
+    is e / (e + eps)^p and its gradient is w times the plain gradient (the weight carries no gradient)."""
+    from flowprobe.objectives import MeanFlowObjective
+
+    torch.manual_seed(0)
+    path = LinearPath()
+    net = MLP(2, width=16, depth=1, time_embed_dim=4, step_embed=True, time_scale=10.0)
+    plain = MeanFlowObjective(path, reduction="sum", adaptive_power=0.0)
+    weighted = MeanFlowObjective(path, reduction="sum", adaptive_power=0.75, adaptive_eps=0.1)
+    t, h = torch.full((5,), 0.2), torch.full((5,), 0.5)
+    x_t, u_t = torch.randn(5, 2), torch.randn(5, 2)
+    e = plain.losses(net, t, h, x_t, u_t)
+    a = weighted.losses(net, t, h, x_t, u_t)
+    w = 1.0 / (e.detach() + 0.1) ** 0.75
+    torch.testing.assert_close(a, e * w)
+    assert not torch.allclose(a, e * (e.detach() + 0.1) ** 0.75)  # the weight divides, it does not multiply
+    g_plain = torch.autograd.grad((w * plain.losses(net, t, h, x_t, u_t)).sum(), list(net.parameters()))
+    g_weighted = torch.autograd.grad(weighted.losses(net, t, h, x_t, u_t).sum(), list(net.parameters()))
+    for gp, gw in zip(g_plain, g_weighted):
+        torch.testing.assert_close(gw, gp, rtol=1e-5, atol=1e-7)

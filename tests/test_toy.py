@@ -7,11 +7,12 @@ import torch
 
 from flowprobe.couplings import MinibatchOTCoupling
 from flowprobe.data.toy import (TOY_DISTRIBUTIONS, Checkerboard, EightGaussians, Moons, StandardGaussian,
-                                energy_distance, make_toy)
+                                make_toy)
 from flowprobe.nets import MLP
 from flowprobe.objectives import CFMObjective
 from flowprobe.paths import LinearPath
 from flowprobe.solvers import integrate
+from flowprobe.metrics import energy_distance
 from flowprobe.train import fit
 
 

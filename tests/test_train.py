@@ -9,7 +9,7 @@ import torch
 
 from flowprobe.objectives import CFMObjective
 from flowprobe.paths import LinearPath
-from flowprobe.train import TrainState, fit, learning_rate
+from flowprobe.train import Callback, MetricsLog, TrainState, fit, learning_rate
 
 
 def test_learning_rate_closed_form():
@@ -29,8 +29,8 @@ def test_learning_rate_closed_form():
 def test_fit_applies_the_schedule(tmp_path, tiny_problem):
     net, coupling, objective = tiny_problem()
     log = tmp_path / "m.jsonl"
-    fit(net, coupling, objective, steps=12, batch_size=8, lr=0.01, warmup=4, lr_schedule="cosine",
-        log_path=log, log_every=1)
+    fit(net, coupling, objective, steps=12, batch_size=8, lr=0.01, warmup=4, lr_schedule="cosine", log_every=1,
+        hooks=[MetricsLog(log)])
     recs = [json.loads(line) for line in log.read_text().splitlines()]
     train = [r for r in recs if r["event"] == "train"]
     assert [r["step"] for r in train] == list(range(1, 13))
@@ -66,8 +66,8 @@ def test_ema_equals_hand_computed_average(tiny_problem):
         snapshots.append([p.detach().clone() for p in state.net.parameters()])
 
     d = 0.8
-    state = fit(net, coupling, objective, steps=5, batch_size=8, lr=0.05, ema_decay=d, callback=record,
-                callback_every=1)
+    state = fit(net, coupling, objective, steps=5, batch_size=8, lr=0.05, ema_decay=d,
+                hooks=[Callback(record, every=1)])
     assert len(snapshots) == 6
     expected = snapshots[0]
     for snap in snapshots[1:]:
@@ -136,13 +136,13 @@ def test_compile_gives_the_same_training(tiny_problem):
 
 def test_gradvar_log_is_the_probe_on_the_weights_of_that_step(tmp_path, tiny_problem):
     from flowprobe.probes.gradvar import gradient_variance
-    from flowprobe.train import GRADVAR_SEED_OFFSET
+    from flowprobe.runs.hooks import GRADVAR_SEED_OFFSET, GradVarHook
 
     net, coupling, objective = tiny_problem()
     straight_net, _, _ = tiny_problem()
     log = tmp_path / "m.jsonl"
-    state = fit(net, coupling, objective, steps=4, batch_size=16, seed=2, log_path=log, gradvar_every=4,
-                gradvar_times=[0.1, 0.9], gradvar_samples=32)
+    hook = GradVarHook(log, objective, coupling, every=4, times=[0.1, 0.9], n_samples=32, seed=2)
+    state = fit(net, coupling, objective, steps=4, batch_size=16, seed=2, hooks=[MetricsLog(log), hook])
     recs = [json.loads(line) for line in log.read_text().splitlines() if '"gradvar"' in line]
     assert len(recs) == 1 and recs[0]["step"] == 4 and recs[0]["reduction"] == "sum"
     expected = gradient_variance(state.net, objective.path, coupling, [0.1, 0.9], n_samples=32, method="exact",
@@ -198,7 +198,7 @@ def test_fast_step_is_bitwise_the_hand_written_loop(tiny_problem):
 
 
 def test_optimizer_implementation_follows_the_device_unless_asked(tiny_problem):
-    from flowprobe import train
+    from flowprobe.train import loop as train
 
     net, coupling, objective = tiny_problem()
 
@@ -258,7 +258,7 @@ def test_tiny_image_run_trains_samples_and_probes_through_the_cli(tmp_path, monk
 
     from flowprobe.checkpoint import load_checkpoint
     from flowprobe.cli import main
-    from flowprobe.train import load_model
+    from flowprobe.runs import load_model
 
     monkeypatch.setenv("FLOWPROBE_CACHE", str(tmp_path / "cache"))
     folder = _image_folder(tmp_path / "imgs")
@@ -325,7 +325,8 @@ def test_image_configs_in_the_repository_load():
 
     from flowprobe.config import load_config
     from flowprobe.nets.unet import count_parameters
-    from flowprobe.train import TrainConfig, build_net, model_spec
+    from flowprobe.nets.factory import build_net, model_spec
+    from flowprobe.runs import TrainConfig
 
     root = Path(__file__).resolve().parents[1] / "configs"
     cifar = load_config(TrainConfig, root / "cifar10.yaml")
@@ -337,7 +338,7 @@ def test_image_configs_in_the_repository_load():
 
 def test_unet_needs_images_and_bad_compile_is_a_config_error():
     from flowprobe.config import ConfigError, from_dict
-    from flowprobe.train import TrainConfig
+    from flowprobe.runs import TrainConfig
 
     with pytest.raises(ConfigError, match="data.dataset"):
         from_dict(TrainConfig, {"model": {"arch": "unet"}})
@@ -348,7 +349,7 @@ def test_unet_needs_images_and_bad_compile_is_a_config_error():
 def test_image_fixed_pairs_pair_noise_i_with_image_i(tmp_path, monkeypatch):
     from flowprobe.config import from_dict
     from flowprobe.data.images import fixed_noise
-    from flowprobe.train import TrainConfig, build_data
+    from flowprobe.runs import TrainConfig, build_data
 
     monkeypatch.setenv("FLOWPROBE_CACHE", str(tmp_path / "cache"))
     folder = _image_folder(tmp_path / "imgs", n=12, side=4)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
-from flowprobe.fast import (autocast, ema_update_, make_ema, make_optimizer, make_train_step, prepare_model,
+from flowprobe.train.step import (autocast, ema_update_, make_ema, make_optimizer, make_train_step, prepare_model,
                             set_tf32)
 from flowprobe.nets import UNet, count_parameters, unet_preset
 from flowprobe.nets.unet import attention
@@ -108,7 +108,7 @@ def test_time_conditioning_changes_the_output(scale_shift):
 
 def test_time_embedding_scale_is_used():
     # With scale 0 the sinusoidal embedding is constant in t, so t has no effect at all.
-    net = _randomise(_tiny(time_embed_scale=0.0)).eval()
+    net = _randomise(_tiny(time_scale=0.0)).eval()
     x = torch.randn(1, 3, 16, 16).expand(2, -1, -1, -1)
     out = net(torch.tensor([0.2, 0.7]), x)
     torch.testing.assert_close(out[0], out[1])
@@ -177,7 +177,7 @@ def test_forward_traces_as_one_graph():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# flowprobe.fast
+# flowprobe.train.step
 
 
 def _cfm_objective(net, x0, x1, t):

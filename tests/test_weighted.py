@@ -10,7 +10,7 @@ from flowprobe.nets import MLP
 from flowprobe.objectives import CFMObjective, MeanFlowObjective
 from flowprobe.paths import LinearPath, StochasticPath
 from flowprobe.solvers import integrate
-from flowprobe.train import _batch_fns, fit
+from flowprobe.train import batch_functions, fit
 
 F64 = torch.float64
 M1 = torch.tensor([2.0, -1.0], dtype=F64)
@@ -61,7 +61,7 @@ def test_weighted_loss_in_the_objective_and_in_fit():
         assert obj(net, coupling.sample(32, g), g).item() == pytest.approx(manual.item(), rel=1e-6)
         # fit's drawing and loss functions give the same number from the same generator state
         g = torch.Generator().manual_seed(5)
-        next_batch, loss_fn = _batch_fns(obj, coupling, g, 32, 0, 1)
+        next_batch, loss_fn = batch_functions(obj, coupling, g, 32, 0, 1)
         assert loss_fn(net, *next_batch()).item() == pytest.approx(manual.item(), rel=1e-6)
         # the weights matter: the unweighted mean differs
         assert abs(obj.losses(net, *batch).mean().item() - manual.item()) > 1e-3

@@ -14,6 +14,13 @@ state, and free-form ``extra`` data. The tensor file is written first and the si
 atomically (temp file + rename), and the tensor file's metadata repeats the step, so a crash never
 leaves a checkpoint that loads as complete but is not: a checkpoint exists once its sidecar does, and
 :func:`load_checkpoint` checks that both halves agree.
+
+Integrity: safetensors has no checksum, so each half vouches for the other. The tensor file's metadata holds
+the SHA-256 of the sidecar's content (canonical JSON, :func:`flowprobe.io.json_digest`, computed before the
+tensors are written), and the sidecar holds the SHA-256 of the tensor file's bytes. :func:`load_checkpoint`
+verifies both, so a flipped byte in the weights, the EMA, the optimiser or the RNG state, and an edited
+sidecar (a changed config or model spec), are each a one-line :class:`CheckpointError` naming the file.
+Checkpoints written before this scheme (no digests) load unverified; :func:`verify_checkpoint` says so.
 """
 
 from __future__ import annotations
@@ -30,10 +37,15 @@ from torch import nn
 
 from . import __version__
 from .config import ConfigError
-from .io import atomic_write, read_json, write_json
+from .io import atomic_write, json_digest, sha256_file, write_json
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "checkpoint_path",
-           "read_sidecar", "resolve_checkpoint", "Checkpoint", "FORMAT"]
+           "read_sidecar", "resolve_checkpoint", "Checkpoint", "FORMAT", "CheckpointError", "verify_checkpoint",
+           "newest_verified_checkpoint", "load_weights", "check_weights"]
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that is missing, damaged or does not match its other half (one line, naming the file)."""
 
 FORMAT = "flowprobe-checkpoint-1"
 _STEP_RE = re.compile(r"^step_(\d+)\.json$")
@@ -208,24 +220,84 @@ def save_checkpoint(path: str | Path, *, net: nn.Module, step: int, ema: nn.Modu
     tensors.update({k: _cpu(v) for k, v in rng_t.items()})
     if losses is not None:
         tensors["losses"] = _cpu(torch.as_tensor(losses, dtype=torch.float64).reshape(-1))
-    meta = {"format": FORMAT, "step": str(int(step)), "flowprobe_version": __version__}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     sidecar = {"format": FORMAT, "step": int(step), "tensors": path.name, "version": __version__,
                "torch_version": torch.__version__, "config": to_dict(config) if config is not None else None,
                "optimizer": optim_side, "rng": rng_side, "has_ema": ema is not None, "extra": extra or {}}
+    meta = {"format": FORMAT, "step": str(int(step)), "flowprobe_version": __version__,
+            "sidecar_sha256": json_digest(sidecar)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    sidecar["tensors_sha256"] = sha256_file(path)
     write_json(_sidecar_of(path), sidecar)
     return path
 
 
 def read_sidecar(path: str | Path) -> dict:
     """The JSON sidecar of a checkpoint (``path`` may name either half)."""
+    import json
+
     p = _sidecar_of(Path(path))
     if not p.is_file():
-        raise ConfigError(f"{p}: checkpoint sidecar not found (a checkpoint is a .safetensors file plus its .json)")
-    side = read_json(p)
-    if side.get("format") != FORMAT:
-        raise ConfigError(f"{p}: not a flowprobe checkpoint (format {side.get('format')!r}, expected {FORMAT})")
+        raise CheckpointError(f"{p}: checkpoint sidecar not found (a checkpoint is a .safetensors file plus its .json)")
+    try:
+        side = json.loads(p.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise CheckpointError(f"{p}: checkpoint sidecar is not valid JSON (damaged, or not a flowprobe sidecar)") \
+            from None
+    if not isinstance(side, dict) or side.get("format") != FORMAT:
+        found = side.get("format") if isinstance(side, dict) else type(side).__name__
+        raise CheckpointError(f"{p}: not a flowprobe checkpoint (format {found!r}, expected {FORMAT})")
+    step = side.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{p}: checkpoint sidecar has no valid 'step' (got {step!r})")
     return side
+
+
+def verify_checkpoint(path: str | Path) -> tuple[dict, bool]:
+    """Check that both halves of a checkpoint are intact and belong together without loading the tensors:
+    the tensor file's SHA-256 against the sidecar's record, and the sidecar's content digest against the
+    tensor file's record. Returns (sidecar, verified); ``verified`` is False for a checkpoint written before
+    digests existed. Raises :class:`CheckpointError` (one line, naming the file) on any mismatch or damage."""
+    from safetensors import safe_open
+
+    path = _tensor_file_of(Path(path))
+    side = read_sidecar(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint tensor file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types on a bad header
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'bad header'})") from None
+    if meta.get("step") != str(side["step"]):
+        raise CheckpointError(f"{path}: tensor file (step {meta.get('step')}) and sidecar (step {side['step']}) "
+                              f"disagree")
+    recorded = side.get("tensors_sha256")
+    if recorded is None and "sidecar_sha256" not in meta:
+        return side, False
+    content = {k: v for k, v in side.items() if k != "tensors_sha256"}
+    if meta.get("sidecar_sha256") != json_digest(content):
+        raise CheckpointError(f"{_sidecar_of(path)}: the sidecar does not match the one written with {path.name} "
+                              f"(edited or damaged)")
+    if recorded != sha256_file(path):
+        raise CheckpointError(f"{path}: tensor data does not match its recorded SHA-256 (damaged file)")
+    return side, True
+
+
+def newest_verified_checkpoint(directory: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint in ``directory`` (or its ``checkpoints/``) that passes :func:`verify_checkpoint`,
+    and the newer ones skipped, each with the reason."""
+    d = Path(directory)
+    found = list_checkpoints(d) or list_checkpoints(d / "checkpoints")
+    skipped = []
+    for p in reversed(found):
+        try:
+            verify_checkpoint(p)
+        except CheckpointError as e:
+            skipped.append((p, str(e)))
+            continue
+        return p, skipped
+    return None, skipped
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
@@ -261,6 +333,28 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise ConfigError(f"{p}: not a checkpoint; give a step_*.safetensors file (with its .json) or a run folder")
 
 
+def load_weights(module: nn.Module, state: dict, source: str | Path, strict: bool = True) -> None:
+    """``module.load_state_dict(state)``, with a mismatch (missing or unexpected keys, other shapes) reported as
+    one :class:`CheckpointError` line naming ``source`` and the first differences (:func:`check_weights`)."""
+    check_weights(module, state, source, strict)
+    module.load_state_dict(state, strict=strict)
+
+
+def check_weights(module: nn.Module, state: dict, source: str | Path, strict: bool = True) -> None:
+    """Raise :class:`CheckpointError` when ``state`` does not fit ``module`` (which may live on the meta device:
+    only names and shapes are compared)."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    problems = ([f"{len(missing)} missing (e.g. {missing[0]})"] if missing and strict else []) + \
+               ([f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected and strict else []) + \
+               ([f"{len(shapes)} of other shape (e.g. {shapes[0]})"] if shapes else [])
+    if problems:
+        raise CheckpointError(f"{source}: the weights do not fit this network: " + "; ".join(problems))
+
+
 def load_checkpoint(path: str | Path, *, net: nn.Module | None = None, ema: nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None,
                     generators: dict[str, torch.Generator] | None = None, restore_global_rng: bool = False,
@@ -270,26 +364,22 @@ def load_checkpoint(path: str | Path, *, net: nn.Module | None = None, ema: nn.M
     Given modules and an optimiser receive their saved state in place (``net`` from ``net.*``, ``ema``
     from ``ema.*``), given generators get their saved state by name, and ``restore_global_rng`` also
     restores torch's, numpy's and python's global generators. ``path`` may be either half of a checkpoint,
-    a checkpoint folder or a run folder (then the latest checkpoint is used).
+    a checkpoint folder or a run folder (then the latest checkpoint is used). Both halves are verified first
+    (:func:`verify_checkpoint`).
     """
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = resolve_checkpoint(path)
-    side = read_sidecar(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("step") != str(side["step"]):
-        raise ConfigError(f"{path}: tensor file (step {meta.get('step')}) and sidecar (step {side['step']}) disagree")
+    side, _ = verify_checkpoint(path)
     tensors = load_file(str(path))
     ck = Checkpoint(path=path, step=int(side["step"]), config=side.get("config"), version=side.get("version", "?"),
                     extra=side.get("extra") or {}, tensors=tensors, sidecar=side)
     if net is not None:
-        net.load_state_dict(ck.state_dict("net"), strict=strict)
+        load_weights(net, ck.state_dict("net"), path, strict)
     if ema is not None:
         if not ck.has_ema:
-            raise ValueError(f"{path}: checkpoint has no EMA weights")
-        ema.load_state_dict(ck.state_dict("ema"), strict=strict)
+            raise CheckpointError(f"{path}: checkpoint has no EMA weights")
+        load_weights(ema, ck.state_dict("ema"), path, strict)
     if optimizer is not None:
         if side.get("optimizer") is None:
             raise ValueError(f"{path}: checkpoint has no optimiser state")

@@ -16,6 +16,7 @@ Use :func:`option` to declare constrained fields::
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -63,6 +64,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, a, key)
             except ConfigError as e:
                 errors.append(str(e))
+        if len(errors) == 1:  # Optional[X]: X's own message says more
+            raise ConfigError(errors[0])
         allowed = " or ".join(_type_name(a) for a in args)
         raise ConfigError(f"{key}: expected {allowed}, got {value!r}")
     if dataclasses.is_dataclass(tp):
@@ -92,18 +95,26 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
             try:
-                return float(value)  # YAML 1.1 reads "1e-3" as a string
+                number = float(value)
+            except OverflowError:  # an integer beyond float range
+                raise ConfigError(f"{key}: {value!r} is too large for a number") from None
+        elif isinstance(value, str):
+            try:
+                number = float(value)  # YAML 1.1 reads "1e-3" as a string
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -132,6 +143,9 @@ def _check(value: Any, meta: dict, key: str) -> None:
 def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
     """Build dataclass ``cls`` from a mapping, checking keys, types and constraints."""
     data = dict(data or {})
+    bad_keys = [k for k in data if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError(f"{prefix}{bad_keys[0]!r}: keys must be names (strings), got {type(bad_keys[0]).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
@@ -179,7 +193,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"{text}: empty key in override")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return key.split("."), value
 
@@ -203,19 +217,69 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     return data
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with the same key twice (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: let the base class report it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+#: YAML nested deeper than this is refused before it is parsed (a config is a few levels deep).
+MAX_YAML_DEPTH = 64
+
+
 def read_yaml_mapping(path: str | Path) -> dict:
-    """The mapping in a YAML file (``yaml.safe_load``); a missing file, invalid YAML or a top level that is
-    not a mapping raises a one-line :class:`ConfigError`."""
+    """The mapping in a YAML file (``yaml.safe_load`` semantics, UTF-8); a missing or unreadable file, text that
+    is not UTF-8, invalid or absurdly nested YAML, a duplicated key, an empty file or a top level that is not a
+    mapping raises a one-line :class:`ConfigError`."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text; save the config as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror})") from None
+    depth = max((len(line) - len(line.lstrip("[{ -")) for line in text.splitlines()), default=0)
+    if depth > 4 * MAX_YAML_DEPTH or text.count("[") + text.count("{") > 100_000:
+        raise ConfigError(f"{p}: nested too deeply to be a config")
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{p}: not valid YAML ({' '.join(str(e).split())[:200]})") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: nested too deeply to be a config") from None
+    if data is None:
+        raise ConfigError(f"{p}: the config file is empty; give at least one key (or no file for the defaults)")
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of keys")
+    bad = _non_string_key(data)
+    if bad is not None:
+        raise ConfigError(f"{p}: key {bad!r} is not a name; config keys are strings")
     return data
+
+
+def _non_string_key(node: Any, depth: int = 0) -> Any:
+    """The first mapping key of ``node`` (searched depth-first) that is not a string, else None."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if not isinstance(k, str):
+                return k
+            found = _non_string_key(v, depth + 1)
+            if found is not None:
+                return found
+    return None
 
 
 def load_config(cls: type[T], source: str | Path | dict | None = None, overrides: list[str] | None = None) -> T:

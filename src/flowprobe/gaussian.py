@@ -8,7 +8,7 @@ coupling are covered, both jointly Gaussian in (x0, x1):
 - the independent coupling x0 independent of x1 (:class:`IndependentGaussianCoupling`).
 
 Along an affine path x_t = a(t) x0 + b(t) x1 + g(t) z with target u_t = a'(t) x0 + b'(t) x1 + g'(t) z
-(any :class:`flowprobe.paths.Path`: the linear path, constant noise g = sigma, the Brownian bridge
+(any :class:`flowprobe.paths.ProbabilityPath`: the linear path, constant noise g = sigma, the Brownian bridge
 g = sigma sqrt(t(1-t)) whose target includes g'(t) z) the triple (x0, x1, z) is Gaussian, so x_t and u_t
 are jointly Gaussian at each t with
 
@@ -38,14 +38,13 @@ import torch
 from torch import Tensor, nn
 
 from .couplings import Pairing
-from .paths import LinearPath, Path
+from .paths import LinearPath, ProbabilityPath
 
 __all__ = [
     "sqrtm_psd", "rotation_matrix", "gaussian_ot_matrix", "gaussian_ot_map", "bures_wasserstein_squared",
     "bures_wasserstein", "lemma_one_field", "LemmaOneField", "linear_coupling_field", "antipodal_field",
     "antipodal_irreducible_loss", "GaussianCoupling", "LinearGaussianCoupling", "IndependentGaussianCoupling",
     "JointGaussianCoupling", "gibbs_tilted_coupling",
-    "lemma_one_gradient_moments", "lemma_one_per_sample_gradients",
 ]
 
 
@@ -276,7 +275,7 @@ class GaussianCoupling:
         raise NotImplementedError
 
     # -- closed forms ---------------------------------------------------------------------------------------------
-    def moments(self, t: Tensor, path: Path | None = None) -> dict[str, Tensor]:
+    def moments(self, t: Tensor, path: ProbabilityPath | None = None) -> dict[str, Tensor]:
         """Per-t moments of (x_t, u_t): ``mean_x``, ``mean_u`` (T, d) and ``C_xx``, ``C_ux``, ``C_uu`` (T, d, d),
         with the formulas of the module docstring. ``path`` defaults to the linear path."""
         path = path or LinearPath()
@@ -300,7 +299,7 @@ class GaussianCoupling:
         C_uu = mat(da * da) * S00 + mat(db * db) * S11 + mat(da * db) * (S01 + S10) + mat(dg * dg) * eye
         return {"mean_x": mean_x, "mean_u": mean_u, "C_xx": C_xx, "C_ux": C_ux, "C_uu": C_uu}
 
-    def marginal_field(self, t: Tensor, x: Tensor, path: Path | None = None) -> Tensor:
+    def marginal_field(self, t: Tensor, x: Tensor, path: ProbabilityPath | None = None) -> Tensor:
         """E[u_t | x_t = x] = E u_t + C_ux C_xx^{-1} (x - E x_t), batched over t (B,) and x (B, d).
 
         For a deterministic linear coupling on a deterministic path this is evaluated as the Lemma-1 formula
@@ -318,7 +317,7 @@ class GaussianCoupling:
         out = m["mean_u"] + (gain @ (x.to(self.dtype) - m["mean_x"]).unsqueeze(-1)).squeeze(-1)
         return out.to(x.dtype)
 
-    def _affine_at(self, t: float, path: Path):
+    def _affine_at(self, t: float, path: ProbabilityPath):
         """(C_ux C_xx^{-1}, E x_t, E u_t) at a single time, in numpy float64: the same formulas as :meth:`moments`
         with scalar coefficients (an ODE solver calls the field once per stage with one shared t)."""
         import numpy as np
@@ -338,25 +337,25 @@ class GaussianCoupling:
             gain = np.full((self.d, self.d), np.nan)
         return gain, a * m0 + b * m1, da * m0 + db * m1
 
-    def field(self, path: Path | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+    def field(self, path: ProbabilityPath | None = None) -> Callable[[Tensor, Tensor], Tensor]:
         """The marginal field as a callable ``field(t, x)`` (for :func:`flowprobe.solvers.integrate`)."""
         return lambda t, x: self.marginal_field(t, x, path)
 
-    def marginal_score(self, t: Tensor, x: Tensor, path: Path | None = None) -> Tensor:
+    def marginal_score(self, t: Tensor, x: Tensor, path: ProbabilityPath | None = None) -> Tensor:
         """grad_x log p_t(x) = -C_xx^{-1} (x - E x_t), the score of the Gaussian marginal of x_t, batched over
         t (B,) and x (B, d). Undefined where C_xx is singular (a deterministic coupling's crossing time)."""
         m = self.moments(t.to(self.dtype).reshape(-1).expand(x.shape[0]), path)
         diff = (x.to(self.dtype) - m["mean_x"]).unsqueeze(-1)
         return (-torch.linalg.solve(m["C_xx"], diff)).squeeze(-1).to(x.dtype)
 
-    def conditional_covariance(self, t: Tensor, path: Path | None = None) -> Tensor:
+    def conditional_covariance(self, t: Tensor, path: ProbabilityPath | None = None) -> Tensor:
         """Cov(u_t | x_t) = C_uu - C_ux C_xx^+ C_xu, shape (T, d, d). The pseudo-inverse makes the formula exact
         also where x_t is degenerate (e.g. x_t = mu / 2 at t = 1/2 for the 180-degree pairing)."""
         m = self.moments(t, path)
         gain = m["C_ux"] @ torch.linalg.pinv(m["C_xx"], hermitian=True)
         return _sym(m["C_uu"] - gain @ m["C_ux"].transpose(-1, -2))
 
-    def irreducible_loss(self, t: Tensor, path: Path | None = None) -> Tensor:
+    def irreducible_loss(self, t: Tensor, path: ProbabilityPath | None = None) -> Tensor:
         """L*(t) = E || u_t - E[u_t | x_t] ||^2 = tr Cov(u_t | x_t), the lowest CFM loss any field can reach at
         time t (shape (T,))."""
         return torch.diagonal(self.conditional_covariance(t, path), dim1=-2, dim2=-1).sum(-1).clamp_min(0)
@@ -462,7 +461,7 @@ class IndependentGaussianCoupling(GaussianCoupling):
             self._eig = (lam.clamp_min(0), Q)
         return self._eig
 
-    def average_velocity(self, t: Tensor, x: Tensor, h: Tensor, path: Path | None = None) -> Tensor:
+    def average_velocity(self, t: Tensor, x: Tensor, h: Tensor, path: ProbabilityPath | None = None) -> Tensor:
         """u*(t, x, h) = (Phi_{t -> t+h}(x) - x) / h, the average velocity over [t, t + h] of the ODE of the marginal
         field (the quantity MeanFlow-type objectives learn); h = 0 gives the marginal field itself.
 
@@ -499,7 +498,7 @@ class IndependentGaussianCoupling(GaussianCoupling):
         u_zero = dm + (dc / (2 * c_t) * y) @ Q.T
         return torch.where(zero, u_zero, u_step)
 
-    def flow_map(self, t: Tensor, x: Tensor, s: Tensor, path: Path | None = None) -> Tensor:
+    def flow_map(self, t: Tensor, x: Tensor, s: Tensor, path: ProbabilityPath | None = None) -> Tensor:
         """Phi_{t -> s}(x): where the ODE of the marginal field carries x from time t to time s (closed form, see
         :meth:`average_velocity`)."""
         t = t.to(self.dtype).reshape(-1)
@@ -556,121 +555,3 @@ def gibbs_tilted_coupling(m0, S0, m1, S1, epsilon: float, dtype: torch.dtype = t
     mean = cov @ torch.cat([P0 @ m0, P1 @ m1])
     return JointGaussianCoupling(mean[:d], cov[:d, :d], mean[d:], cov[d:, d:], cov[:d, d:], dtype, device,
                                  name=f"gibbs_tilted(eps={float(epsilon):g})")
-
-
-def lemma_one_per_sample_gradients(t: Tensor, x_t: Tensor, u_t: Tensor, theta: Tensor, Theta: Tensor):
-    """Per-sample gradients of l = ||u_t - v(x_t, t)||^2 for the Lemma-1 field, written out.
-
-    With W = (I + t Theta)^{-1}, y = x_t - t theta and r = u_t - v: dv = W dtheta + W dTheta W y (because
-    I - t Theta W = W), so grad_theta l = -2 W^T r and grad_Theta l = -2 (W^T r)(W y)^T. Returns
-    (grad_theta (B, d), grad_Theta (B, d, d)). An independent check of autograd-based probes.
-    """
-    d = theta.shape[0]
-    eye = torch.eye(d, dtype=x_t.dtype, device=x_t.device)
-    W = torch.linalg.inv(eye + t.to(x_t.dtype)[:, None, None] * Theta.to(x_t.dtype))
-    y = x_t - t.to(x_t.dtype)[:, None] * theta.to(x_t.dtype)
-    q = (W @ y.unsqueeze(-1)).squeeze(-1)
-    r = u_t - (theta.to(x_t.dtype) + q @ Theta.to(x_t.dtype).T)
-    p = (W.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1)
-    return -2 * p, -2 * p.unsqueeze(-1) * q.unsqueeze(-2)
-
-
-def _gauss_legendre(lo: float, hi: float, panels: int, order: int, dtype, device) -> tuple[Tensor, Tensor]:
-    import numpy as np
-
-    x, w = np.polynomial.legendre.leggauss(order)
-    edges = np.linspace(lo, hi, panels + 1)
-    half = (edges[1:] - edges[:-1]) / 2
-    mid = (edges[1:] + edges[:-1]) / 2
-    nodes = (mid[:, None] + half[:, None] * x[None, :]).reshape(-1)
-    weights = (half[:, None] * w[None, :]).reshape(-1)
-    return (torch.as_tensor(nodes, dtype=dtype, device=device), torch.as_tensor(weights, dtype=dtype, device=device))
-
-
-def lemma_one_gradient_moments(coupling: GaussianCoupling, theta: Tensor, Theta: Tensor, path: Path | None = None,
-                               panels: int = 64, order: int = 16) -> dict[str, float]:
-    """Closed-form loss and gradient variance of the Lemma-1 field at (theta, Theta), t ~ U(path.time_range).
-
-    Given t, xi = (x0, x1, z) is Gaussian, and r = u_t - v(x_t, t), p = W^T r and q = W y (W = (I + t Theta)^{-1},
-    y = x_t - t theta) are affine in xi. With g_theta = -2 p and g_Theta = -2 p q^T
-    (:func:`lemma_one_per_sample_gradients`), Isserlis' theorem gives, for each t (m: means, S: covariances),
-
-        E ||r||^2          = ||m_r||^2 + tr S_rr                                          (the loss)
-        E ||g_theta||^2    = 4 (||m_p||^2 + tr S_pp)
-        E ||g_Theta||_F^2  = 4 (||m_p||^2 ||m_q||^2 + ||m_p||^2 tr S_qq + ||m_q||^2 tr S_pp + 4 m_p^T S_pq m_q
-                                + tr S_pp tr S_qq + 2 tr(S_pq S_pq^T))
-        E g_theta = -2 m_p,   E g_Theta = -2 (S_pq + m_p m_q^T),
-
-    integrated over t by composite Gauss-Legendre quadrature (``panels`` x ``order`` nodes; exact for the
-    polynomial integrands at Theta = 0 and constant noise). Returns ``loss``, ``second_moment`` (E||g||^2),
-    ``mean_grad_sq`` (||E g||^2) and ``gv`` = tr Cov(g) = E||g||^2 - ||E g||^2.
-
-    If I + t Theta is singular for some t in the time range (Theta has a real eigenvalue <= -1/t_hi), the
-    integrals diverge unless the residual r vanishes identically, which happens only for the pair field of a
-    deterministic linear coupling on a noiseless path (theta = mu, Theta = A - I): ``loss`` and ``gv`` are then 0
-    for that field and +inf otherwise (``singular`` is True in both cases).
-    """
-    path = path or LinearPath()
-    dt, dev, d = coupling.dtype, coupling.device, coupling.d
-    theta = torch.as_tensor(theta, dtype=dt, device=dev)
-    Theta = torch.as_tensor(Theta, dtype=dt, device=dev)
-    lo, hi = getattr(path, "time_range", (0.0, 1.0))
-    t, w = _gauss_legendre(lo, hi, panels, order, dt, dev)
-    w = w / (hi - lo)  # t ~ U(lo, hi)
-    T = t.shape[0]
-    eye = torch.eye(d, dtype=dt, device=dev)
-    # xi = (x0, x1, z): mean and covariance
-    m_xi = torch.cat([coupling.m0, coupling.m1, torch.zeros(d, dtype=dt, device=dev)])
-    Z = torch.zeros(d, d, dtype=dt, device=dev)
-    S_xi = torch.cat([torch.cat([coupling.S00, coupling.S01, Z], 1),
-                      torch.cat([coupling.S01.T, coupling.S11, Z], 1),
-                      torch.cat([Z, Z, eye], 1)], 0)
-    def mat(s):
-        return s[:, None, None] * eye
-
-    X = torch.cat([mat(path.a(t)), mat(path.b(t)), mat(path.g(t))], dim=2)     # x_t = X xi
-    U = torch.cat([mat(path.da(t)), mat(path.db(t)), mat(path.dg(t))], dim=2)  # u_t = U xi
-    W = torch.linalg.inv(eye + t[:, None, None] * Theta)
-    TW = Theta @ W
-    # r = (U - Theta W X) xi - theta + t Theta W theta ;  y = X xi - t theta ;  p = W^T r ;  q = W y
-    R_lin = U - TW @ X
-    r0 = -theta + t[:, None] * (TW @ theta)
-    P_lin, p0 = W.transpose(-1, -2) @ R_lin, (W.transpose(-1, -2) @ r0.unsqueeze(-1)).squeeze(-1)
-    Q_lin, q0 = W @ X, -(t[:, None] * (W @ theta))
-    m_r = R_lin @ m_xi + r0
-    m_p = P_lin @ m_xi + p0
-    m_q = Q_lin @ m_xi + q0
-    S_rr = R_lin @ S_xi @ R_lin.transpose(-1, -2)
-    S_pp = P_lin @ S_xi @ P_lin.transpose(-1, -2)
-    S_qq = Q_lin @ S_xi @ Q_lin.transpose(-1, -2)
-    S_pq = P_lin @ S_xi @ Q_lin.transpose(-1, -2)
-    def tr(S):
-        return torch.diagonal(S, dim1=-2, dim2=-1).sum(-1)
-
-    loss_t = (m_r.pow(2).sum(-1) + tr(S_rr)).clamp_min(0)  # sums of squares: clamp rounding below 0
-    mp2, mq2 = m_p.pow(2).sum(-1), m_q.pow(2).sum(-1)
-    g_theta_sq = 4 * (mp2 + tr(S_pp))
-    g_Theta_sq = 4 * (mp2 * mq2 + mp2 * tr(S_qq) + mq2 * tr(S_pp)
-                      + 4 * (m_p.unsqueeze(-2) @ S_pq @ m_q.unsqueeze(-1)).reshape(T)
-                      + tr(S_pp) * tr(S_qq) + 2 * S_pq.pow(2).sum((-1, -2))).clamp_min(0)
-    g_theta_sq = g_theta_sq.clamp_min(0)
-    mean_g_theta = -2 * (w[:, None] * m_p).sum(0)
-    mean_g_Theta = -2 * (w[:, None, None] * (S_pq + m_p.unsqueeze(-1) * m_q.unsqueeze(-2))).sum(0)
-    loss = float((w * loss_t).sum())
-    second = float((w * (g_theta_sq + g_Theta_sq)).sum())
-    mean_sq = float(mean_g_theta.pow(2).sum() + mean_g_Theta.pow(2).sum())
-    # singularity of I + t Theta on [lo, hi]: a real eigenvalue lambda with 1 + t lambda = 0
-    ev = torch.linalg.eigvals(Theta)
-    real = ev[ev.imag.abs() < 1e-12].real
-    singular = bool(((real < 0) & (-1 / real >= lo) & (-1 / real <= hi)).any()) if real.numel() else False
-    if singular:
-        # The residual vanishes identically only for the pair field of a deterministic linear coupling on a
-        # noiseless path (theta = mu, Theta = A - I); otherwise the t-integrals diverge at the singular time.
-        pair_optimal = (coupling.deterministic_linear and path.deterministic
-                        and torch.allclose(theta, coupling.mu) and torch.allclose(Theta, coupling.Theta))
-        if pair_optimal:
-            return {"loss": 0.0, "second_moment": 0.0, "mean_grad_sq": 0.0, "gv": 0.0, "singular": True}
-        return {"loss": math.inf, "second_moment": math.inf, "mean_grad_sq": math.nan, "gv": math.inf,
-                "singular": True}
-    return {"loss": loss, "second_moment": second, "mean_grad_sq": mean_sq, "gv": max(second - mean_sq, 0.0),
-            "singular": False}

@@ -8,7 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["atomic_write", "write_json", "read_json", "append_jsonl", "machine_info"]
+__all__ = ["atomic_write", "write_json", "read_json", "append_jsonl", "machine_info", "sha256_file", "json_digest",
+           "remove_stale_temp_files", "truncate_jsonl"]
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
@@ -89,3 +90,60 @@ def machine_info(device=None) -> dict:
     if device is not None:
         info["device"] = str(device)
     return info
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """The SHA-256 hex digest of a file's bytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def json_digest(obj: Any) -> str:
+    """SHA-256 of ``obj`` as canonical JSON (sorted keys, no spaces; tensors and arrays as lists), so a value
+    and its JSON round trip (what a sidecar reads back) have the same digest."""
+    import hashlib
+
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_default, allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def remove_stale_temp_files(folder: str | Path, recursive: bool = True) -> list[Path]:
+    """Delete the temporary files that :func:`atomic_write` leaves when its process is killed mid-write
+    (``.NAME.XXXX.tmp`` beside NAME) in ``folder`` (and its sub-folders); returns what was removed. Call it
+    only where no other process is writing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in (folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def truncate_jsonl(path: str | Path, keep: Callable[[dict], bool]) -> int:
+    """Rewrite the JSON-lines file ``path`` atomically with only the records for which ``keep(record)`` is true
+    (lines that do not parse, e.g. a line cut by a crash, are dropped). Returns the number of records dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            dropped += 1
+            continue
+        if isinstance(rec, dict) and keep(rec):
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept)))
+    return dropped

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["pairwise_sq_dists", "median_bandwidth", "gaussian_kernel", "mmd2", "wasserstein2"]
+__all__ = ["pairwise_sq_dists", "median_bandwidth", "gaussian_kernel", "mmd2", "wasserstein2", "energy_distance"]
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -100,3 +100,18 @@ def wasserstein2(x: Tensor, y: Tensor, max_points: int = 10_000) -> float:
     scale = max(float(C.max()), 1e-300)
     cost = ot.emd2(np.full(n, 1.0 / n), np.full(m, 1.0 / m), C / scale, numItermax=max(100_000, 50 * n * m))
     return math.sqrt(max(float(cost) * scale, 0.0))
+
+
+def energy_distance(x: Tensor, y: Tensor) -> float:
+    """Squared energy distance between two samples (V-statistic, in float64):
+
+        D^2 = 2 mean_ij |x_i - y_j| - mean_ij |x_i - x_j| - mean_ij |y_i - y_j|  >= 0,
+
+    which is zero in the population limit iff the two distributions are equal.
+    """
+    x = x.reshape(x.shape[0], -1).double().cpu()
+    y = y.reshape(y.shape[0], -1).double().cpu()
+    xy = torch.cdist(x, y).mean()
+    xx = torch.cdist(x, x).mean()
+    yy = torch.cdist(y, y).mean()
+    return float(2 * xy - xx - yy)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .couplings import Pairing
-from .paths import Path, expand_like
+from .paths import ProbabilityPath, expand_like
 
 __all__ = ["squared_error", "cfm_sample_loss", "cfm_losses", "CFMObjective", "weighted_mean", "sample_times",
            "sample_intervals", "AverageVelocityObjective", "MeanFlowObjective", "SplitMeanFlowObjective", "OBJECTIVES",
@@ -83,7 +83,7 @@ class CFMObjective:
     per-sample ``weights`` (normalised by their sum, so weights only set relative importance).
     """
 
-    def __init__(self, path: Path, reduction: str = "mean"):
+    def __init__(self, path: ProbabilityPath, reduction: str = "mean"):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.path = path
@@ -139,7 +139,8 @@ class AverageVelocityObjective:
 
     name = "average"
 
-    def __init__(self, path: Path, reduction: str = "mean", jump_fraction: float = 0.25, adaptive_power: float = 0.0,
+    def __init__(self, path: ProbabilityPath, reduction: str = "mean", jump_fraction: float = 0.25,
+                 adaptive_power: float = 0.0,
                  adaptive_eps: float = 1e-3):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -260,7 +261,7 @@ class SplitMeanFlowObjective(AverageVelocityObjective):
 OBJECTIVES = ("cfm", "meanflow", "splitmeanflow")
 
 
-def make_objective(kind: str, path: Path, reduction: str = "mean", **options):
+def make_objective(kind: str, path: ProbabilityPath, reduction: str = "mean", **options):
     """The objective named ``kind`` (one of OBJECTIVES) on ``path``; ``options`` (jump_fraction, adaptive_power,
     adaptive_eps) go to the few-step objectives."""
     if kind == "cfm":

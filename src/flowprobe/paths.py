@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["Path", "AffinePath", "LinearPath", "StochasticPath", "expand_like", "make_path"]
+__all__ = ["ProbabilityPath", "AffinePath", "LinearPath", "StochasticPath", "expand_like", "make_path"]
 
 Schedule = Callable[[Tensor], Tensor]
 
@@ -29,7 +29,7 @@ def expand_like(t: Tensor, x: Tensor) -> Tensor:
     return t.reshape(t.shape[0], *([1] * (x.dim() - 1))).to(x.dtype)
 
 
-class Path:
+class ProbabilityPath:
     """Base class of interpolants x_t = a(t) x0 + b(t) x1 + g(t) z.
 
     Subclasses define the six scalar schedules ``a, b, g, da, db, dg`` as functions of a tensor t.
@@ -83,7 +83,7 @@ class Path:
         return {"path": type(self).__name__}
 
 
-class AffinePath(Path):
+class AffinePath(ProbabilityPath):
     """A general affine path from callables a, b, g and their derivatives da, db, dg.
 
     Useful for cosine / variance-preserving schedules: e.g. a = cos(pi t / 2), b = sin(pi t / 2).
@@ -121,7 +121,7 @@ class AffinePath(Path):
         return {"path": "affine", "name": self.name}
 
 
-class LinearPath(Path):
+class LinearPath(ProbabilityPath):
     """Rectified Flow / I-CFM: x_t = (1 - t) x0 + t x1, u_t = x1 - x0 (g = 0)."""
 
     deterministic = True
@@ -149,7 +149,7 @@ class LinearPath(Path):
         return x0 + tt * (x1 - x0), x1 - x0
 
 
-class StochasticPath(Path):
+class StochasticPath(ProbabilityPath):
     """Linear mean plus Gaussian noise: x_t = (1 - t) x0 + t x1 + g(t) z.
 
     ``schedule="constant"``: g = sigma and the target stays u_t = x1 - x0. This is torchcfm's
@@ -206,7 +206,7 @@ class StochasticPath(Path):
         return {"path": "stochastic", "sigma": self.sigma, "schedule": self.schedule, "t_clip": self.t_clip}
 
 
-def make_path(sigma: float = 0.0, schedule: str = "constant") -> Path:
+def make_path(sigma: float = 0.0, schedule: str = "constant") -> ProbabilityPath:
     """The path named by a config: LinearPath for sigma = 0, else StochasticPath(sigma, schedule)."""
     if sigma == 0:
         if schedule not in ("constant", "bridge"):

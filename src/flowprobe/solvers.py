@@ -24,11 +24,11 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .paths import LinearPath, Path, expand_like
+from .paths import LinearPath, ProbabilityPath, expand_like
 
 __all__ = ["SolveResult", "time_grid", "integrate", "integrate_sde", "velocity_to_score", "score_from_velocity",
            "diffusion_schedule", "DIFFUSION_SCHEDULES", "integrate_average", "StepSchedule", "local_error_matrix",
-           "best_path", "optimal_schedule", "FIXED_STEP_METHODS", "METHODS",
+           "best_path", "optimal_schedule", "push_forward", "FIXED_STEP_METHODS", "METHODS",
            "ORDERS"]
 
 Field = Callable[[Tensor, Tensor], Tensor]
@@ -156,7 +156,8 @@ def integrate(field: Field, x: Tensor, method: str = "euler", steps: int | None 
 # SDE sampling with the ODE's marginals
 
 
-def velocity_to_score(v: Tensor, t: Tensor, x: Tensor, path: Path | None = None, source_std: float = 1.0) -> Tensor:
+def velocity_to_score(v: Tensor, t: Tensor, x: Tensor, path: ProbabilityPath | None = None,
+                      source_std: float = 1.0) -> Tensor:
     """The marginal score grad_x log p_t(x) from the marginal velocity v = E[u_t | x_t = x] at the same (t, x).
 
     Valid when the source is x0 ~ N(0, s0^2 I) (s0 = ``source_std``) drawn *independently* of the target
@@ -188,7 +189,7 @@ def velocity_to_score(v: Tensor, t: Tensor, x: Tensor, path: Path | None = None,
     return kx * x - kv * v
 
 
-def score_from_velocity(field: Field, path: Path | None = None, source_std: float = 1.0) -> Field:
+def score_from_velocity(field: Field, path: ProbabilityPath | None = None, source_std: float = 1.0) -> Field:
     """``score(t, x)`` = :func:`velocity_to_score` of ``field(t, x)`` (one evaluation of the field per call)."""
     return lambda t, x: velocity_to_score(field(t, x), t, x, path, source_std)
 
@@ -211,7 +212,7 @@ def diffusion_schedule(eps: float, kind: str = "decay") -> Callable[[float], flo
 @torch.no_grad()
 def integrate_sde(field: Field, x: Tensor, diffusion: float | Callable[[float], float], generator: torch.Generator,
                   steps: int | None = None, t0: float = 0.0, t1: float = 1.0, grid: Tensor | None = None,
-                  schedule: str = "uniform", score: Field | None = None, path: Path | None = None,
+                  schedule: str = "uniform", score: Field | None = None, path: ProbabilityPath | None = None,
                   source_std: float = 1.0, return_trajectory: bool = False) -> SolveResult:
     """Euler-Maruyama for the SDE with the ODE's marginals, from x at t0 to t1 (either direction):
 
@@ -363,3 +364,37 @@ def optimal_schedule(field: Field, x: Tensor, steps: int, candidates: int | Tens
     err, nfe = local_error_matrix(field, x, cand, reference_steps_per_interval)
     path, total = best_path(err, steps)
     return StepSchedule(cand[path], total, cand, nfe)
+
+
+def push_forward(field, x0: Tensor, *, method: str = "euler", steps: int | None = 100, batch_size: int = 8192,
+                 t0: float = 0.0, t1: float = 1.0, grid: Tensor | None = None, device: str | torch.device | None = None,
+                 autocast_dtype: torch.dtype | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> Tensor:
+    """Phi_{t0 -> t1}(x0) for many rows: the one batched integrator of the library.
+
+    Integrates dx/dt = field(t, x) (:func:`integrate`; ``method="average"`` jumps with an average-velocity net
+    ``field(t, x, h)``, :func:`integrate_average`) for ``batch_size`` rows of ``x0`` at a time, on ``device``
+    (default x0's), without building a graph, under ``autocast_dtype`` autocast on CUDA when given, and
+    returns float32 end points on x0's device. ``progress(done, total)`` is called after each batch.
+    """
+    device = torch.device(device) if device is not None else x0.device
+    if x0.shape[0] == 0:
+        return x0.new_zeros(x0.shape, dtype=torch.float32)
+    if autocast_dtype is not None and device.type == "cuda":
+        def solve_field(*args):
+            with torch.autocast("cuda", dtype=autocast_dtype):
+                return field(*args).float()
+    else:
+        solve_field = field
+    outs = []
+    with torch.no_grad():
+        for s in range(0, x0.shape[0], batch_size):
+            xb = x0[s:s + batch_size].to(device, torch.float32)
+            if method == "average":
+                res = integrate_average(solve_field, xb, steps=steps, t0=t0, t1=t1, grid=grid)
+            else:
+                res = integrate(solve_field, xb, method=method, steps=steps, t0=t0, t1=t1, grid=grid)
+            outs.append(res.x.float().to(x0.device))
+            if progress is not None:
+                progress(min(s + batch_size, x0.shape[0]), x0.shape[0])
+    return torch.cat(outs)

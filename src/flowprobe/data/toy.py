@@ -1,4 +1,4 @@
-"""Two-dimensional toy distributions, and a two-sample statistic to compare point clouds.
+"""Two-dimensional toy distributions.
 
 Every sampler follows the ``Sampler`` protocol of :mod:`flowprobe.couplings`: ``sample(n, generator)``
 returns ``(x, idx)`` with x of shape (n, 2) and idx the position in the draw (these are fresh draws,
@@ -13,8 +13,8 @@ generator gives CUDA samples; all randomness comes from the generator.
 - :class:`Checkerboard`: uniform on the dark squares of a 4 x 4 board on [-2, 2]^2, times ``scale``.
 - :class:`StandardGaussian`: N(0, std^2 I) in 2-D.
 
-:func:`make_toy` builds one by name (used by configs); :func:`energy_distance` is the two-sample energy
-statistic used to check that a trained flow reaches its target.
+:func:`make_toy` builds one by name (used by configs); :func:`flowprobe.metrics.energy_distance` compares a
+trained flow's samples with its target.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["EightGaussians", "Moons", "Checkerboard", "StandardGaussian", "TOY_DISTRIBUTIONS", "make_toy",
-           "energy_distance", "plot_flow_2d"]
+__all__ = ["EightGaussians", "Moons", "Checkerboard", "StandardGaussian", "TOY_DISTRIBUTIONS", "make_toy"]
 
 
 class _Toy2D:
@@ -154,56 +153,3 @@ def make_toy(name: str, device=None, dtype=torch.float32, **params):
     if name not in TOY_DISTRIBUTIONS:
         raise ValueError(f"unknown toy distribution {name!r}; choose from {', '.join(TOY_DISTRIBUTIONS)}")
     return TOY_DISTRIBUTIONS[name](device=device, dtype=dtype, **params)
-
-
-def energy_distance(x: Tensor, y: Tensor) -> float:
-    """Squared energy distance between two samples (V-statistic, in float64):
-
-        D^2 = 2 mean_ij |x_i - y_j| - mean_ij |x_i - x_j| - mean_ij |y_i - y_j|  >= 0,
-
-    which is zero in the population limit iff the two distributions are equal.
-    """
-    x = x.reshape(x.shape[0], -1).double().cpu()
-    y = y.reshape(y.shape[0], -1).double().cpu()
-    xy = torch.cdist(x, y).mean()
-    xx = torch.cdist(x, x).mean()
-    yy = torch.cdist(y, y).mean()
-    return float(2 * xy - xx - yy)
-
-
-def plot_flow_2d(path, trajectory: Tensor, target: Tensor | None = None, n_paths: int = 256, title: str = ""):
-    """Save a PNG of a 2-D flow: left, the generated samples (trajectory[-1]) over the target sample;
-    right, ``n_paths`` trajectories from their source points (black) to their end points (blue).
-
-    ``trajectory`` has shape (K + 1, n, 2) (states at the solver's grid times).
-    """
-    from ..report import plt, save_figure
-
-    traj = trajectory.detach().float().cpu()
-    x0, x1 = traj[0], traj[-1]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 5))
-    ax = axes[0]
-    if target is not None:
-        tgt = target.detach().float().cpu()
-        ax.scatter(tgt[:, 0], tgt[:, 1], s=2, c="tab:orange", alpha=0.35, label="target")
-    ax.scatter(x1[:, 0], x1[:, 1], s=2, c="tab:blue", alpha=0.6, label="generated")
-    ax.legend(loc="upper right", markerscale=4)
-    ax.set_title("samples")
-    ax = axes[1]
-    m = min(n_paths, traj.shape[1])
-    if m:
-        ax.plot(traj[:, :m, 0].numpy(), traj[:, :m, 1].numpy(), c="olive", alpha=0.25, lw=0.6)
-        ax.scatter(x0[:m, 0], x0[:m, 1], s=4, c="black", alpha=0.8, label="x(0)")
-        ax.scatter(x1[:m, 0], x1[:m, 1], s=4, c="tab:blue", alpha=0.9, label="x(1)")
-        ax.legend(loc="upper right", markerscale=3)
-    ax.set_title(f"{m} trajectories")
-    lim = float(torch.cat([x0, x1]).abs().max()) * 1.05 + 1e-6
-    for ax in axes:
-        ax.set_xlim(-lim, lim)
-        ax.set_ylim(-lim, lim)
-        ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return save_figure(fig, path)

@@ -26,8 +26,10 @@ from ..couplings import GaussianSampler, IndependentCoupling, SwappedCoupling
 from ..data.images import ImageSampler, load_images, to_tensor
 from ..paths import make_path
 from ..probes.ghost import CONV_RULES
-from .celeba import ImageModelConfig, ImageTrainOptions, model_spec, resolve_precision, train_image_flow
-from .registry import experiment
+from ..probes.gradvar import gradient_variance
+from ..report.probes import plot_profiles
+from .harness import derive_seed, experiment
+from .imageflow import QUICK_MODEL, ImageModelConfig, ImageTrainOptions, model_spec, resolve_precision, train_image_flow
 
 __all__ = ["CifarGradvarConfig", "run", "DEFAULT_TIMES"]
 
@@ -62,68 +64,98 @@ CLAIM = ("Gradient variance over t is asymmetric: for the forward (noise -> data
          "variance 'in integrated samples' (meaning unclear; the ratio is reported without an asserted direction).")
 
 
+def _load(cfg: CifarGradvarConfig, ctx):
+    """The training images on the device (a seeded random subset of ``n_train`` when given)."""
+    t0 = time.perf_counter()
+    images = load_images(cfg.dataset, root=cfg.data_root, resolution=cfg.resolution).images
+    if cfg.n_train is not None and cfg.n_train < len(images):
+        rng = np.random.default_rng(derive_seed(ctx.seed, 5))
+        images = images[np.sort(rng.choice(len(images), cfg.n_train, replace=False))]
+    images = to_tensor(images, ctx.device)
+    ctx.log(f"{len(images)} training images {tuple(images.shape[1:])} in {time.perf_counter() - t0:.1f} s")
+    ctx.progress.finish("loading images")
+    return images
+
+
+def _profile(cfg: CifarGradvarConfig, ctx, spec, precision, forward, direction: str, sigma: float, k: int):
+    """Train model ``k`` (``direction``, CFM(sigma)) and measure its gradient variance over t; (row, result)."""
+    dev = ctx.device
+    coupling = forward if direction == "forward" else SwappedCoupling(forward)
+    stage = f"training {direction} sigma={sigma:g}"
+    ctx.log(f"{stage}: {cfg.steps} steps ({spec['class']}, {precision})")
+    t1 = time.perf_counter()
+    state = train_image_flow(spec, coupling, float(sigma), steps=cfg.steps, batch_size=cfg.batch_size,
+                             lr=cfg.lr, seed=derive_seed(ctx.seed, 401 + k), device=dev, precision=precision,
+                             grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, compile=cfg.compile,
+                             warmup=cfg.warmup, reduction=cfg.reduction, hooks=[ctx.training_hook(stage, cfg.steps)])
+    train_s = time.perf_counter() - t1
+    net = state.model.eval()
+    t1 = time.perf_counter()
+    gen = torch.Generator(device=dev).manual_seed(derive_seed(ctx.seed, 501 + k))
+    path = make_path(float(sigma), "constant")
+    res = gradient_variance(net, path, forward, cfg.times,
+                            n_samples=cfg.gv_samples, method=cfg.gv_method, chunk_size=cfg.gv_chunk,
+                            generator=gen, reduction=cfg.gv_reduction, direction=direction, device=dev,
+                            ghost_conv=cfg.gv_ghost_conv)
+    gv_s = time.perf_counter() - t1
+    gains = _residual_gains(net, path, coupling, forward, cfg, gen, dev) if cfg.residual_probe else None
+    ctx.progress.finish(f"probing {direction} sigma={sigma:g}")
+    gv = [float(v) for v in res.gv]
+    tail = state.losses[-min(len(state.losses), 100):]
+    row = {"direction": direction, "sigma": float(sigma), "times": [float(v) for v in res.times],
+           "gv": gv, "gv_se": [float(v) for v in res.gv_se], "loss": [float(v) for v in res.loss],
+           "argmax_t": float(res.times[int(np.nanargmax(res.gv))]), "steps": cfg.steps,
+           "final_train_loss": sum(tail) / max(1, len(tail)), "train_s": train_s, "gv_s": gv_s}
+    if gains is not None:
+        row["residual_gain"] = gains
+    ctx.log(f"{direction} sigma={sigma:g}: argmax_t GV = {row['argmax_t']:g}; GV(t_first) "
+            f"{gv[0]:.4g}, GV(t_last) {gv[-1]:.4g} (train {train_s:.0f} s, probe {gv_s:.0f} s)")
+    return row, res
+
+
+def _stages(cfg: CifarGradvarConfig) -> list[tuple[str, float]]:
+    """The progress plan in training steps (a probe counts as GV_WORK_PER_SAMPLE steps per per-sample gradient)."""
+    plan = [("loading images", 1)]
+    for direction in cfg.directions:
+        for sigma in cfg.sigmas:
+            plan += [(f"training {direction} sigma={sigma:g}", cfg.steps),
+                     (f"probing {direction} sigma={sigma:g}", GV_WORK_PER_SAMPLE * cfg.gv_samples * len(cfg.times))]
+    return plan
+
+
+#: Progress weight of one per-sample gradient of the probe, in training steps.
+GV_WORK_PER_SAMPLE = 1 / 64
+
+
 @experiment("cifar-gradvar", config=CifarGradvarConfig,
-            quick={"resolution": 8, "n_train": 2000,
-                   "model": {"preset": "tiny", "model_channels": 16, "channel_mult": [1, 2],
-                             "attention_resolutions": []},
+            quick={"resolution": 8, "n_train": 2000, "model": QUICK_MODEL,
                    "steps": 150, "batch_size": 64, "lr": 3e-3, "gv_samples": 64, "gv_chunk": 64},
             claim=CLAIM)
 def run(cfg: CifarGradvarConfig, ctx) -> dict:
     """CIFAR-10 gradient variance versus t, forward and backward fields, sigma in {0, 0.05}."""
-    from ..probes.gradvar import gradient_variance, plot_profiles
-
+    ctx.plan(_stages(cfg))
     dev = ctx.device
     precision = resolve_precision(cfg.precision, dev)
-    t0 = time.perf_counter()
-    data = load_images(cfg.dataset, root=cfg.data_root, resolution=cfg.resolution, progress=ctx.verbose)
-    images = data.images
-    if cfg.n_train is not None and cfg.n_train < len(images):
-        rng = np.random.default_rng(ctx.seed * 1_000_003 + 5)
-        images = images[np.sort(rng.choice(len(images), cfg.n_train, replace=False))]
-    images = to_tensor(images, dev)
+    images = _load(cfg, ctx)
     shape = tuple(images.shape[1:])
-    ctx.log(f"{len(images)} training images {shape} in {time.perf_counter() - t0:.1f} s")
     spec = model_spec(cfg.model, cfg.resolution, shape[0])
     forward = IndependentCoupling(GaussianSampler(shape, device=dev), ImageSampler(images, flip=cfg.flip))
-
     runs, profiles = [], []
     k = 0
     for direction in cfg.directions:
         for sigma in cfg.sigmas:
-            coupling = forward if direction == "forward" else SwappedCoupling(forward)
-            ctx.log(f"training {direction} sigma={sigma:g}: {cfg.steps} steps ({spec['class']}, {precision})")
-            t1 = time.perf_counter()
-            state = train_image_flow(spec, coupling, float(sigma), steps=cfg.steps, batch_size=cfg.batch_size,
-                                     lr=cfg.lr, seed=ctx.seed * 1_000_003 + 401 + k, device=dev, precision=precision,
-                                     grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, compile=cfg.compile,
-                                     warmup=cfg.warmup, reduction=cfg.reduction)
-            train_s = time.perf_counter() - t1
-            net = state.model.eval()
-            t1 = time.perf_counter()
-            gen = torch.Generator(device=dev).manual_seed(ctx.seed * 1_000_003 + 501 + k)
-            path = make_path(float(sigma), "constant")
-            res = gradient_variance(net, path, forward, cfg.times,
-                                    n_samples=cfg.gv_samples, method=cfg.gv_method, chunk_size=cfg.gv_chunk,
-                                    generator=gen, reduction=cfg.gv_reduction, direction=direction, device=dev,
-                                    ghost_conv=cfg.gv_ghost_conv)
-            gv_s = time.perf_counter() - t1
-            gains = _residual_gains(net, path, coupling, forward, cfg, gen, dev) if cfg.residual_probe else None
-            gv = [float(v) for v in res.gv]
-            tail = state.losses[-min(len(state.losses), 100):]
-            run_row = {"direction": direction, "sigma": float(sigma), "times": [float(v) for v in res.times],
-                       "gv": gv, "gv_se": [float(v) for v in res.gv_se], "loss": [float(v) for v in res.loss],
-                       "argmax_t": float(res.times[int(np.nanargmax(res.gv))]), "steps": cfg.steps,
-                       "final_train_loss": sum(tail) / max(1, len(tail)), "train_s": train_s, "gv_s": gv_s}
-            if gains is not None:
-                run_row["residual_gain"] = gains
-            runs.append(run_row)
+            row, res = _profile(cfg, ctx, spec, precision, forward, direction, sigma, k)
+            runs.append(row)
             write_json(ctx.out / "partial.json", {"runs": runs})  # survives a timeout
             profiles.append((f"{direction} sigma={sigma:g}", res))
-            ctx.log(f"{direction} sigma={sigma:g}: argmax_t GV = {run_row['argmax_t']:g}; GV(t_first) "
-                    f"{gv[0]:.4g}, GV(t_last) {gv[-1]:.4g} (train {train_s:.0f} s, probe {gv_s:.0f} s)")
             k += 1
-            del state, net
+    _criteria(cfg, ctx, runs)
+    ratios = _report(cfg, ctx, runs, spec, precision, len(images))
+    plot_profiles(profiles, ctx.figure("gradvar"), title="CIFAR-10: tr Cov of per-sample gradients vs t")
+    return {"runs": runs, "ratios": ratios, "model": spec, "precision": precision}
 
+
+def _criteria(cfg: CifarGradvarConfig, ctx, runs) -> None:
     for r in runs:
         if r["direction"] == "forward":
             ctx.criterion(f"forward sigma={r['sigma']:g}: argmax_t GV >= {cfg.forward_peak_min:g}",
@@ -136,6 +168,9 @@ def run(cfg: CifarGradvarConfig, ctx) -> dict:
                           f"argmax at t = {r['argmax_t']:g}; GV(t={r['times'][0]:g}) {r['gv'][0]:.4g}, "
                           f"GV(t={r['times'][-1]:g}) {r['gv'][-1]:.4g}")
 
+
+def _report(cfg: CifarGradvarConfig, ctx, runs, spec, precision, n_images: int) -> list[dict]:
+    """The report's tables and note; the GV(sigma=0.05) / GV(sigma=0) ratios per direction."""
     ratios = []
     by = {(r["direction"], r["sigma"]): r for r in runs}
     for direction in cfg.directions:
@@ -158,12 +193,11 @@ def run(cfg: CifarGradvarConfig, ctx) -> dict:
               [{"direction": r["direction"], "sigma": r["sigma"], "argmax_t": r["argmax_t"], "gv_first": r["gv"][0],
                 "gv_last": r["gv"][-1], "loss_first": r["loss"][0], "loss_last": r["loss"][-1],
                 "final_train_loss": r["final_train_loss"], "train_s": r["train_s"], "gv_s": r["gv_s"]} for r in runs])
-    plot_profiles(profiles, ctx.figure("gradvar"), title="CIFAR-10: tr Cov of per-sample gradients vs t")
     ctx.note(f"Model {spec['class']} {to_dict(spec['kwargs'])}; {cfg.steps} steps of batch {cfg.batch_size}, lr "
-             f"{cfg.lr}, {precision}, {len(images)} training images at {cfg.resolution}x{cfg.resolution}. Probe: "
+             f"{cfg.lr}, {precision}, {n_images} training images at {cfg.resolution}x{cfg.resolution}. Probe: "
              f"{cfg.gv_method} per-sample gradients, n = {cfg.gv_samples} per t, loss reduction "
              f"'{cfg.gv_reduction}', the net in eval mode; error bars are standard errors.")
-    return {"runs": runs, "ratios": ratios, "model": spec, "precision": precision}
+    return ratios
 
 
 def _residual_gains(net, path, coupling, forward, cfg, generator, device) -> list[dict]:

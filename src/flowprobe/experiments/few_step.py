@@ -29,8 +29,9 @@ from ..paths import make_path
 from ..probes.gradvar import gradient_variance
 from ..probes.memorization import pairing_metrics
 from ..report import plt, save_figure
-from ._lowdim import push_forward, run_seed, train_velocity
-from .registry import experiment
+from ..solvers import push_forward
+from .harness import derive_seed, experiment
+from .lowdim import train_velocity
 
 __all__ = ["FewStepConfig", "run"]
 
@@ -81,24 +82,41 @@ def _gaussian_target(cfg: FewStepConfig, ctx) -> IndependentGaussianCoupling:
     return IndependentGaussianCoupling(m1, q @ torch.diag(lam) @ q.T, dtype=torch.float32, device=ctx.device)
 
 
+def _gaussian_plans(cfg: FewStepConfig) -> list[tuple[str, float]]:
+    """(objective, time scale) of every net of the Gaussian part."""
+    plans = [(o, cfg.time_scale) for o in cfg.objectives]
+    if "meanflow" in cfg.objectives:
+        plans += [("meanflow", s) for s in cfg.extra_time_scales if s != cfg.time_scale]
+    return plans
+
+
+def _stages(cfg: FewStepConfig) -> list[tuple[str, float]]:
+    """The progress plan, in training steps."""
+    plan = [(f"gaussian {o} (time scale {s:g})", cfg.gauss_steps) for o, s in _gaussian_plans(cfg)]
+    if cfg.memorization:
+        plan += [(f"pairs {o} sigma={s}", cfg.mem_steps) for o in cfg.objectives for s in sorted(set(cfg.sigmas))]
+    return plan
+
+
 def _gaussian_part(cfg: FewStepConfig, ctx) -> list[dict]:
     cpl = _gaussian_target(cfg, ctx)
     dev = ctx.device
     x0 = torch.randn(cfg.n_eval, cfg.gauss_dim, generator=ctx.generator(2, device="cpu")).to(dev)
     exact = cpl.flow_map(torch.zeros(cfg.n_eval, device=dev), x0, torch.ones(cfg.n_eval, device=dev)).float()
     spread = (exact - exact.mean(0)).norm(dim=1).mean().item()
-    plans = [(o, cfg.time_scale) for o in cfg.objectives]
-    if "meanflow" in cfg.objectives:
-        plans += [("meanflow", s) for s in cfg.extra_time_scales if s != cfg.time_scale]
+    plans = _gaussian_plans(cfg)
     rows = []
     for i, (obj, scale) in enumerate(plans):
+        stage = f"gaussian {obj} (time scale {scale:g})"
         net, losses = train_velocity(cfg.gauss_dim, cpl, 0.0, width=cfg.width, depth=cfg.depth, steps=cfg.gauss_steps,
-                                     batch_size=cfg.batch_size, lr=cfg.lr, seed=run_seed(ctx, 10 + i), device=dev,
-                                     objective=obj, jump_fraction=cfg.jump_fraction, time_scale=scale)
+                                     batch_size=cfg.batch_size, lr=cfg.lr, seed=derive_seed(ctx.seed, 10 + i),
+                                     device=dev, objective=obj, jump_fraction=cfg.jump_fraction, time_scale=scale,
+                                     hooks=[ctx.training_hook(stage, cfg.gauss_steps)])
         jump_method = "euler" if obj == "cfm" else "average"
-        errs = {k: (push_forward(net, x0, jump_method, k) - exact).norm(dim=1).mean().item() / spread
+        errs = {k: (push_forward(net, x0, method=jump_method, steps=k) - exact).norm(dim=1).mean().item() / spread
                 for k in sorted(set(cfg.jumps))}
-        ode = (push_forward(net, x0, cfg.solver, cfg.solver_steps) - exact).norm(dim=1).mean().item() / spread
+        ode_x1 = push_forward(net, x0, method=cfg.solver, steps=cfg.solver_steps)
+        ode = (ode_x1 - exact).norm(dim=1).mean().item() / spread
         tail = losses[-max(1, len(losses) // 20):]
         row = {"objective": obj, "time_scale": scale, "jumps": list(errs), "jump_error": list(errs.values()),
                "ode_error": ode, "final_loss": sum(tail) / len(tail), "spread": spread,
@@ -124,8 +142,9 @@ def _memorization_part(cfg: FewStepConfig, ctx) -> list[dict]:
             pairs = FixedPairs(x0, x1[assigned])
             net, losses = train_velocity(cfg.dim, pairs, sigma, width=cfg.mem_width,
                                          depth=cfg.depth, steps=cfg.mem_steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                                         seed=run_seed(ctx, 100 + 10 * i + j), device=dev, objective=obj,
-                                         jump_fraction=cfg.jump_fraction, time_scale=cfg.time_scale)
+                                         seed=derive_seed(ctx.seed, 100 + 10 * i + j), device=dev, objective=obj,
+                                         jump_fraction=cfg.jump_fraction, time_scale=cfg.time_scale,
+                                         hooks=[ctx.training_hook(f"pairs {obj} sigma={sigma}", cfg.mem_steps)])
             path = make_path(sigma)
             n_gv = min(cfg.gv_samples, cfg.n_pairs)
             # the CFM loss of the h = 0 field (every net has one), on common draws ...
@@ -135,8 +154,9 @@ def _memorization_part(cfg: FewStepConfig, ctx) -> list[dict]:
             gv = gv0 if obj == "cfm" else gradient_variance(
                 net, path, pairs, list(cfg.gv_times), n_samples=n_gv, objective=make_objective(obj, path, "sum"),
                 step="to_end", generator=ctx.generator(200 + 10 * i + j, device=dev))
-            ode = pairing_metrics(push_forward(net, x0, cfg.solver, cfg.solver_steps), x1, partners)
-            jump = pairing_metrics(push_forward(net, x0, "euler" if obj == "cfm" else "average", 1), x1, partners)
+            ode = pairing_metrics(push_forward(net, x0, method=cfg.solver, steps=cfg.solver_steps), x1, partners)
+            jump_method = "euler" if obj == "cfm" else "average"
+            jump = pairing_metrics(push_forward(net, x0, method=jump_method, steps=1), x1, partners)
             tail = losses[-max(1, len(losses) // 20):]
             row = {"objective": obj, "sigma": sigma, "nn_acc_assigned_ode": ode["nn_acc_assigned"],
                    "nn_acc_ot_ode": ode["nn_acc_ot"], "l2_assigned_ode": ode["l2_assigned_mean"],
@@ -158,6 +178,7 @@ def _memorization_part(cfg: FewStepConfig, ctx) -> list[dict]:
                    "jumps": [1, 2, 4], "extra_time_scales": []})
 def run(cfg: FewStepConfig, ctx) -> dict:
     """MeanFlow and SplitMeanFlow against CFM: k-jump error on a Gaussian, and memorisation of fixed pairs."""
+    ctx.plan(_stages(cfg))
     gauss = _gaussian_part(cfg, ctx)
     main = {r["objective"]: r for r in gauss if r["time_scale"] == cfg.time_scale}
     tol = cfg.one_jump_tolerance

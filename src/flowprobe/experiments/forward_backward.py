@@ -27,8 +27,8 @@ from ..data.synthetic import low_variance_mixture
 from ..paths import make_path
 from ..probes.gradvar import gradient_variance
 from ..report import plt, save_figure
-from ._lowdim import run_seed, train_velocity
-from .registry import experiment
+from .harness import derive_seed, experiment
+from .lowdim import train_velocity
 
 __all__ = ["ForwardBackwardConfig", "run", "flat_spread"]
 
@@ -72,16 +72,34 @@ def flat_spread(values) -> float:
     return (max(vals) - min(vals)) / (max(vals) + min(vals))
 
 
+def _stage(label: str, direction: str, sigma: float) -> str:
+    return f"{label} {direction} sigma={sigma}"
+
+
+def _stages(cfg: ForwardBackwardConfig) -> list[tuple[str, float]]:
+    """The progress plan, in training steps (each probe counted as PROBE_WORK steps)."""
+    jobs = [("low_variance", d, s) for s in sorted(set(cfg.sigmas)) for d in ("forward", "backward")]
+    jobs += [("control", d, 0.0) for d in ("forward", "backward")] if cfg.control else []
+    return [(name, work) for label, d, s in jobs
+            for name, work in ((_stage(label, d, s), cfg.steps), (_stage(label, d, s) + " probe", PROBE_WORK))]
+
+
+#: Progress weight of one gradient-variance profile, in training steps.
+PROBE_WORK = 100
+
+
 def _profile(cfg, ctx, data, sigma, direction, offset, label) -> dict:
     dev = ctx.device
     coupling = IndependentCoupling(GaussianSampler((cfg.dim,), device=dev), data)
     train_coupling = coupling if direction == "forward" else SwappedCoupling(coupling)
     net, losses = train_velocity(cfg.dim, train_coupling, sigma, width=cfg.width, depth=cfg.depth, steps=cfg.steps,
-                                 batch_size=cfg.batch_size, lr=cfg.lr, seed=run_seed(ctx, offset), device=dev,
-                                 reduction=cfg.reduction, lr_schedule=cfg.lr_schedule)
+                                 batch_size=cfg.batch_size, lr=cfg.lr, seed=derive_seed(ctx.seed, offset), device=dev,
+                                 reduction=cfg.reduction, lr_schedule=cfg.lr_schedule,
+                                 hooks=[ctx.training_hook(_stage(label, direction, sigma), cfg.steps)])
     res = gradient_variance(net, make_path(sigma), coupling, list(cfg.times), n_samples=cfg.n_samples,
                             method="exact", direction=direction, chunk_size=cfg.chunk_size,
                             generator=ctx.generator(offset + 1, device=dev))
+    ctx.progress.finish(_stage(label, direction, sigma) + " probe")
     rows = res.rows
     out = {"data": label, "direction": direction, "sigma": sigma, "times": [r["t"] for r in rows],
            "gv": [r["gv"] for r in rows], "gv_se": [r["gv_se"] for r in rows], "loss": [r["loss"] for r in rows],
@@ -101,6 +119,7 @@ def _profile(cfg, ctx, data, sigma, direction, offset, label) -> dict:
                    "times": [0.01, 0.1, 0.5, 0.9, 0.99]})
 def run(cfg: ForwardBackwardConfig, ctx) -> dict:
     """GV(t) of forward and backward fields on a low-variance mixture, with a higher-variance control."""
+    ctx.plan(_stages(cfg))
     dev = ctx.device
     times = sorted(cfg.times)
     cfg.times = times

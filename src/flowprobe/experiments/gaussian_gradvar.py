@@ -8,7 +8,7 @@ points: the pair-optimal field of the coupling (theta = mu, Theta = R - I) and t
 Theta = 0). Measured, with t ~ U(0, 1) and n_samples fresh (t, x0, x1, z) in float64: the mean per-sample loss
 and the gradient variance GV = tr Cov(g), g = grad_(theta, Theta) ||u_t - v(x_t, t)||^2 (exact per-sample
 gradients from the gradient-variance probe). Both are compared with their closed forms
-(:func:`flowprobe.gaussian.lemma_one_gradient_moments`).
+(:func:`flowprobe.gaussian_moments.lemma_one_gradient_moments`).
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import torch
 
 from ..config import option
-from ..gaussian import (IndependentGaussianCoupling, LemmaOneField, LinearGaussianCoupling,
-                        lemma_one_gradient_moments, sqrtm_psd)
+from ..gaussian import IndependentGaussianCoupling, LemmaOneField, LinearGaussianCoupling, sqrtm_psd
+from ..gaussian_moments import lemma_one_gradient_moments
 from ..objectives import CFMObjective
 from ..paths import make_path
 from ..probes.gradvar import per_sample_grad_stats
 from ..solvers import integrate
-from . import experiment
+from .harness import experiment
 
 #: Closed-form values of PAPER.md R1 (d = 2, M = I, sigma = 0, OT parameters): (loss, GV).
 PAPER_OT_VALUES = {"rotation-120": (6.0, 66.0), "rotation-180": (8.0, 224.0 / 3.0), "independent": (4.0, 128.0 / 3.0)}
@@ -76,76 +76,85 @@ def _lemma_one_rk4_check(cfg: GaussianGradVarConfig, ctx) -> dict:
     return errors
 
 
-@experiment("gaussian-gradvar", config=GaussianGradVarConfig,
-            quick={"n_samples": 100_000, "n_samples_small": 10_000, "rk4_draws": 2000},
-            claim="Without noise every coupling that is injective in space-time has a zero-loss, zero-variance "
-                  "field, so gradient variance is set by the mismatch between field and coupling, not by line "
-                  "crossings (Prop. 1); with noise the pair-optimal field of the 180-degree coupling has far larger "
-                  "gradient variance than the OT field (Fig. 4); the OT field has lower variance under the "
-                  "independent coupling than under a 120-degree coupling (Fig. 5).")
-def run(cfg: GaussianGradVarConfig, ctx) -> dict:
-    """Loss and gradient variance of the Lemma-1 family at pair-optimal and OT parameters (Gaussian oracles)."""
-    d, dev = cfg.dim, ctx.device
-    dt = torch.float64
-    mu = torch.full((d,), cfg.mu_scale, dtype=dt, device=dev)
-    eye = torch.eye(d, dtype=dt, device=dev)
+def _measure(cfg: GaussianGradVarConfig, ctx, net, coupling, path, n: int, offset: int):
+    """Loss and gradient variance of ``net`` on ``n`` fresh draws of stream ``offset``."""
+    gen = ctx.generator(offset)
+    objective = CFMObjective(path, reduction="sum")
+    pairing = coupling.sample(n, gen)
+    t, x_t, u_t = objective.draw(pairing, gen)
+    return per_sample_grad_stats(net, t, x_t, u_t, "exact", chunk_size=cfg.chunk_size, reduction="sum", groups="all")
+
+
+def _couplings(cfg: GaussianGradVarConfig, dev) -> list[tuple]:
+    """(name, angle or None, coupling): the rotations of ``cfg.angles`` and the independent coupling."""
+    mu = torch.full((cfg.dim,), cfg.mu_scale, dtype=torch.float64, device=dev)
+    eye = torch.eye(cfg.dim, dtype=torch.float64, device=dev)
     couplings = [(f"rotation-{a:g}", a, LinearGaussianCoupling.rotated_ot(mu, eye, a, device=dev)) for a in cfg.angles]
     if cfg.independent:
         couplings.append(("independent", None, IndependentGaussianCoupling(mu, eye, device=dev)))
-    ot_net = LemmaOneField(d, mu, sqrtm_psd(eye) - eye).to(dev)
+    return couplings
 
-    def measure(net, coupling, path, n, offset):
-        gen = ctx.generator(offset)
-        objective = CFMObjective(path, reduction="sum")
-        pairing = coupling.sample(n, gen)
-        t, x_t, u_t = objective.draw(pairing, gen)
-        st = per_sample_grad_stats(net, t, x_t, u_t, "exact", chunk_size=cfg.chunk_size, reduction="sum",
-                                   groups="all")
-        return st
 
+def _ot_net(cfg: GaussianGradVarConfig, dev) -> LemmaOneField:
+    mu = torch.full((cfg.dim,), cfg.mu_scale, dtype=torch.float64, device=dev)
+    eye = torch.eye(cfg.dim, dtype=torch.float64, device=dev)
+    return LemmaOneField(cfg.dim, mu, sqrtm_psd(eye) - eye).to(dev)
+
+
+def _fields(coupling, angle, ot_net, dev) -> list[tuple[str, LemmaOneField]]:
+    fields = [("ot", ot_net)]
+    if angle is not None:
+        fields.insert(0, ("pair_optimal", LemmaOneField.from_linear_coupling(coupling.mu, coupling.A).to(dev)))
+    return fields
+
+
+def _rows(cfg: GaussianGradVarConfig, ctx, couplings, ot_net) -> list[dict]:
+    """Loss and GV (Monte Carlo and closed form) of the pair-optimal and OT fields, per sigma and coupling."""
     rows = []
     for si, sigma in enumerate(cfg.sigmas):
         path = make_path(sigma, "constant")
         for ci, (cname, angle, coupling) in enumerate(couplings):
-            fields = [("ot", ot_net)]
-            if angle is not None:
-                fields.insert(0, ("pair_optimal", LemmaOneField.from_linear_coupling(coupling.mu, coupling.A).to(dev)))
-            for fname, net in fields:
+            for fname, net in _fields(coupling, angle, ot_net, ctx.device):
                 # common random numbers: both fields of a coupling see the same (t, x0, x1, z)
-                st = measure(net, coupling, path, cfg.n_samples, 1000 * si + ci)
+                st = _measure(cfg, ctx, net, coupling, path, cfg.n_samples, 1000 * si + ci)
                 cf = lemma_one_gradient_moments(coupling, net.theta.detach(), net.Theta.detach(), path)
                 row = {"coupling": cname, "field": fname, "sigma": sigma, "loss": st.loss, "gv": st.gv,
                        "gv_closed_form": cf["gv"], "loss_closed_form": cf["loss"], "loss_se": st.loss_se,
                        "gv_se": st.gv_se, "n_samples": cfg.n_samples}
                 rows.append(row)
+                ctx.progress.update("gradient variance", len(rows) * cfg.n_samples)
                 ctx.log(f"sigma={sigma:g} {cname:>14} {fname:>12}: loss {st.loss:.4g}  GV {st.gv:.4g} "
                         f"(closed form {_fmt(cf['gv'])})")
+    return rows
 
-    def find(coupling, field, sigma):
-        for r in rows:
-            if r["coupling"] == coupling and r["field"] == field and r["sigma"] == sigma:
-                return r
-        return None
 
-    # heavy tail: the 180-degree pair-optimal GV at sigma > 0 is +inf; its estimate at two sample sizes
+def _find(rows: list[dict], coupling: str, field: str, sigma: float) -> dict | None:
+    return next((r for r in rows if r["coupling"] == coupling and r["field"] == field and r["sigma"] == sigma), None)
+
+
+def _heavy_tail(cfg: GaussianGradVarConfig, ctx, couplings, ot_net, rows) -> list[dict]:
+    """The 180-degree pair-optimal GV at sigma > 0 is +inf; its estimate at two sample sizes."""
     heavy = []
     noisy = [s for s in cfg.sigmas if s > 0]
     if 180.0 in [float(a) for a in cfg.angles] and noisy:
         sigma = noisy[0]
         path = make_path(sigma, "constant")
         coupling = dict((c[0], c[2]) for c in couplings)["rotation-180"]
-        pair_net = LemmaOneField.from_linear_coupling(coupling.mu, coupling.A).to(dev)
+        pair_net = LemmaOneField.from_linear_coupling(coupling.mu, coupling.A).to(ctx.device)
         for k, n in enumerate(sorted({cfg.n_samples_small, cfg.n_samples})):
             if n == cfg.n_samples:
-                gp, go = find("rotation-180", "pair_optimal", sigma)["gv"], find("rotation-180", "ot", sigma)["gv"]
+                gp = _find(rows, "rotation-180", "pair_optimal", sigma)["gv"]
+                go = _find(rows, "rotation-180", "ot", sigma)["gv"]
             else:
-                gp = measure(pair_net, coupling, path, n, 5000 + k).gv
-                go = measure(ot_net, coupling, path, n, 5000 + k).gv
+                gp = _measure(cfg, ctx, pair_net, coupling, path, n, 5000 + k).gv
+                go = _measure(cfg, ctx, ot_net, coupling, path, n, 5000 + k).gv
             heavy.append({"n_samples": n, "sigma": sigma, "gv_pair_optimal": gp, "gv_ot": go, "ratio": gp / go})
+    ctx.progress.finish("heavy tail")
+    return heavy
 
-    rk4_errors = _lemma_one_rk4_check(cfg, ctx)
 
-    # ---------------------------------------------------------------- criteria (PAPER.md R1)
+def _paper_value_criteria(cfg: GaussianGradVarConfig, ctx, rows) -> None:
+    """R1.1 and R1.2: zero-variance pair-optimal fields; the OT field against the paper's closed forms."""
     zero = [r for r in rows if r["field"] == "pair_optimal" and r["sigma"] == 0]
     if zero:
         worst_loss = max(r["loss"] for r in zero)
@@ -155,10 +164,10 @@ def run(cfg: GaussianGradVarConfig, ctx) -> dict:
                       f"max loss {worst_loss:.2e}, max GV {worst_gv:.2e} over {len(zero)} rotations")
     checks, details = [], []
     for cname, (loss_ref, gv_ref) in PAPER_OT_VALUES.items():
-        r = find(cname, "ot", 0.0)
+        r = _find(rows, cname, "ot", 0.0)
         if r is None:
             continue
-        if d == 2:
+        if cfg.dim == 2:
             ok_cf = abs(r["gv_closed_form"] - gv_ref) < 1e-9 * gv_ref and abs(r["loss_closed_form"] - loss_ref) < 1e-9
         else:  # the paper's numbers are for d = 2; compare with the closed form of this d
             loss_ref, gv_ref, ok_cf = r["loss_closed_form"], r["gv_closed_form"], True
@@ -169,7 +178,12 @@ def run(cfg: GaussianGradVarConfig, ctx) -> dict:
     if checks:
         ctx.criterion("R1.2 OT field at sigma=0: GV within 3% and loss within 2% of the closed forms "
                       "(66.0 / 74.67 / 42.67 and 6 / 8 / 4 for d=2)", all(checks), "; ".join(details))
-    ri, r120 = find("independent", "ot", 0.0), find("rotation-120", "ot", 0.0)
+
+
+def _criteria(cfg: GaussianGradVarConfig, ctx, rows, heavy, rk4_errors) -> None:
+    """The criteria of PAPER.md R1."""
+    _paper_value_criteria(cfg, ctx, rows)
+    ri, r120 = _find(rows, "independent", "ot", 0.0), _find(rows, "rotation-120", "ot", 0.0)
     if ri and r120:
         ctx.criterion("R1.3 Fig. 5: GV_OT(independent) < GV_OT(120 degrees) at sigma=0", ri["gv"] < r120["gv"],
                       f"{ri['gv']:.2f} < {r120['gv']:.2f}")
@@ -178,8 +192,8 @@ def run(cfg: GaussianGradVarConfig, ctx) -> dict:
         ctx.criterion(f"R1.3 Fig. 4: sigma={heavy[0]['sigma']:g}, 180 degrees: GV_pairopt / GV_OT > 1e6 at both M",
                       ok, ", ".join(f"M={h['n_samples']}: {h['ratio']:.3g}" for h in heavy)
                       + " (the true value is +inf: the estimate is heavy-tailed)")
-    for sigma in noisy[:1]:
-        rp, ro = find("rotation-120", "pair_optimal", sigma), find("rotation-120", "ot", sigma)
+    for sigma in [s for s in cfg.sigmas if s > 0][:1]:
+        rp, ro = _find(rows, "rotation-120", "pair_optimal", sigma), _find(rows, "rotation-120", "ot", sigma)
         if rp and ro:
             ctx.criterion(f"R1.3 boundary of Fig. 4: sigma={sigma:g}, 120 degrees: GV_pairopt < GV_OT "
                           "(noise this small does not reverse the ranking away from a crossing)",
@@ -197,7 +211,8 @@ def run(cfg: GaussianGradVarConfig, ctx) -> dict:
                   f"max error {worst:.2e} over {len(rk4_errors)} cases (OT M=diag(4,0.25); rotations 60/120 with "
                   "M=I and M=diag(4,0.25))")
 
-    # ---------------------------------------------------------------- report
+
+def _report(ctx, rows, heavy, rk4_errors) -> None:
     ctx.table("Loss and gradient variance of the Lemma-1 field (t ~ U(0,1), float64)",
               [{"coupling": r["coupling"], "field": r["field"], "sigma": r["sigma"], "loss": r["loss"],
                 "loss (closed form)": _fmt(r["loss_closed_form"]), "GV": r["gv"], "GV SE": r["gv_se"],
@@ -208,10 +223,37 @@ def run(cfg: GaussianGradVarConfig, ctx) -> dict:
                                                                  for k, v in rk4_errors.items()])
     ctx.note("GV = tr Cov of exact per-sample gradients with respect to (theta, Theta) of ||u_t - v(x_t, t)||^2 "
              "(sum over dimensions), t ~ U(0, 1); closed forms from Isserlis' theorem integrated over t by "
-             "Gauss-Legendre quadrature (flowprobe.gaussian.lemma_one_gradient_moments).")
+             "Gauss-Legendre quadrature (flowprobe.gaussian_moments.lemma_one_gradient_moments).")
     ctx.note("The pair-optimal field of the 180-degree coupling is singular at t = 1/2; with noise its loss and GV "
              "are +inf, and the Monte Carlo estimates are dominated by the sample with t closest to 1/2.")
     _plot(rows, ctx.figure("gradvar_bars"))
+
+
+def _stages(cfg: GaussianGradVarConfig) -> list[tuple[str, float]]:
+    """The progress plan, in per-sample gradients."""
+    n_fields = len(cfg.angles) * 2 + int(cfg.independent)
+    return [("gradient variance", len(cfg.sigmas) * n_fields * cfg.n_samples),
+            ("heavy tail", 2 * cfg.n_samples_small), ("Lemma-1 RK4 check", cfg.n_samples_small)]
+
+
+@experiment("gaussian-gradvar", config=GaussianGradVarConfig,
+            quick={"n_samples": 100_000, "n_samples_small": 10_000, "rk4_draws": 2000},
+            claim="Without noise every coupling that is injective in space-time has a zero-loss, zero-variance "
+                  "field, so gradient variance is set by the mismatch between field and coupling, not by line "
+                  "crossings (Prop. 1); with noise the pair-optimal field of the 180-degree coupling has far larger "
+                  "gradient variance than the OT field (Fig. 4); the OT field has lower variance under the "
+                  "independent coupling than under a 120-degree coupling (Fig. 5).")
+def run(cfg: GaussianGradVarConfig, ctx) -> dict:
+    """Loss and gradient variance of the Lemma-1 family at pair-optimal and OT parameters (Gaussian oracles)."""
+    ctx.plan(_stages(cfg))
+    couplings = _couplings(cfg, ctx.device)
+    ot_net = _ot_net(cfg, ctx.device)
+    rows = _rows(cfg, ctx, couplings, ot_net)
+    heavy = _heavy_tail(cfg, ctx, couplings, ot_net, rows)
+    rk4_errors = _lemma_one_rk4_check(cfg, ctx)
+    ctx.progress.finish("Lemma-1 RK4 check")
+    _criteria(cfg, ctx, rows, heavy, rk4_errors)
+    _report(ctx, rows, heavy, rk4_errors)
     return {"rows": rows, "heavy_tail": heavy, "lemma_one_rk4_max_error": rk4_errors}
 
 

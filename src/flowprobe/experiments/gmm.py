@@ -31,8 +31,9 @@ from ..couplings import FixedPairs, GaussianSampler, IndependentCoupling
 from ..data.synthetic import random_gmm
 from ..metrics import mmd2
 from ..report import plt, save_figure
-from ._lowdim import MixtureFlowOptions, push_forward, run_seed, train_velocity
-from .registry import experiment
+from ..solvers import push_forward
+from .harness import derive_seed, experiment
+from .lowdim import MixtureFlowOptions, train_velocity
 
 __all__ = ["GMMConfig", "run", "PAPER_TABLE1"]
 
@@ -57,7 +58,7 @@ class GMMConfig(MixtureFlowOptions):
 
 def _eval_model(cfg, ctx, net, x0, x1, tgt, dim, offset) -> dict:
     dev = ctx.device
-    out = push_forward(net, x0, cfg.solver, cfg.solver_steps)
+    out = push_forward(net, x0, method=cfg.solver, steps=cfg.solver_steps)
     mem_b = mmd2(out, x1, unbiased=False)
     mem_u = mmd2(out, x1, unbiased=True)
     l2 = (out - x1).norm(dim=1).mean().item()
@@ -66,11 +67,26 @@ def _eval_model(cfg, ctx, net, x0, x1, tgt, dim, offset) -> dict:
         g = ctx.generator(offset + 1000 + r, device="cpu")
         z = torch.randn(cfg.n_eval, dim, generator=g).to(dev)
         y, _ = tgt.sample(cfg.n_eval, g)
-        gen_out = push_forward(net, z, cfg.solver, cfg.solver_steps)
+        gen_out = push_forward(net, z, method=cfg.solver, steps=cfg.solver_steps)
         y = y.to(dev)
         gens_b.append(mmd2(gen_out, y, unbiased=False))
         gens_u.append(mmd2(gen_out, y, unbiased=True))
     return {"mem_b": mem_b, "mem_u": mem_u, "l2": l2, "gen_b": gens_b, "gen_u": gens_u}
+
+
+def _stage(dim: int, pairing: str, sigma: float, k: int) -> str:
+    return f"d={dim} {pairing} sigma={sigma} seed {k}"
+
+
+def _stages(cfg: GMMConfig) -> list[tuple[str, float]]:
+    """The progress plan, in training steps."""
+    plan = []
+    for dim in cfg.dims:
+        if "reflow" in cfg.pairings:
+            plan.append((f"d={dim}: base flow", cfg.base_steps))
+        plan += [(_stage(dim, p, s, k), cfg.steps) for p in cfg.pairings for s in sorted(set(cfg.sigmas))
+                 for k in range(cfg.train_seeds)]
+    return plan
 
 
 @experiment("gmm", config=GMMConfig, claim=CLAIM,
@@ -78,6 +94,7 @@ def _eval_model(cfg, ctx, net, x0, x1, tgt, dim, offset) -> dict:
                    "eval_repeats": 3, "n_eval": 1000, "solver_steps": 50})
 def run(cfg: GMMConfig, ctx) -> dict:
     """N(0, I) -> 8-component GMM with N fixed pairs (random or reflow), CFM(0) vs CFM(0.05): MMD^2."""
+    ctx.plan(_stages(cfg))
     dev = ctx.device
     runs = []
     for di, dim in enumerate(cfg.dims):
@@ -90,9 +107,10 @@ def run(cfg: GMMConfig, ctx) -> dict:
         if "reflow" in cfg.pairings:
             base, _ = train_velocity(dim, IndependentCoupling(GaussianSampler((dim,), device=dev), gmix), 0.0,
                                      width=cfg.width, depth=cfg.depth, steps=cfg.base_steps,
-                                     batch_size=cfg.batch_size, lr=cfg.lr, seed=run_seed(ctx, 10 * di + 3),
-                                     device=dev, reduction=cfg.reduction)
-            targets["reflow"] = push_forward(base, x0, cfg.solver, cfg.solver_steps)
+                                     batch_size=cfg.batch_size, lr=cfg.lr, seed=derive_seed(ctx.seed, 10 * di + 3),
+                                     device=dev, reduction=cfg.reduction,
+                                     hooks=[ctx.training_hook(f"d={dim}: base flow", cfg.base_steps)])
+            targets["reflow"] = push_forward(base, x0, method=cfg.solver, steps=cfg.solver_steps)
             ctx.log(f"d={dim}: base CFM trained, reflow pairs generated")
         for pi, pairing in enumerate(cfg.pairings):
             x1 = targets[pairing]
@@ -101,8 +119,9 @@ def run(cfg: GMMConfig, ctx) -> dict:
                 for k in range(cfg.train_seeds):
                     net, losses = train_velocity(dim, FixedPairs(x0, x1), sigma, width=cfg.width, depth=cfg.depth,
                                                  steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                                                 seed=run_seed(ctx, 1000 * di + 100 * pi + 10 * si + k + 5),
-                                                 device=dev, reduction=cfg.reduction)
+                                                 seed=derive_seed(ctx.seed, 1000 * di + 100 * pi + 10 * si + k + 5),
+                                                 device=dev, reduction=cfg.reduction,
+                                                 hooks=[ctx.training_hook(_stage(dim, pairing, sigma, k), cfg.steps)])
                     vals.append(_eval_model(cfg, ctx, net, x0, x1, gmix, dim, 1000 * di + 100 * pi + 10 * k))
                 gen_b = [v for r in vals for v in r["gen_b"]]
                 gen_u = [v for r in vals for v in r["gen_u"]]

@@ -25,14 +25,15 @@ from dataclasses import dataclass
 import torch
 
 from ..config import option
+from ..device import choose_threads
 from ..gaussian import LinearGaussianCoupling
-from ..nets import MLP
+from ..nets.factory import build_net
 from ..objectives import CFMObjective
 from ..paths import make_path
 from ..probes.consistency import agreement_fraction, parse_solver, solver_agreement
 from ..solvers import integrate
 from ..train import fit
-from . import experiment
+from .harness import derive_seed, experiment
 
 
 @dataclass
@@ -95,83 +96,112 @@ def _fine_steps(sigma: float, ratio: float) -> int:
     return max(1, math.ceil(ratio / sigma - 1e-9))
 
 
-@experiment("intersecting-lines", config=IntersectingLinesConfig,
-            quick={"width": 256, "depth": 3, "train_steps": 3000, "n_eval": 1000},
-            claim="When all interpolation lines intersect (x1 = mu - x0: every line crosses mu/2 at t = 1/2), "
-                  "deterministic training reproduces the training pairing at inference although the OT map is "
-                  "x0 -> x0 + mu; a small noise makes the field well defined and its flow is the OT map.")
-def run(cfg: IntersectingLinesConfig, ctx) -> dict:
-    """The 180-degree pairing of two Gaussians: exact fields and trained MLPs, swept over solvers."""
-    d, dev = cfg.dim, ctx.device
-    mu64 = torch.full((d,), cfg.mu_scale, dtype=torch.float64)
-    gen_eval = ctx.generator(11, device="cpu")
-    x0_eval = torch.randn(cfg.n_eval, d, generator=gen_eval, dtype=torch.float64)
-    solvers = [("euler", n) for n in cfg.euler_steps] + [("rk4", n) for n in cfg.rk4_steps]
-    runs: list[dict] = []
-    endpoints: dict[tuple, torch.Tensor] = {}
-    trajectories: dict[str, torch.Tensor] = {}
-    n_traj = min(cfg.n_trajectories, cfg.n_eval)
+class _Sweep:
+    """The integrations of one run: the rows of the runs table, their endpoints and the trajectories drawn."""
 
-    def evaluate(field, x0, kind, schedule, sigma, solver_list, traj_keys=()):
+    def __init__(self, cfg: IntersectingLinesConfig, mu64: torch.Tensor):
+        self.cfg, self.mu64 = cfg, mu64
+        self.runs: list[dict] = []
+        self.endpoints: dict[tuple, torch.Tensor] = {}
+        self.trajectories: dict[str, torch.Tensor] = {}
+        self.n_traj = min(cfg.n_trajectories, cfg.n_eval)
+        self.solvers = [("euler", n) for n in cfg.euler_steps] + [("rk4", n) for n in cfg.rk4_steps]
+        self.sa, self.sb = cfg.agreement_solvers[0], cfg.agreement_solvers[-1]
+
+    def evaluate(self, field, x0, kind, schedule, sigma, solver_list, traj_keys=()) -> None:
         for method, steps in solver_list:
             want_traj = (method, steps) in traj_keys
             res = integrate(field, x0, method, steps, return_trajectory=want_traj)
             row = {"field": kind, "schedule": schedule, "sigma": sigma, "solver": method, "steps": steps,
-                   "nfe": res.nfe, **_summary(res.x, x0, mu64, cfg.tol),
+                   "nfe": res.nfe, **_summary(res.x, x0, self.mu64, self.cfg.tol),
                    "evaluates_half": _evaluates_half(method, steps)}
-            runs.append(row)
-            endpoints[(kind, schedule, sigma, method, steps)] = res.x
+            self.runs.append(row)
+            self.endpoints[(kind, schedule, sigma, method, steps)] = res.x
             if want_traj:
                 key = f"{kind}|{schedule}|{sigma:g}|{method}|{steps}"
-                trajectories[key] = res.trajectory[:, :n_traj].double().cpu()
+                self.trajectories[key] = res.trajectory[:, :self.n_traj].double().cpu()
 
-    def agree(kind, schedule, sigma, field, x0):
+    def agreement(self, kind, schedule, sigma, field, x0) -> dict:
         """The solver-consistency probe; reuses endpoints already computed for the runs table."""
-        ka = (kind, schedule, sigma, *parse_solver(sa))
-        kb = (kind, schedule, sigma, *parse_solver(sb))
-        if ka in endpoints and kb in endpoints:
-            return agreement_fraction(endpoints[ka], endpoints[kb], cfg.agreement_tol)
-        return solver_agreement(field, x0, sa, sb, cfg.agreement_tol)
+        ka = (kind, schedule, sigma, *parse_solver(self.sa))
+        kb = (kind, schedule, sigma, *parse_solver(self.sb))
+        if ka in self.endpoints and kb in self.endpoints:
+            frac = agreement_fraction(self.endpoints[ka], self.endpoints[kb], self.cfg.agreement_tol)
+        else:
+            frac = solver_agreement(field, x0, self.sa, self.sb, self.cfg.agreement_tol)
+        return {"field": kind, "schedule": schedule, "sigma": sigma, "solver_a": self.sa, "solver_b": self.sb,
+                "agreement": frac}
 
-    # ------------------------------------------------------------------ exact fields (R2), float64
-    exact = LinearGaussianCoupling.antipodal(mu64)
-    agreement: list[dict] = []
-    sa, sb = cfg.agreement_solvers[0], cfg.agreement_solvers[-1]
+    def get(self, kind, sigma, method, steps, schedule="constant") -> dict | None:
+        for r in self.runs:
+            if (r["field"], r["schedule"], r["sigma"], r["solver"], r["steps"]) == (kind, schedule, sigma, method,
+                                                                                      steps):
+                return r
+        return None
+
+
+def _exact_stages(cfg: IntersectingLinesConfig) -> list[tuple[float, str]]:
+    return [(sigma, schedule) for sigma in cfg.exact_sigmas
+            for schedule in (["constant"] if sigma == 0 else cfg.exact_schedules)]
+
+
+def _stages(cfg: IntersectingLinesConfig) -> list[tuple[str, float]]:
+    """The progress plan, in training steps: an exact field's sweep counts as EXACT_FIELD_WORK steps, a trained
+    MLP's evaluation as MLP_EVAL_WORK."""
+    plan = [(f"exact field sigma={s:g} ({sch})", EXACT_FIELD_WORK) for s, sch in _exact_stages(cfg)]
+    for sigma in cfg.sigmas:
+        plan += [(f"training MLP sigma={sigma:g}", cfg.train_steps), (f"evaluating MLP sigma={sigma:g}", MLP_EVAL_WORK)]
+    return plan
+
+
+#: Progress weights of the stages that do not train, in training steps (about their CPU time).
+EXACT_FIELD_WORK = 20
+MLP_EVAL_WORK = 40
+
+
+def _exact_fields(cfg: IntersectingLinesConfig, ctx, sweep: _Sweep, x0_eval: torch.Tensor) -> list[dict]:
+    """R2: integrate the exact marginal fields (float64) with every solver; the consistency-probe rows."""
+    exact = LinearGaussianCoupling.antipodal(sweep.mu64)
+    agreement = []
     noisy = [s for s in cfg.exact_sigmas if s > 0]
     traj_sigma = next((s for s in cfg.sigmas if s in noisy), noisy[0] if noisy else None)  # exact noisy panels
-    for sigma in cfg.exact_sigmas:
-        for schedule in (["constant"] if sigma == 0 else cfg.exact_schedules):
-            path = make_path(sigma, schedule)
-            field = exact.field(path)
-            solver_list = list(solvers)
-            if sigma > 0:
-                fine = _fine_steps(sigma, cfg.fine_step_ratio)
-                if ("rk4", fine) not in solver_list:
-                    solver_list.append(("rk4", fine))
-            if sigma == 0:
-                traj_keys = [("euler", max(cfg.euler_steps))]
-            elif sigma == traj_sigma:
-                traj_keys = [("rk4", _fine_steps(sigma, cfg.fine_step_ratio))]
-            else:
-                traj_keys = []
-            evaluate(field, x0_eval, "exact", schedule, sigma, solver_list, traj_keys)
-            agreement.append({"field": "exact", "schedule": schedule, "sigma": sigma, "solver_a": sa, "solver_b": sb,
-                              "agreement": agree("exact", schedule, sigma, field, x0_eval)})
-            ctx.log(f"exact field sigma={sigma:g} ({schedule}) integrated")
+    for sigma, schedule in _exact_stages(cfg):
+        field = exact.field(make_path(sigma, schedule))
+        solver_list = list(sweep.solvers)
+        if sigma > 0:
+            fine = _fine_steps(sigma, cfg.fine_step_ratio)
+            if ("rk4", fine) not in solver_list:
+                solver_list.append(("rk4", fine))
+        if sigma == 0:
+            traj_keys = [("euler", max(cfg.euler_steps))]
+        elif sigma == traj_sigma:
+            traj_keys = [("rk4", _fine_steps(sigma, cfg.fine_step_ratio))]
+        else:
+            traj_keys = []
+        sweep.evaluate(field, x0_eval, "exact", schedule, sigma, solver_list, traj_keys)
+        agreement.append(sweep.agreement("exact", schedule, sigma, field, x0_eval))
+        ctx.log(f"exact field sigma={sigma:g} ({schedule}) integrated")
+        ctx.progress.finish(f"exact field sigma={sigma:g} ({schedule})")
+    return agreement
 
-    # ------------------------------------------------------------------ trained MLPs (R3)
-    losses = {}
+
+def _trained_mlps(cfg: IntersectingLinesConfig, ctx, sweep: _Sweep, x0_eval: torch.Tensor) -> tuple[list, dict]:
+    """R3: train an MLP on the pairing for every sigma and integrate it; (consistency-probe rows, final losses)."""
+    d, dev = cfg.dim, ctx.device
+    agreement, losses = [], {}
     x0_dev = x0_eval.to(device=dev, dtype=torch.float32)
     for k, sigma in enumerate(cfg.sigmas):
-        coupling = LinearGaussianCoupling.antipodal(mu64, dtype=torch.float32, device=dev)
+        coupling = LinearGaussianCoupling.antipodal(sweep.mu64, dtype=torch.float32, device=dev)
         path = make_path(sigma, "constant")
-        with torch.random.fork_rng(devices=[]):  # seeded default initialisation, global RNG left untouched
-            torch.manual_seed(ctx.seed * 1_000_003 + 101 + k)
-            net = MLP(d, cfg.width, cfg.depth, time_embed_dim=cfg.time_embed_dim, activation="silu")
+        spec = {"class": "MLP", "kwargs": {"dim": d, "width": cfg.width, "depth": cfg.depth,
+                                           "time_embed_dim": cfg.time_embed_dim, "activation": "silu"}}
+        net = build_net(spec, derive_seed(ctx.seed, 101 + k))
+        choose_threads(sum(p.numel() for p in net.parameters()), cfg.batch_size, dev)
         ctx.log(f"training MLP {cfg.depth}x{cfg.width} at sigma={sigma:g} for {cfg.train_steps} steps on {dev}")
         state = fit(net, coupling, CFMObjective(path, reduction="mean"), steps=cfg.train_steps,
                     batch_size=cfg.batch_size, lr=cfg.lr, lr_schedule=cfg.lr_schedule,
-                    seed=ctx.seed * 1_000_003 + 17 + k, device=dev, progress=ctx.verbose)
+                    seed=derive_seed(ctx.seed, 17 + k), device=dev,
+                    hooks=[ctx.training_hook(f"training MLP sigma={sigma:g}", cfg.train_steps)])
         model = state.model.eval()
         tail = state.losses[-max(1, min(200, len(state.losses) // 10)):]
         losses[f"{sigma:g}"] = float(sum(tail) / len(tail))
@@ -179,29 +209,25 @@ def run(cfg: IntersectingLinesConfig, ctx) -> dict:
         def field(t, x, model=model):
             return model(t.to(torch.float32), x)
 
-        extra = [("euler", n) for n in cfg.extra_euler_steps if ("euler", n) not in solvers]
+        extra = [("euler", n) for n in cfg.extra_euler_steps if ("euler", n) not in sweep.solvers]
         traj_keys = [("euler", 11), ("rk4", max(cfg.rk4_steps))]
-        evaluate(field, x0_dev, "mlp", "constant", sigma, solvers + extra, traj_keys)
-        agreement.append({"field": "mlp", "schedule": "constant", "sigma": sigma, "solver_a": sa, "solver_b": sb,
-                          "agreement": agree("mlp", "constant", sigma, field, x0_dev)})
+        sweep.evaluate(field, x0_dev, "mlp", "constant", sigma, sweep.solvers + extra, traj_keys)
+        agreement.append(sweep.agreement("mlp", "constant", sigma, field, x0_dev))
+        ctx.progress.finish(f"evaluating MLP sigma={sigma:g}")
         ctx.log(f"MLP sigma={sigma:g}: final loss {losses[f'{sigma:g}']:.4f}, "
                 f"solver agreement {agreement[-1]['agreement']:.3f}")
+    return agreement, losses
 
-    # ------------------------------------------------------------------ criteria
-    def get(kind, sigma, method, steps, schedule="constant"):
-        for r in runs:
-            if (r["field"], r["schedule"], r["sigma"], r["solver"], r["steps"]) == (kind, schedule, sigma, method,
-                                                                                      steps):
-                return r
-        return None
 
+def _exact_criteria(cfg: IntersectingLinesConfig, ctx, sweep: _Sweep, x0_eval: torch.Tensor) -> None:
+    mu64 = sweep.mu64
     # R2, sigma = 0: Euler on grids that skip t = 1/2 reproduces the pairing to 1e-6
     if 0.0 in cfg.exact_sigmas:
         worst = []
         for n in cfg.euler_steps:
             if _evaluates_half("euler", n):
                 continue
-            x1 = endpoints[("exact", "constant", 0.0, "euler", n)]
+            x1 = sweep.endpoints[("exact", "constant", 0.0, "euler", n)]
             worst.append((n, float(((x1 - (mu64 - x0_eval)).norm(dim=1) < 1e-6).double().mean())))
         if worst:
             ctx.criterion("R2 exact sigma=0 field, Euler on grids that skip t=1/2: >= 99.9% of x0 end within 1e-6 of "
@@ -210,60 +236,68 @@ def run(cfg: IntersectingLinesConfig, ctx) -> dict:
     for sigma in [s for s in cfg.exact_sigmas if s > 0]:
         fine = _fine_steps(sigma, cfg.fine_step_ratio)
         for schedule in cfg.exact_schedules:
-            x1 = endpoints[("exact", schedule, sigma, "rk4", fine)]
+            x1 = sweep.endpoints[("exact", schedule, sigma, "rk4", fine)]
             frac = float(((x1 - (x0_eval + mu64)).norm(dim=1) < 0.1).double().mean())
             cos = float(torch.nn.functional.cosine_similarity(x1 - mu64, x0_eval, dim=1).mean())
             ctx.criterion(f"R2 exact sigma={sigma:g} {schedule} field, RK4 {fine} steps (h <= sigma/"
                           f"{cfg.fine_step_ratio:g}): >= 99% within 0.1 of x0 + mu and mean cos > 0.999",
                           frac >= 0.99 and cos > 0.999, f"frac {frac:.4f}, mean cos {cos:.5f}")
 
-    def fmt(r):
-        if r is None:
-            return "missing"
-        cos = "n/a" if r["mean_cos"] is None else f"{r['mean_cos']:.3f}"
-        return f"pairing {r['frac_pairing']:.3f}, OT {r['frac_ot']:.3f}, cos {cos}"
 
-    def cos_of(r):
-        return r["mean_cos"] if r and r["mean_cos"] is not None else float("nan")
+def _fmt_row(r) -> str:
+    if r is None:
+        return "missing"
+    cos = "n/a" if r["mean_cos"] is None else f"{r['mean_cos']:.3f}"
+    return f"pairing {r['frac_pairing']:.3f}, OT {r['frac_ot']:.3f}, cos {cos}"
 
+
+def _cos_of(r) -> float:
+    return r["mean_cos"] if r and r["mean_cos"] is not None else float("nan")
+
+
+def _smoke_criteria(cfg: IntersectingLinesConfig, ctx, sweep: _Sweep, sigma: float) -> None:
+    """The CPU-smoke criteria of R3 (quick size)."""
     rk4_fine = max(cfg.rk4_steps)
-    for sigma in cfg.sigmas:
-        if ctx.quick:  # CPU-smoke criteria of R3
-            for n in (1, 3):
-                r = get("mlp", sigma, "euler", n)
-                if r is not None:
-                    ctx.criterion(f"R3 (smoke) MLP sigma={sigma:g}, Euler {n}: frac_pairing >= 0.85 and "
-                                  "mean cos < -0.9", r["frac_pairing"] >= 0.85 and cos_of(r) < -0.9, fmt(r))
-            r = get("mlp", sigma, "rk4", rk4_fine)
-            if r is not None:
-                ctx.criterion(f"R3 (smoke) MLP sigma={sigma:g}, RK4 {rk4_fine}: mean cos > 0.95 and frac_ot >= 0.6",
-                              cos_of(r) > 0.95 and r["frac_ot"] >= 0.6, fmt(r))
-        else:  # GPU-full criteria of R3
-            if sigma == 0:
-                r = get("mlp", sigma, "euler", 11)
-                if r is not None:
-                    ctx.criterion("R3 (full) MLP sigma=0, Euler 11: frac_pairing >= 0.95 (memorised)",
-                                  r["frac_pairing"] >= 0.95, fmt(r))
-            else:
-                for n in cfg.rk4_steps:
-                    r = get("mlp", sigma, "rk4", n)
-                    ctx.criterion(f"R3 (full) MLP sigma={sigma:g}, RK4 {n}: frac_ot >= 0.85 and mean cos >= 0.98",
-                                  r["frac_ot"] >= 0.85 and cos_of(r) >= 0.98, fmt(r))
-            a = next((a for a in agreement if a["field"] == "mlp" and a["sigma"] == sigma), None)
-            if a is not None and sigma in (0.0, 0.05):  # the values R3 states an expectation for
-                want = "<= 0.2" if sigma == 0 else ">= 0.85"
-                ok = a["agreement"] <= 0.2 if sigma == 0 else a["agreement"] >= 0.85
-                ctx.criterion(f"R3 (full) solver-consistency probe, MLP sigma={sigma:g}: {sa} and {sb} endpoints "
-                              f"agree within {cfg.agreement_tol:g} for a fraction {want}", ok,
-                              f"agreement {a['agreement']:.3f}")
+    for n in (1, 3):
+        r = sweep.get("mlp", sigma, "euler", n)
+        if r is not None:
+            ctx.criterion(f"R3 (smoke) MLP sigma={sigma:g}, Euler {n}: frac_pairing >= 0.85 and "
+                          "mean cos < -0.9", r["frac_pairing"] >= 0.85 and _cos_of(r) < -0.9, _fmt_row(r))
+    r = sweep.get("mlp", sigma, "rk4", rk4_fine)
+    if r is not None:
+        ctx.criterion(f"R3 (smoke) MLP sigma={sigma:g}, RK4 {rk4_fine}: mean cos > 0.95 and frac_ot >= 0.6",
+                      _cos_of(r) > 0.95 and r["frac_ot"] >= 0.6, _fmt_row(r))
 
-    # ------------------------------------------------------------------ report
+
+def _full_criteria(cfg: IntersectingLinesConfig, ctx, sweep: _Sweep, sigma: float, agreement: list[dict]) -> None:
+    """The GPU-full criteria of R3 (paper size)."""
+    if sigma == 0:
+        r = sweep.get("mlp", sigma, "euler", 11)
+        if r is not None:
+            ctx.criterion("R3 (full) MLP sigma=0, Euler 11: frac_pairing >= 0.95 (memorised)",
+                          r["frac_pairing"] >= 0.95, _fmt_row(r))
+    else:
+        for n in cfg.rk4_steps:
+            r = sweep.get("mlp", sigma, "rk4", n)
+            ctx.criterion(f"R3 (full) MLP sigma={sigma:g}, RK4 {n}: frac_ot >= 0.85 and mean cos >= 0.98",
+                          r["frac_ot"] >= 0.85 and _cos_of(r) >= 0.98, _fmt_row(r))
+    a = next((a for a in agreement if a["field"] == "mlp" and a["sigma"] == sigma), None)
+    if a is not None and sigma in (0.0, 0.05):  # the values R3 states an expectation for
+        want = "<= 0.2" if sigma == 0 else ">= 0.85"
+        ok = a["agreement"] <= 0.2 if sigma == 0 else a["agreement"] >= 0.85
+        ctx.criterion(f"R3 (full) solver-consistency probe, MLP sigma={sigma:g}: {sweep.sa} and {sweep.sb} "
+                      f"endpoints agree within {cfg.agreement_tol:g} for a fraction {want}", ok,
+                      f"agreement {a['agreement']:.3f}")
+
+
+def _report(cfg: IntersectingLinesConfig, ctx, sweep: _Sweep, agreement: list[dict], losses: dict) -> None:
     cols = ["field", "schedule", "sigma", "solver", "steps", "nfe", "frac_pairing", "frac_ot", "mean_cos",
             "n_nonfinite", "evaluates_half"]
+    runs = sweep.runs
     ctx.table("Trained MLPs: where held-out x0 end (pairing = mu - x0, OT = x0 + mu)",
               [r for r in runs if r["field"] == "mlp"], cols)
     ctx.table("Exact marginal fields", [r for r in runs if r["field"] == "exact"], cols)
-    ctx.table(f"Solver-consistency probe: fraction of x0 whose {sa} and {sb} endpoints agree within "
+    ctx.table(f"Solver-consistency probe: fraction of x0 whose {sweep.sa} and {sweep.sb} endpoints agree within "
               f"{cfg.agreement_tol:g}", agreement)
     ctx.table("Final training loss (mean over the last steps, reduction = mean over dimensions)",
               [{"sigma": k, "loss": v} for k, v in losses.items()])
@@ -273,8 +307,56 @@ def run(cfg: IntersectingLinesConfig, ctx) -> dict:
     ctx.note("The solver-consistency probe flags learned ill-defined fields without knowing the coupling; on the "
              "exact sigma=0 field it is uninformative for RK4 (both grids hit t = 1/2).")
     _plot_fractions(runs, cfg, ctx.figure("memorisation_vs_steps"))
-    _plot_trajectories(trajectories, mu64, ctx.figure("trajectories"))
-    return {"runs": runs, "solver_agreement": agreement, "final_loss": losses}
+    _plot_trajectories(sweep.trajectories, sweep.mu64, ctx.figure("trajectories"))
+
+
+#: Throughput assumed by the time estimate: float32 flops per second of a 2-core CPU (calibrated on the quick
+#: run, 2.1e12 flops: 37 s on a lightly loaded 2-core machine, 72 s on one thread of a busy one), seconds per
+#: training step on a GPU (launch-bound for these MLPs), and the seconds of the exact-field sweeps (float64, CPU).
+CPU_FLOPS = 3e10
+GPU_SECONDS_PER_STEP = 3e-3
+EXACT_FIELDS_S = 10.0
+
+
+def _mlp_parameters(cfg: IntersectingLinesConfig) -> int:
+    first = (cfg.dim + 1 + cfg.time_embed_dim) * cfg.width + cfg.width
+    return first + (cfg.depth - 1) * (cfg.width ** 2 + cfg.width) + cfg.width * cfg.dim + cfg.dim
+
+
+def estimate_seconds(cfg: IntersectingLinesConfig, device) -> float:
+    """The expected wall time of a run: training (6 flops per parameter and sample), the MLP integrations
+    (2 flops per parameter, point and evaluation) and the exact-field sweeps. A rough figure for the
+    announcement; the progress line measures the real rate."""
+    nfe = (sum(cfg.euler_steps) + sum(cfg.extra_euler_steps) + 4 * sum(cfg.rk4_steps)) * len(cfg.sigmas)
+    steps = cfg.train_steps * len(cfg.sigmas)
+    if torch.device(device).type == "cuda":
+        return steps * GPU_SECONDS_PER_STEP + EXACT_FIELDS_S
+    p = _mlp_parameters(cfg)
+    return (6 * p * cfg.batch_size * steps + 2 * p * cfg.n_eval * nfe) / CPU_FLOPS + EXACT_FIELDS_S
+
+
+@experiment("intersecting-lines", config=IntersectingLinesConfig,
+            quick={"width": 256, "depth": 3, "train_steps": 3000, "n_eval": 1000},
+            claim="When all interpolation lines intersect (x1 = mu - x0: every line crosses mu/2 at t = 1/2), "
+                  "deterministic training reproduces the training pairing at inference although the OT map is "
+                  "x0 -> x0 + mu; a small noise makes the field well defined and its flow is the OT map.",
+            estimate=estimate_seconds)
+def run(cfg: IntersectingLinesConfig, ctx) -> dict:
+    """The 180-degree pairing of two Gaussians: exact fields and trained MLPs, swept over solvers."""
+    ctx.plan(_stages(cfg))
+    sweep = _Sweep(cfg, torch.full((cfg.dim,), cfg.mu_scale, dtype=torch.float64))
+    x0_eval = torch.randn(cfg.n_eval, cfg.dim, generator=ctx.generator(11, device="cpu"), dtype=torch.float64)
+    agreement = _exact_fields(cfg, ctx, sweep, x0_eval)
+    mlp_agreement, losses = _trained_mlps(cfg, ctx, sweep, x0_eval)
+    agreement += mlp_agreement
+    _exact_criteria(cfg, ctx, sweep, x0_eval)
+    for sigma in cfg.sigmas:
+        if ctx.quick:
+            _smoke_criteria(cfg, ctx, sweep, sigma)
+        else:
+            _full_criteria(cfg, ctx, sweep, sigma, agreement)
+    _report(cfg, ctx, sweep, agreement, losses)
+    return {"runs": sweep.runs, "solver_agreement": agreement, "final_loss": losses}
 
 
 def _plot_fractions(runs, cfg, path) -> None:

@@ -24,8 +24,9 @@ from ..config import option
 from ..couplings import FixedPairs, ot_permutation
 from ..probes.memorization import nearest_neighbours, pairing_metrics
 from ..report import plt, save_figure
-from ._lowdim import push_forward, run_seed, train_velocity
-from .registry import experiment
+from ..solvers import push_forward
+from .harness import derive_seed, experiment
+from .lowdim import train_velocity
 
 __all__ = ["PairMemorizationConfig", "run"]
 
@@ -60,6 +61,21 @@ class PairMemorizationConfig:
     monotone_tol: float = option(0.02, ge=0)
 
 
+def _stage(role: str, dim: int, n_pairs: int, sigma: float) -> str:
+    return f"{role}: d={dim} N={n_pairs} sigma={sigma}"
+
+
+def _stages(cfg: PairMemorizationConfig) -> list[tuple[str, float]]:
+    """The progress plan, in training steps."""
+    plan = [(_stage("sweep", cfg.dim, cfg.n_pairs, s), cfg.steps) for s in sorted(set(cfg.sigmas))]
+    if cfg.control:
+        plan.append((_stage("control", cfg.control_dim, cfg.control_n_pairs, cfg.control_sigma), cfg.steps))
+    if cfg.phase:
+        plan += [(_stage("phase", d, n, s), cfg.phase_steps) for d in cfg.phase_dims for n in cfg.phase_n_pairs
+                 for s in sorted(set(cfg.phase_sigmas))]
+    return plan
+
+
 def _one_run(cfg: PairMemorizationConfig, ctx, dim: int, n_pairs: int, sigma: float, steps: int,
              data_offset: int, role: str) -> dict:
     """Draw the point sets (shared by every sigma of the same (dim, n_pairs)), train and measure."""
@@ -72,9 +88,9 @@ def _one_run(cfg: PairMemorizationConfig, ctx, dim: int, n_pairs: int, sigma: fl
     x0, x1 = x0.to(dev), x1.to(dev)
     net, losses = train_velocity(dim, FixedPairs(x0, x1[assigned.to(dev)]), sigma, width=cfg.width,
                                  depth=cfg.depth, steps=steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                                 seed=run_seed(ctx, data_offset + 7),
-                                 device=dev, reduction=cfg.reduction)
-    out = push_forward(net, x0, cfg.solver, cfg.solver_steps)
+                                 seed=derive_seed(ctx.seed, data_offset + 7), device=dev, reduction=cfg.reduction,
+                                 hooks=[ctx.training_hook(_stage(role, dim, n_pairs, sigma), steps)])
+    out = push_forward(net, x0, method=cfg.solver, steps=cfg.solver_steps)
     m = pairing_metrics(out, x1, {"assigned": assigned.to(dev), "ot": ot.to(dev)})
     nn_d, _ = nearest_neighbours(x1, x1, 2)
     spacing = nn_d[:, 1].mean().item()
@@ -98,6 +114,7 @@ def _row(r: dict) -> dict:
                    "phase": False})
 def run(cfg: PairMemorizationConfig, ctx) -> dict:
     """Adversarial (random) pairings between two Gaussians: memorised at sigma = 0, OT-ward at large sigma."""
+    ctx.plan(_stages(cfg))
     runs = []
     sigmas = sorted(set(cfg.sigmas))
     for s in sigmas:

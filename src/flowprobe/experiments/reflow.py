@@ -36,8 +36,9 @@ from ..data.synthetic import random_gmm
 from ..metrics import wasserstein2
 from ..probes.straightness import straightness
 from ..report import plt, save_figure
-from ._lowdim import MixtureFlowOptions, push_forward, run_seed, train_velocity
-from .registry import experiment
+from ..solvers import push_forward
+from .harness import derive_seed, experiment
+from .lowdim import MixtureFlowOptions, train_velocity
 
 __all__ = ["ReflowConfig", "run", "MappedCoupling"]
 
@@ -72,13 +73,13 @@ class ReflowConfig(MixtureFlowOptions):
 
 
 def _round_metrics(cfg, ctx, net, start, sigma, rnd, x0_train, prev_targets, fresh_x0, fresh_target) -> dict:
-    out_train = push_forward(net, x0_train, cfg.solver, cfg.solver_steps)
+    out_train = push_forward(net, x0_train, method=cfg.solver, steps=cfg.solver_steps)
     l2 = l2_se = None
     if prev_targets is not None:
         d = (out_train - prev_targets).norm(dim=1)
         l2, l2_se = d.mean().item(), (d.std() / d.numel() ** 0.5).item()
     st = straightness(net, fresh_x0, cfg.solver, cfg.solver_steps)
-    fine = push_forward(net, x0_train, cfg.solver, 2 * cfg.solver_steps)
+    fine = push_forward(net, x0_train, method=cfg.solver, steps=2 * cfg.solver_steps)
     solver_tol = (fine - out_train).norm(dim=1).mean().item()
     ot_cost = wasserstein2(fresh_x0, st.x1) ** 2
     w2 = wasserstein2(st.x1, fresh_target)
@@ -87,11 +88,27 @@ def _round_metrics(cfg, ctx, net, start, sigma, rnd, x0_train, prev_targets, fre
             "w2_to_target": w2, "solver_tol": solver_tol, "kinetic_energy": st.kinetic_energy}, out_train
 
 
+def _stage(start: str, sigma: float, k: int) -> str:
+    return f"{start} sigma={sigma}: round {k}"
+
+
+def _stages(cfg: ReflowConfig) -> list[tuple[str, float]]:
+    """The progress plan, in training steps."""
+    plan = []
+    for start in cfg.starts:
+        plan.append((f"{start}: round 0", cfg.base_steps))
+        plan += [(_stage(start, s, k), cfg.steps) for s in sorted(set(cfg.sigmas)) for k in range(1, cfg.rounds + 1)]
+        if cfg.floor and 0.0 in cfg.sigmas:
+            plan.append((f"{start}: retraining floor", cfg.steps))
+    return plan
+
+
 @experiment("reflow", config=ReflowConfig, claim=CLAIM,
             quick={"rounds": 2, "width": 128, "steps": 1500, "base_steps": 1500, "n_pairs": 500, "n_eval": 500,
                    "solver_steps": 50, "floor": False})
 def run(cfg: ReflowConfig, ctx) -> dict:
     """k rounds of rectification from the independent and the 180-degree couplings, sigma in {0, 0.05}."""
+    ctx.plan(_stages(cfg))
     dev = ctx.device
     rounds, floors, dists = [], [], {}
     for si_, start in enumerate(cfg.starts):
@@ -110,8 +127,9 @@ def run(cfg: ReflowConfig, ctx) -> dict:
         x0_train = torch.randn(cfg.n_pairs, dim, generator=g).to(dev)
         fresh_x0 = torch.randn(cfg.n_eval, dim, generator=g).to(dev)
         base, _ = train_velocity(dim, coupling, 0.0, width=cfg.width, depth=cfg.depth, steps=cfg.base_steps,
-                                 batch_size=cfg.batch_size, lr=cfg.lr, seed=run_seed(ctx, off + 1), device=dev,
-                                 reduction=cfg.reduction)
+                                 batch_size=cfg.batch_size, lr=cfg.lr, seed=derive_seed(ctx.seed, off + 1), device=dev,
+                                 reduction=cfg.reduction,
+                                 hooks=[ctx.training_hook(f"{start}: round 0", cfg.base_steps)])
         prev0 = None if start == "independent" else mu - x0_train
         row, out0 = _round_metrics(cfg, ctx, base, start, 0.0, 0, x0_train, prev0, fresh_x0, fresh_target)
         row["chain"] = "base"  # round 0 (sigma = 0) is shared by the chains of every sigma
@@ -123,8 +141,9 @@ def run(cfg: ReflowConfig, ctx) -> dict:
             for k in range(1, cfg.rounds + 1):
                 net, _ = train_velocity(dim, FixedPairs(x0_train, targets), sigma, width=cfg.width, depth=cfg.depth,
                                         steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                                        seed=run_seed(ctx, off + 100 * sj + k + 10), device=dev,
-                                        reduction=cfg.reduction)
+                                        seed=derive_seed(ctx.seed, off + 100 * sj + k + 10), device=dev,
+                                        reduction=cfg.reduction,
+                                        hooks=[ctx.training_hook(_stage(start, sigma, k), cfg.steps)])
                 row, out = _round_metrics(cfg, ctx, net, start, sigma, k, x0_train, targets, fresh_x0, fresh_target)
                 row["chain"] = f"sigma={sigma}"
                 dists[(start, sigma, k)] = (out - targets).norm(dim=1)
@@ -135,8 +154,9 @@ def run(cfg: ReflowConfig, ctx) -> dict:
                 if cfg.floor and sigma == 0.0 and k == cfg.rounds:
                     twin, _ = train_velocity(dim, FixedPairs(x0_train, targets), sigma, width=cfg.width,
                                              depth=cfg.depth, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                                             seed=run_seed(ctx, off + 999), device=dev, reduction=cfg.reduction)
-                    twin_out = push_forward(twin, x0_train, cfg.solver, cfg.solver_steps)
+                                             seed=derive_seed(ctx.seed, off + 999), device=dev, reduction=cfg.reduction,
+                                             hooks=[ctx.training_hook(f"{start}: retraining floor", cfg.steps)])
+                    twin_out = push_forward(twin, x0_train, method=cfg.solver, steps=cfg.solver_steps)
                     floors.append({"start": start, "round": k,
                                    "retrain_floor": (twin_out - out).norm(dim=1).mean().item()})
                 targets = out

@@ -2,7 +2,7 @@
 
 Architecture (the "guided diffusion" family of Dhariwal & Nichol, 2021):
 
-- time: e = MLP(sinusoidal(time_embed_scale * t)), an MLP d -> 4d -> 4d with SiLU, d = model_channels;
+- time: e = MLP(sinusoidal(time_scale * t)), an MLP d -> 4d -> 4d with SiLU, d = model_channels;
 - an input 3x3 convolution, then ``len(channel_mult)`` resolution levels going down, each with
   ``num_res_blocks`` residual blocks (plus self-attention at the resolutions in ``attention_resolutions``)
   and a 2x downsampling between levels;
@@ -201,7 +201,7 @@ class UNet(nn.Module):
         num_heads / num_head_channels: heads of attention; num_head_channels (if set) overrides num_heads.
         use_scale_shift_norm: FiLM-style GN(h)(1 + s) + b time conditioning instead of additive.
         resblock_updown: resample with residual blocks instead of (de)convolutions.
-        time_embed_scale: t is multiplied by this before the sinusoidal embedding (1000 by default).
+        time_scale: t is multiplied by this before the sinusoidal embedding (1000 by default).
         num_groups: GroupNorm groups (32 in ADM; smaller for very narrow nets).
         conv_resample: use convolutions in the plain up/down-sampling layers.
         step_embed: also take a step h (``net(t, x, h)``, the average velocity over [t, t + h] of few-step
@@ -214,7 +214,7 @@ class UNet(nn.Module):
                  out_channels: int | None = None, channel_mult: Sequence[int] = (1, 2, 2, 2), num_res_blocks: int = 2,
                  attention_resolutions: Iterable[int] = (16,), dropout: float = 0.1, num_heads: int = 4,
                  num_head_channels: int | None = 64, use_scale_shift_norm: bool = True,
-                 resblock_updown: bool = False, time_embed_scale: float = TIME_SCALE, num_groups: int = 32,
+                 resblock_updown: bool = False, time_scale: float = TIME_SCALE, num_groups: int = 32,
                  conv_resample: bool = True, step_embed: bool = False):
         super().__init__()
         channel_mult = tuple(int(m) for m in channel_mult)
@@ -232,7 +232,7 @@ class UNet(nn.Module):
         self.out_channels = out_channels or in_channels
         self.model_channels, self.channel_mult = model_channels, channel_mult
         self.num_res_blocks, self.attention_resolutions = num_res_blocks, attention_resolutions
-        self.time_embed_scale = float(time_embed_scale)
+        self.time_scale = float(time_scale)
         emb_dim = 4 * model_channels
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.step_embed = None
@@ -279,7 +279,7 @@ class UNet(nn.Module):
         t = torch.as_tensor(t, device=x.device)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        emb = timestep_embedding(t, self.model_channels, scale=self.time_embed_scale)
+        emb = timestep_embedding(t, self.model_channels, scale=self.time_scale)
         return mlp(emb.to(mlp[0].weight.dtype))
 
     def forward(self, t: Tensor | float, x: Tensor, h: Tensor | float | None = None) -> Tensor:

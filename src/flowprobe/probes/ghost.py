@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..objectives import squared_error
+from .per_sample import batch_gradient, chunks, vmap_grads
 
 __all__ = ["run_ghost", "ghost_plan", "GHOST_TYPES", "CONV_RULES", "conv_rule_choices", "reset_conv_rule_choices"]
 
@@ -355,7 +356,7 @@ _CONV_FNS = {"grouped": _conv_sq_dot, "unfold": _conv_unfold_sq_dot}
 
 
 def run_ghost(net, params, t, x, u, reduction, chunk_size, mom, conv_rule: str = "auto") -> tuple[Tensor, list[str]]:
-    """The ghost-norm pass of :func:`flowprobe.probes.gradvar.per_sample_grad_stats`.
+    """The ghost-norm pass of :func:`flowprobe.probes.grad_stats.per_sample_grad_stats`.
 
     Per chunk: one forward and one backward of sum_i l_i with hooks give sum_i g_i (the ordinary batch
     gradient) and, per covered parameter, ||g_i||^2 and g_i . g_ref; fallback parameters go through
@@ -368,8 +369,6 @@ def run_ghost(net, params, t, x, u, reduction, chunk_size, mom, conv_rule: str =
     """
     if conv_rule not in CONV_RULES:
         raise ValueError(f"conv_rule must be one of {CONV_RULES}, got {conv_rule!r}")
-    from .gradvar import _batch_gradient, _chunks, _vmap_grads
-
     n = x.shape[0]
     covered, fallback, types = ghost_plan(net, params)
     if fallback:
@@ -378,7 +377,7 @@ def run_ghost(net, params, t, x, u, reduction, chunk_size, mom, conv_rule: str =
     single = n <= chunk_size
     losses = None
     if not single:
-        sums, losses = _batch_gradient(net, params, t, x, u, reduction, chunk_size)
+        sums, losses = batch_gradient(net, params, t, x, u, reduction, chunk_size)
         mom.ref = {nm: s / n for nm, s in sums.items()}
     col = {nm: k for k, nm in enumerate(mom.pnames)}
     by_name = dict(params)
@@ -386,7 +385,7 @@ def run_ghost(net, params, t, x, u, reduction, chunk_size, mom, conv_rule: str =
     rec = _Recorder([mod for mod, _ in covered])
     chunk_losses = []
     try:
-        for a, b in _chunks(n, chunk_size):
+        for a, b in chunks(n, chunk_size):
             rec.clear()
             rec.active = True
             try:
@@ -411,7 +410,7 @@ def run_ghost(net, params, t, x, u, reduction, chunk_size, mom, conv_rule: str =
                     dot[:, col[nm]] = d.double()
             rec.clear()
             if fallback:
-                fg = _vmap_grads(net, fallback, by_name, t[a:b], x[a:b], u[a:b], reduction)
+                fg = vmap_grads(net, fallback, by_name, t[a:b], x[a:b], u[a:b], reduction)
                 for nm in fallback:
                     g = fg[nm].flatten(1).double()
                     sq[:, col[nm]] = g.pow(2).sum(1)

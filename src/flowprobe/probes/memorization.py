@@ -28,7 +28,6 @@ tensors, compared in the same way); metadata ``{"format": "flowprobe-pairs-1", .
 
 from __future__ import annotations
 
-import argparse
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,11 +36,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..io import atomic_write, write_json
+from ..io import atomic_write
+from ..solvers import push_forward
 
 __all__ = ["nearest_neighbours", "pairing_metrics", "copy_statistics", "copy_metrics", "save_pairs",
-           "load_pairs", "PairSet", "integrate_sources", "evaluate_pairs", "plot_pairing_histograms",
-           "load_model", "PAIRS_FORMAT", "COPY_THRESHOLD", "register_cli"]
+           "load_pairs", "PairSet", "evaluate_pairs", "limit_pairs", "PAIRS_FORMAT",
+           "COPY_THRESHOLD"]
 
 PAIRS_FORMAT = "flowprobe-pairs-1"
 #: d1 / d2 below this counts as a copy of the nearest training image.
@@ -67,33 +67,54 @@ def nearest_neighbours(queries: Tensor, pool: Tensor, k: int = 1, chunk_size: in
     """Euclidean k nearest neighbours of each query row in ``pool`` (flattened samples), chunked over
     queries so memory stays at chunk_size x N. Returns (distances, indices), each (Q, k), ascending.
 
-    Candidates come from float32 matmul distances (||q||^2 + ||p||^2 - 2 q.p, which loses digits to
-    cancellation when a distance is small beside the norms, e.g. for a copy); the best min(N, k + 8) are
-    re-ranked with direct distances ||q - p|| (no cancellation), which are the distances returned.
+    Candidates come from one float32 matmul per chunk, [q, 1] times [-2 (p_j - c), ||p_j - c||^2 + 2 c.(p_j - c)]
+    (for D >= 64 the last column is added to the product instead) with c the pool mean, which removes the offset
+    all images share, the main source of cancellation: s_j = ||q - p_j||^2 - ||q - c||^2 orders the pool as
+    ||q - p_j|| does. The returned distances are recomputed directly as ||q - p|| (float32, or float64 for float64
+    queries: no cancellation, so an exact copy has distance 0) for the k best candidates and for every further
+    candidate among the best k + 8 whose s_j lies within 2 err of the k-th, so that rounding never decides a
+    near-tie: err = 8 sqrt(D + 1) u (2 ||q|| r + r^2 + 2 ||c|| r) with r = max_j ||p_j - c|| and u = 2^-24, the
+    probabilistic bound on the float32 error of a length-(D + 1) dot product (Higham & Mary, 2019, lambda = 8).
     """
     if k < 1 or k > pool.shape[0]:
         raise ValueError(f"k must be in [1, {pool.shape[0]}] (the pool size), got {k}")
     q = _flat(queries)
     p = _flat(pool).to(q.device)
-    out_dtype = q.dtype
+    out_dtype, dim = q.dtype, q.shape[1]
     q32, p32 = q.float(), p.float()
-    # re-ranking precision: the queries' own for float64, float32 otherwise
+    # direct distances in the queries' own precision for float64, float32 otherwise
     q_re, p_re = (q, p.to(q.dtype)) if q.dtype == torch.float64 else (q32, p32)
-    p_sq = p32.pow(2).sum(1)
+    centre = p32.new_full((p32.shape[0],), 1.0 / p32.shape[0]) @ p32  # the mean row, as one matrix-vector product
+    p_c = p32 - centre
+    radius = torch.linalg.vector_norm(p_c, dim=1)
+    bias = radius.pow(2) + 2 * (p_c @ centre)
+    # few features: fold the bias into the matmul (a pass over the Q x N scores would cost more than the matmul)
+    fold = dim < 64
+    p_aug = torch.cat([-2 * p_c, bias[:, None]], 1) if fold else None
+    r_max, c_norm = radius.max(), torch.linalg.vector_norm(centre)
+    u = torch.finfo(torch.float32).eps / 2
     n_cand = min(p.shape[0], k + 8)
+    sub = max(1, (1 << 24) // max(1, k * dim))
     dists, idxs = [], []
     with _no_tf32():
         for s in range(0, q.shape[0], chunk_size):
-            qc = q32[s:s + chunk_size]
-            d2 = qc.pow(2).sum(1, keepdim=True) + p_sq[None, :] - 2 * qc @ p32.T
-            _, cand = torch.topk(d2, n_cand, dim=1, largest=False)
-            exact = torch.empty(cand.shape, dtype=q_re.dtype, device=q.device)
-            sub = max(1, (1 << 24) // max(1, n_cand * q.shape[1]))
-            q_rows = q_re[s:s + chunk_size]
-            for r in range(0, cand.shape[0], sub):
-                # direct differences: no cancellation, so float32 gives ~1e-7 relative accuracy
-                diff = q_rows[r:r + sub, None, :] - p_re[cand[r:r + sub]]
-                exact[r:r + sub] = torch.linalg.vector_norm(diff, dim=-1)
+            q_rows, qc = q_re[s:s + chunk_size], q32[s:s + chunk_size]
+            score = (torch.cat([qc, qc.new_ones(qc.shape[0], 1)], 1) @ p_aug.T if fold
+                     else torch.addmm(bias, qc, p_c.T, alpha=-2))
+            vals, cand = torch.topk(score, n_cand, dim=1, largest=False, sorted=True)
+            q_norm = torch.linalg.vector_norm(qc, dim=1)
+            err = 8 * (dim + 1) ** 0.5 * u * (2 * q_norm * r_max + r_max ** 2 + 2 * c_norm * r_max)
+            exact = torch.full(cand.shape, float("inf"), dtype=q_re.dtype, device=q.device)
+            for r in range(0, cand.shape[0], sub):  # the k best: direct differences (no matmul)
+                best = p_re.index_select(0, cand[r:r + sub, :k].reshape(-1)).view(-1, k, dim)
+                exact[r:r + sub, :k] = torch.cdist(q_rows[r:r + sub, None, :], best,
+                                                   compute_mode="donot_use_mm_for_euclid_dist")[:, 0]
+            rows, cols = (vals[:, k:] <= vals[:, k - 1:k] + 2 * err[:, None]).nonzero(as_tuple=True)
+            cols = cols + k
+            for r in range(0, rows.numel(), sub * k):  # near-ties beyond the k best
+                rr, cc = rows[r:r + sub * k], cols[r:r + sub * k]
+                diff = q_rows.index_select(0, rr) - p_re.index_select(0, cand[rr, cc])
+                exact[rr, cc] = torch.linalg.vector_norm(diff, dim=-1)
             d, order = torch.topk(exact, k, dim=1, largest=False)
             dists.append(d.to(out_dtype))
             idxs.append(torch.gather(cand, 1, order))
@@ -225,9 +246,21 @@ def load_pairs(path: str | Path, device: str | torch.device = "cpu") -> PairSet:
     x1 = x1.float() / 127.5 - 1.0 if x1.dtype == torch.uint8 else x1.float()
     if x0.shape != x1.shape:
         raise ConfigError(f"{path}: x0 {tuple(x0.shape)} and x1 {tuple(x1.shape)} must have the same shape")
-    partners = {"assigned": torch.arange(x0.shape[0], device=x0.device)}
+    if x0.dim() < 2 or x0.shape[0] < 2:
+        raise ConfigError(f"{path}: x0 and x1 must hold at least 2 rows of samples (shape (N, ...)), got "
+                          f"{tuple(x0.shape)}")
+    if not (bool(torch.isfinite(x0).all()) and bool(torch.isfinite(x1).all())):
+        raise ConfigError(f"{path}: x0 or x1 holds NaN or infinite values")
+    n = x0.shape[0]
+    partners = {"assigned": torch.arange(n, device=x0.device)}
     for k, v in tensors.items():
         if k.endswith("_index"):
+            if v.shape != (n,) or v.is_floating_point() or v.dtype == torch.bool:
+                raise ConfigError(f"{path}: {k} must be {n} integers (one partner per row), got {v.dtype} "
+                                  f"{tuple(v.shape)}")
+            if n and (int(v.min()) < 0 or int(v.max()) >= n):
+                raise ConfigError(f"{path}: {k} must index rows 0..{n - 1}, got values in [{int(v.min())}, "
+                                  f"{int(v.max())}]")
             partners[k[:-len("_index")]] = v.long()
     metadata = {}
     for k, v in meta.items():
@@ -240,32 +273,21 @@ def load_pairs(path: str | Path, device: str | torch.device = "cpu") -> PairSet:
 
 # ------------------------------------------------------------------------------------------ evaluation
 
-@torch.no_grad()
-def integrate_sources(model, x0: Tensor, *, method: str = "euler", steps: int = 100, batch_size: int = 500,
-                      device: str | torch.device | None = None, precision: str = "fp32") -> Tensor:
-    """x_hat_i = Phi(x0_i): integrate dx/dt = model(t, x) from t = 0 to 1 with
-    :func:`flowprobe.solvers.integrate`, in batches, optionally under bf16 autocast on CUDA; float32
-    endpoints on ``device`` (default x0's device)."""
-    from ..solvers import integrate
-
-    device = torch.device(device) if device is not None else x0.device
-    if precision == "bf16" and device.type == "cuda":
-        def field(t, x):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                return model(t, x).float()
-    else:
-        field = model
-    outs = [integrate(field, x0[s:s + batch_size].to(device, torch.float32), method=method, steps=steps).x.float()
-            for s in range(0, x0.shape[0], batch_size)]
-    return torch.cat(outs) if outs else x0.new_zeros((0, *x0.shape[1:]))
+def _autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a precision: bfloat16 for "bf16" (applied on CUDA only, by
+    :func:`~flowprobe.solvers.push_forward`), none for anything else (float32)."""
+    return torch.bfloat16 if precision == "bf16" else None
 
 
 def evaluate_pairs(model, pairs: PairSet, *, method: str = "euler", steps: int = 100, batch_size: int = 500,
                    device: str | torch.device | None = None, precision: str = "fp32") -> tuple[dict, Tensor]:
-    """Integrate every training source of ``pairs`` and compare the endpoints with each named partner
-    (:func:`pairing_metrics`). Returns (metrics, endpoints); metrics also record the solver."""
-    outputs = integrate_sources(model, pairs.x0, method=method, steps=steps, batch_size=batch_size, device=device,
-                                precision=precision)
+    """Integrate every training source of ``pairs`` on ``device`` (default the sources' device; with
+    :func:`flowprobe.solvers.push_forward`, ``precision="bf16"`` meaning bf16 autocast on CUDA) and compare the
+    endpoints with each named partner (:func:`pairing_metrics`). Returns (metrics, endpoints on ``device``);
+    metrics also record the solver."""
+    x0 = pairs.x0 if device is None else pairs.x0.to(device)
+    outputs = push_forward(model, x0, method=method, steps=steps, batch_size=batch_size,
+                           autocast_dtype=_autocast_dtype(precision))
     targets = pairs.x1.to(outputs.device)
     partners = {k: v.to(outputs.device) for k, v in pairs.partners.items()}
     metrics = pairing_metrics(outputs, targets, partners)
@@ -273,81 +295,10 @@ def evaluate_pairs(model, pairs: PairSet, *, method: str = "euler", steps: int =
     return metrics, outputs
 
 
-def plot_pairing_histograms(outputs: Tensor, targets: Tensor, partners: dict[str, Tensor], path: str | Path,
-                            title: str = "distance of each endpoint to its partners") -> Path:
-    """Histograms of ||x_hat_i - x1_partner(i)|| for each named partner, saved as a PNG."""
-    from ..report import plt, save_figure
-
-    flat_out = _flat(outputs).cpu()
-    flat_tgt = _flat(targets).cpu()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, idx in partners.items():
-        l2 = (flat_out - flat_tgt[idx.cpu()]).norm(dim=1).numpy()
-        ax.hist(l2, bins=40, alpha=0.55, label=f"to {name} partner (mean {l2.mean():.3g})")
-    ax.set_xlabel("L2 distance")
-    ax.set_ylabel("count")
-    ax.set_title(title)
-    ax.legend()
-    return save_figure(fig, path)
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-
-def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
-    """Rebuild the velocity net of a checkpoint (:mod:`flowprobe.checkpoint`) and load its weights
-    (the EMA copy when there is one and ``use_ema``): :func:`flowprobe.train.load_model`, which reads the
-    sidecar's ``extra["model"] = {"class": "UNet" | "MLP" | "FlatMLP", "kwargs": {...}}``, else the
-    ``flowprobe train`` config. Returns (net in eval mode, checkpoint)."""
-    from ..train import load_model as rebuild
-
-    return rebuild(checkpoint, device, use_ema)
-
-
-def register_cli(subparsers) -> None:
-    """``flowprobe probe memorization CHECKPOINT --pairs FILE --out DIR``."""
-    p = subparsers.add_parser(
-        "memorization", help="integrate the training sources of a pairs file; distance to each partner",
-        description="Integrate every x0 of a pairs file with the checkpoint's model and report, for the assigned "
-                    "partner (x1[i]) and every other partner index in the file (e.g. ot_index), the mean/std L2 "
-                    "distance and the nearest-target accuracy (chance 1/N). Writes memorization.json and "
-                    "memorization.png into --out.")
-    p.add_argument("checkpoint", help="checkpoint .safetensors file (with its .json) or run folder")
-    p.add_argument("--pairs", required=True, help="pairs .safetensors file (tensors x0, x1, optional ot_index)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--solver", default="euler", choices=("euler", "midpoint", "heun", "rk4", "dopri5"))
-    p.add_argument("--steps", type=int, default=100, help="solver steps (default 100)")
-    p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--limit", type=int, default=None, help="use only the first N pairs")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights even if an EMA copy exists")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    p.set_defaults(func=_cli)
-
-
-def _cli(args: argparse.Namespace) -> int:
-    from ..config import ConfigError
-
-    if args.steps < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 2):
-        raise ConfigError("--steps and --batch-size must be >= 1 and --limit >= 2")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    net, ck = load_model(args.checkpoint, device, use_ema=not args.no_ema)
-    pairs = load_pairs(args.pairs)
-    if args.limit is not None and args.limit < pairs.x0.shape[0]:
-        n = args.limit
-        keep = {k: v[:n] for k, v in pairs.partners.items() if bool((v[:n] < n).all())}
-        dropped = sorted(set(pairs.partners) - set(keep))
-        pairs = PairSet(pairs.x0[:n], pairs.x1[:n], keep, pairs.metadata)
-        if dropped:
-            print(f"note: --limit drops partners pointing beyond the first {n}: {', '.join(dropped)}")
-    metrics, outputs = evaluate_pairs(net, pairs, method=args.solver, steps=args.steps, batch_size=args.batch_size,
-                                      device=device, precision=args.precision)
-    out = Path(args.out)
-    metrics.update({"checkpoint": str(ck.path), "checkpoint_step": ck.step, "pairs": str(args.pairs),
-                    "ema": (not args.no_ema) and ck.has_ema})
-    write_json(out / "memorization.json", metrics)
-    plot_pairing_histograms(outputs, pairs.x1.to(outputs.device), pairs.partners, out / "memorization.png")
-    for name in pairs.partners:
-        print(f"{name:>10}: L2 {metrics[f'l2_{name}_mean']:.4g} +- {metrics[f'l2_{name}_std']:.4g}, "
-              f"nn acc {metrics[f'nn_acc_{name}']:.3f} (chance {metrics['chance']:.2g})")
-    print(f"wrote {out / 'memorization.json'} and {out / 'memorization.png'}")
-    return 0
+def limit_pairs(pairs: PairSet, n: int) -> tuple[PairSet, list[str]]:
+    """The first ``n`` pairs, and the names of the partner indices dropped because they point beyond them."""
+    if n >= pairs.x0.shape[0]:
+        return pairs, []
+    keep = {k: v[:n] for k, v in pairs.partners.items() if bool((v[:n] < n).all())}
+    dropped = sorted(set(pairs.partners) - set(keep))
+    return PairSet(pairs.x0[:n], pairs.x1[:n], keep, pairs.metadata), dropped

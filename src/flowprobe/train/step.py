@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 __all__ = ["PRECISIONS", "COMPILE_MODES", "set_tf32", "configure_backends", "autocast", "prepare_model",
            "make_optimizer", "make_ema", "ema_update_", "make_train_step", "StepOutput", "TrainStep", "has_conv",
-           "compile_options"]
+           "compile_options", "auto_precision_compile"]
 
 #: "fp32": plain float32; "tf32": float32 storage with TF32 tensor-core matmuls/convolutions (CUDA);
 #: "bf16": float32 parameters and optimiser, forward under bfloat16 autocast.
@@ -44,7 +44,7 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def resolve_auto(precision: str, compile: bool | str, device: str | torch.device) -> tuple[str, bool | str]:
+def auto_precision_compile(precision: str, compile: bool | str, device: str | torch.device) -> tuple[str, bool | str]:
     """Make "auto" settings concrete for ``device``: bf16 and "reduce-overhead" (CUDA graphs) on CUDA,
     fp32 and no compilation elsewhere. Values other than "auto" pass through."""
     cuda = torch.device(device).type == "cuda"

@@ -1,23 +1,23 @@
-"""Helpers shared by the low-dimensional experiments (pair memorisation, GMM, reflow, forward/backward):
-train a time-conditioned MLP on a coupling and push sources through its flow."""
+"""Helpers shared by the low-dimensional experiments (pair memorisation, GMM, reflow, forward/backward, few-step):
+the settings of the mixture experiments and the training of a time-conditioned MLP on a coupling. Flows are
+pushed forward with :func:`flowprobe.solvers.push_forward`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..config import option
-
-from ..nets import MLP
+from ..device import choose_threads
 from ..nets.embedding import TIME_SCALE
+from ..nets.factory import build_net
 from ..objectives import make_objective
 from ..paths import make_path
-from ..solvers import integrate, integrate_average
 from ..train import fit
 
-__all__ = ["MixtureFlowOptions", "train_velocity", "push_forward", "run_seed"]
+__all__ = ["MixtureFlowOptions", "train_velocity", "mlp_spec"]
 
 
 @dataclass
@@ -40,41 +40,31 @@ class MixtureFlowOptions:
     solver_steps: int = option(100, ge=1)
 
 
-def run_seed(ctx, offset: int) -> int:
-    """An integer seed for ``fit`` derived from the run seed (``offset`` separates streams)."""
-    return ctx.seed * 1_000_003 + offset
+def mlp_spec(dim: int, width: int, depth: int, time_embed_dim: int = 32, **kwargs) -> dict:
+    """The :func:`flowprobe.nets.factory.build_net` spec of an MLP velocity on R^dim (``kwargs``: the MLP's
+    other arguments, e.g. activation, step_embed, time_scale)."""
+    return {"class": "MLP", "kwargs": {"dim": dim, "width": width, "depth": depth, "time_embed_dim": time_embed_dim,
+                                       **kwargs}}
 
 
 def train_velocity(dim: int, coupling, sigma: float, *, width: int, depth: int, steps: int, batch_size: int,
                    lr: float, seed: int, device, reduction: str = "mean", schedule: str = "constant",
                    time_embed_dim: int = 32, lr_schedule: str = "cosine", objective: str = "cfm",
-                   jump_fraction: float = 0.25, time_scale: float = TIME_SCALE) -> tuple[nn.Module, list]:
+                   jump_fraction: float = 0.25, time_scale: float = TIME_SCALE,
+                   hooks: Sequence = ()) -> tuple[nn.Module, list]:
     """Fit an MLP velocity v(t, x) with the CFM objective of path ``make_path(sigma, schedule)`` on
     ``coupling`` (or, with ``objective`` meanflow / splitmeanflow, an MLP of the average velocity u(t, x, h)
-    with a step input); returns (net in eval mode, per-step losses). The net is initialised from ``seed``."""
+    with a step input); returns (net in eval mode, per-step losses). The net is initialised from ``seed``
+    (:func:`flowprobe.nets.factory.build_net`); ``hooks`` go to :func:`flowprobe.train.fit`. On a CPU the
+    thread count follows the size of the work (:func:`flowprobe.device.choose_threads`)."""
     few_step = objective != "cfm"
-    with torch.random.fork_rng(devices=[]):  # seeded initialisation, global RNG left untouched
-        torch.manual_seed(seed)
-        net = MLP(dim, width, depth, time_embed_dim, step_embed=few_step, time_scale=time_scale)
+    net = build_net(mlp_spec(dim, width, depth, time_embed_dim, step_embed=few_step, time_scale=time_scale), seed)
     net = net.to(device)
+    choose_threads(sum(p.numel() for p in net.parameters()), batch_size, device)
     obj = make_objective(objective, make_path(sigma, schedule), reduction,
                          **({"jump_fraction": jump_fraction} if few_step else {}))
     state = fit(net, coupling, obj, steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, seed=seed,
-                device=device)
+                device=device, hooks=hooks)
     model = state.model
     model.eval()
     return model, state.losses
-
-
-@torch.no_grad()
-def push_forward(net: nn.Module, x0: Tensor, method: str = "rk4", steps: int = 50, chunk_size: int = 8192,
-                 t0: float = 0.0, t1: float = 1.0) -> Tensor:
-    """Phi(x0): integrate dx/dt = net(t, x) from t0 to t1, ``chunk_size`` rows at a time; ``method="average"``
-    jumps with an average-velocity net instead (:func:`flowprobe.solvers.integrate_average`)."""
-    def solve(x):
-        if method == "average":
-            return integrate_average(net, x, steps=steps, t0=t0, t1=t1).x
-        return integrate(net, x, method=method, steps=steps, t0=t0, t1=t1).x
-
-    outs = [solve(x0[s:s + chunk_size]) for s in range(0, x0.shape[0], chunk_size)]
-    return torch.cat(outs)

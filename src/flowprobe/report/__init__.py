@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .io import atomic_write  # noqa: E402
+from ..io import atomic_write  # noqa: E402
 
 __all__ = ["save_figure", "plt"]
 

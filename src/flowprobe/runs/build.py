@@ -1,0 +1,106 @@
+"""Building a run from its config: the data and coupling, the net, the objective."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ConfigError
+from ..nets.factory import build_net, model_spec
+from ..objectives import make_objective
+from .config import TrainConfig
+
+__all__ = ["build_data", "build_objective", "build_run", "run_model_spec", "make_sampler", "image_source"]
+
+
+def make_sampler(name: str, params: dict, key: str, device, dtype=torch.float32):
+    from ..data.toy import make_toy
+
+    try:
+        return make_toy(name, device=device, dtype=dtype, **params)
+    except TypeError as e:
+        raise ConfigError(f"data.{key}_params: {e}") from None
+    except ValueError as e:
+        raise ConfigError(f"data.{key}_params: {e}") from None
+
+
+
+
+def run_model_spec(cfg: TrainConfig, shape: tuple[int, ...] | list[int]) -> dict:
+    """:func:`model_spec` of a training config: its model, with a step input when its objective needs one."""
+    return model_spec(cfg.model, shape, step_embed=cfg.objective.kind != "cfm")
+
+
+def image_source(shape, device):
+    from ..couplings import GaussianSampler
+
+    return GaussianSampler(tuple(shape), device=device)
+
+
+def build_data(cfg: TrainConfig, device: str | torch.device = "cpu", progress: bool = False):
+    """(coupling, source, target, sample shape) of a config, on ``device``.
+
+    Toys: with ``data.n_train`` the finite pools are drawn once from a generator seeded with seed + 1.
+    Images: the dataset is decoded (cached) to uint8 on ``device``; fixed pairs use noises x0_i fixed per
+    index (:func:`flowprobe.data.images.fixed_noise`, seed + 1) paired with image i.
+    """
+    from ..couplings import FixedPairs, IndependentCoupling, MinibatchOTCoupling, TensorSampler
+
+    device = torch.device(device)
+    kind = cfg.coupling.kind
+    if cfg.data.dataset is not None:
+        from ..data.images import ImageSampler, IndexedPairs, fixed_noise, load_images, to_tensor
+
+        try:
+            data = load_images(cfg.data.dataset, root=cfg.data.root, resolution=cfg.data.resolution,
+                               limit=cfg.data.n_train, progress=progress)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"data.dataset: {e}") from None
+        images = to_tensor(data.images, device)
+        shape = tuple(images.shape[1:])
+        source, target = image_source(shape, device), ImageSampler(images, flip=cfg.data.flip)
+        if kind == "independent":
+            coupling = IndependentCoupling(source, target)
+        elif kind == "minibatch_ot":
+            coupling = MinibatchOTCoupling(source, target, cfg.coupling.method, cfg.coupling.reg)
+        else:
+            coupling = IndexedPairs(fixed_noise(len(images), shape, seed=cfg.seed + 1, device=device), images)
+        return _weighted(coupling, cfg), source, target, shape
+    source = make_sampler(cfg.data.source, cfg.data.source_params, "source", device)
+    target = make_sampler(cfg.data.target, cfg.data.target_params, "target", device)
+    src, tgt = source, target
+    if cfg.data.n_train is not None:
+        g = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        x0, _ = source.sample(cfg.data.n_train, g)
+        x1, _ = target.sample(cfg.data.n_train, g)
+        src, tgt = TensorSampler(x0), TensorSampler(x1)
+    if kind == "independent":
+        coupling = IndependentCoupling(src, tgt)
+    elif kind == "minibatch_ot":
+        coupling = MinibatchOTCoupling(src, tgt, cfg.coupling.method, cfg.coupling.reg)
+    else:
+        coupling = FixedPairs(src.data, tgt.data)
+    return _weighted(coupling, cfg), source, target, (2,)
+
+
+def _weighted(coupling, cfg: TrainConfig):
+    from ..couplings import WeightedCoupling
+
+    eps = cfg.coupling.weight_epsilon
+    return coupling if eps is None else WeightedCoupling(coupling, eps)
+
+
+def build_objective(cfg: TrainConfig):
+    """The objective of the config (``objective.kind``) on its path (sigma, schedule), with its loss reduction."""
+    from ..paths import make_path
+
+    o = cfg.objective
+    options = {} if o.kind == "cfm" else {"jump_fraction": o.jump_fraction, "adaptive_power": o.adaptive_power}
+    return make_objective(o.kind, make_path(cfg.path.sigma, cfg.path.schedule), cfg.reduction, **options)
+
+
+def build_run(cfg: TrainConfig, device: str | torch.device = "cpu"):
+    """(net, coupling, objective, source, target) for a config, on ``device``; the net is
+    ``build_net(model_spec(cfg.model, shape), cfg.seed)`` (see :func:`build_data` for the data)."""
+    coupling, source, target, shape = build_data(cfg, device)
+    net = build_net(run_model_spec(cfg, shape), cfg.seed).to(device)
+    return net, coupling, build_objective(cfg), source, target
