@@ -294,3 +294,24 @@ def test_shared_cifar_test_labels(cache):
     assert d.images.shape == (10000, 32, 32, 3)
     assert d.classes[0] == "airplane" and d.classes[-1] == "truck"
     np.testing.assert_array_equal(np.bincount(d.labels), np.full(10, 1000))
+
+
+def test_restricted_unpickler_refuses_an_allocation_bomb(tmp_path):
+    """A 143-byte pickle that asks numpy's _reconstruct for 1e8 elements before any data is refused before
+    the allocation; an ordinary pickled array still loads."""
+    import numpy.core.multiarray as multiarray
+
+    class Bomb:
+        def __reduce__(self):
+            return (multiarray._reconstruct, (np.ndarray, (100_000_000,), b"b"))
+
+    p = tmp_path / "data_batch_1"
+    p.write_bytes(pickle.dumps({b"data": Bomb(), b"labels": [0]}, protocol=2))
+    assert p.stat().st_size < 300
+    with pytest.raises(pickle.UnpicklingError, match="shape"):
+        image_files.read_cifar_batches(tmp_path, "train")
+    ok = {b"data": np.zeros((2, 3072), dtype=np.uint8), b"labels": [3, 4]}
+    for k in range(1, 6):
+        (tmp_path / f"data_batch_{k}").write_bytes(pickle.dumps(ok, protocol=2))
+    images, labels = image_files.read_cifar_batches(tmp_path, "train")
+    assert images.shape == (10, 32, 32, 3) and labels.tolist() == [3, 4] * 5

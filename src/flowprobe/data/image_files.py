@@ -105,6 +105,21 @@ def dataset_path(name: str, root: str | Path | None = None) -> Path:
 
 # ---------------------------------------------------------------------------------------- CIFAR batches
 
+def _bounded_reconstruct(subtype, shape, dtype):
+    """numpy's ``_reconstruct`` for pickles, which allocates ``shape`` before the data arrives: numpy itself always
+    pickles shape (0,) and sets the real shape with the data (whose size numpy checks), so a larger shape here can
+    only be a file built to make a few bytes allocate gigabytes; it is refused before any allocation."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    dims = shape if isinstance(shape, tuple) else (shape,)
+    if not all(isinstance(d, int) for d in dims) or int(np.prod(dims, dtype=np.float64)) > 1:
+        raise pickle.UnpicklingError(f"refusing a pickled array that asks for shape {shape!r} before its data "
+                                     "(numpy writes (0,) there)")
+    return _reconstruct(subtype, shape, dtype)
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler that can rebuild only plain containers and numpy arrays.
 
@@ -121,11 +136,7 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
             if name == "_reconstruct":
-                try:
-                    from numpy._core.multiarray import _reconstruct
-                except ImportError:  # numpy < 2
-                    from numpy.core.multiarray import _reconstruct
-                return _reconstruct
+                return _bounded_reconstruct
             if module == "_codecs":
                 import codecs
 

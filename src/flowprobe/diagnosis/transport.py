@@ -1,0 +1,101 @@
+"""Checks 4 and 5: where the training sources go (paired training), and how well the field transports.
+
+Pairing (check 4, with a pairs file). Every training source x0_i is integrated to x_hat_i and matched to its
+nearest training target (:func:`flowprobe.probes.memorization.evaluate_pairs`). The recall of the training
+partner (x_hat_i nearest to x1_i) is compared with the recall of the OT partner (x_hat_i nearest to x1_{o(i)},
+o the exact OT assignment of the sources to the targets: taken from the file's ``ot_index``, else solved here for
+up to :data:`PAIRING_OT_MAX_PAIRS` pairs). A net that reproduces its training pairing recalls the training
+partner; one that learned a transport map lands near its OT partner, or on neither.
+
+Transport (check 5, informational). Straightness S = E int_0^1 ||(x1 - x0) - v(t, x_t)||^2 dt along the net's own
+trajectories (:func:`flowprobe.probes.straightness.straightness_from_trajectory`), and solver agreement: the
+fraction of sources whose end points under two solvers are within TRANSPORT_TOLERANCE x the root-mean-square norm
+of the data (:func:`flowprobe.probes.consistency.endpoint_distance`). A smooth field gives agreement near 1; an
+ill-defined (memorised, crossing-lines) field often does not.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..couplings import ot_permutation
+from ..probes.consistency import endpoint_distance, parse_solver
+from ..probes.memorization import PairSet, evaluate_pairs, limit_pairs
+from ..probes.straightness import straightness_from_trajectory
+from ..solvers import integrate
+from .result import CheckResult
+from .stats import wilson_interval
+from .verdict import (DECISIVE, INFORMATIONAL, MIN_SAMPLES, PAIRING_RECALL_MEMORISES, PAIRING_SAME_AS_OT,
+                      TRANSPORT_TOLERANCE, pairing_vote)
+
+__all__ = ["pairing_check", "transport_check", "PAIRING_OT_MAX_PAIRS"]
+
+#: Largest number of pairs for which the OT partner is solved here when the pairs file has no ``ot_index``.
+PAIRING_OT_MAX_PAIRS = 4096
+
+
+def pairing_check(net, pairs: PairSet, *, n_max: int = 1000, method: str = "euler", steps: int = 100,
+                  batch_size: int = 500, device=None) -> tuple[CheckResult, Tensor, PairSet]:
+    """The pairing check on the first ``n_max`` pairs; returns (the check, the end points, the pairs used, with the
+    OT partners when known)."""
+    thresholds = {"pairing_recall_memorises": PAIRING_RECALL_MEMORISES, "pairing_same_as_ot": PAIRING_SAME_AS_OT,
+                  "min_samples": MIN_SAMPLES}
+    pairs, dropped = limit_pairs(pairs, n_max)
+    n = pairs.x0.shape[0]
+    notes = [f"partner indices {', '.join(dropped)} point beyond the first {n} pairs and were dropped"
+             ] if dropped else []
+    if "ot" not in pairs.partners and 2 <= n <= PAIRING_OT_MAX_PAIRS:
+        ot = ot_permutation(pairs.x0.reshape(n, -1), pairs.x1.reshape(n, -1), "lsa")
+        pairs = PairSet(pairs.x0, pairs.x1, {**pairs.partners, "ot": ot.to(pairs.x0.device)}, pairs.metadata)
+        notes.append("OT partners solved here (exact assignment, squared Euclidean cost)")
+    metrics, endpoints = evaluate_pairs(net, pairs, method=method, steps=steps, batch_size=batch_size, device=device)
+    k_assigned = round(metrics["nn_acc_assigned"] * n)
+    assigned = (k_assigned / n, *wilson_interval(k_assigned, n))
+    ot_rec, same = None, None
+    if "ot" in pairs.partners:
+        k_ot = round(metrics["nn_acc_ot"] * n)
+        ot_rec = (k_ot / n, *wilson_interval(k_ot, n))
+        same = (pairs.partners["ot"].cpu() == torch.arange(n)).double().mean().item()
+    vote = pairing_vote(n, same, assigned, ot_rec)
+    summary = (f"{assigned[0]:.1%} of {n} training sources land nearest their training partner"
+               + (f", {ot_rec[0]:.1%} nearest their OT partner" if ot_rec else "") + f" (chance {1 / n:.2g})")
+    evidence = {"n_pairs": n, "solver": method, "steps": steps, "recall_assigned": assigned[0],
+                "recall_assigned_interval": list(assigned[1:]), "recall_ot": None if ot_rec is None else ot_rec[0],
+                "recall_ot_interval": None if ot_rec is None else list(ot_rec[1:]), "same_as_ot": same,
+                "chance": 1 / n, "metrics": metrics, "notes": notes}
+    check = CheckResult("pairing", DECISIVE, True, vote.vote, summary, vote.reason, evidence, thresholds)
+    return check, endpoints, pairs
+
+
+def transport_check(net, x0: Tensor, data_rms: float, *, solvers=("rk4:8", "rk4:32")) -> CheckResult:
+    """The transport check on the sources ``x0``: the end points of the two fixed-step ``solvers`` and their agreement
+    within TRANSPORT_TOLERANCE x ``data_rms``; the straightness along the second solver's trajectory (trapezoid
+    rule on its grid, :func:`flowprobe.probes.straightness.straightness_from_trajectory`)."""
+    tol = TRANSPORT_TOLERANCE * data_rms
+    (ma, na), (mb, nb) = parse_solver(solvers[0]), parse_solver(solvers[1])
+    if "dopri5" in (ma, mb):
+        raise ValueError("transport solvers must be fixed-step (euler, midpoint, heun, rk4)")
+    with torch.no_grad():
+        x_a = integrate(net, x0, ma, na).x
+        sol = integrate(net, x0, mb, nb, return_trajectory=True)
+        st = straightness_from_trajectory(net, sol.trajectory, sol.times, method=mb)
+    gaps = endpoint_distance(x_a, sol.x)
+    finite = torch.isfinite(gaps)
+    agreement = (gaps <= tol).double().mean().item()
+    rel = gaps[finite] / data_rms if data_rms > 0 else gaps[finite]
+    median_gap = rel.median().item() if rel.numel() else float("nan")
+    st_dict = st.as_dict()
+    scale = st_dict["transport_cost"]
+    summary = (f"solvers {solvers[0]} and {solvers[1]} agree on {agreement:.1%} of {x0.shape[0]} end points "
+               f"(tolerance {TRANSPORT_TOLERANCE} x data RMS norm); straightness {st_dict['straightness']:.4g}"
+               + (f" ({st_dict['straightness'] / scale:.3g} of the transport cost)" if scale > 0 else ""))
+    evidence = {"n": int(x0.shape[0]), "solvers": list(solvers), "agreement": agreement,
+                "tolerance": tol, "data_rms": data_rms, "median_relative_gap": median_gap,
+                "non_finite_end_points": int((~finite).sum()),
+                "relative_straightness": st_dict["straightness"] / scale if scale > 0 else float("nan"),
+                **{k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in st_dict.items()}}
+    return CheckResult("transport", INFORMATIONAL, True, None, summary, "informational: does not vote", evidence,
+                       {"transport_tolerance": TRANSPORT_TOLERANCE})

@@ -1,0 +1,366 @@
+"""The online memorisation watch: the diagnosis checks on a small fixed probe set, read while training runs.
+
+:class:`MemorizationWatch` holds ``n_probe`` training and ``n_probe`` held-out samples chosen once, and at every
+reading runs on the current net
+
+- the membership check (:func:`flowprobe.diagnosis.membership.membership_check`): per-sample losses of the
+  training and held-out probes at the times ``times``, their AUC with DeLong intervals (Bonferroni over t);
+- the gradient-variance check (:func:`flowprobe.diagnosis.membership.gradvar_check`): the geometric mean over t
+  of GV(train) / GV(held-out), ghost per-sample gradients where they apply, else exact;
+- every ``copy_every`` steps, the copy check (:func:`flowprobe.diagnosis.copies.copies_check`) on ``n_copy``
+  samples pushed forward from the source with a cheap Euler solver, against the held-out probes as baseline.
+
+Every generator is re-seeded from ``seed`` at each reading, so the probe samples, the source draws x0, the noise
+z and the times are the same at every reading (the readings are comparable along training), the watch keeps no
+random state to checkpoint, and the training generators are never touched. The readings are exactly what the
+diagnosis functions return on the same net with the same probe set and seed (``tests/test_watch.py``).
+
+The detector (thresholds are the module constants below) fires at a reading when
+
+1. the membership AUC has, at some t, its lower interval bound above :data:`WATCH_AUC_LOWER` and its value above
+   :data:`WATCH_AUC` for :data:`WATCH_CONSECUTIVE` consecutive readings; or
+2. the upper interval bound of GV(train) / GV(held-out) lies below :data:`WATCH_GRADVAR_RATIO` for
+   :data:`WATCH_CONSECUTIVE` consecutive readings; or
+3. the copy check's excess copy fraction (generated over held-out) has its lower bound above
+   :data:`WATCH_COPY_EXCESS` (one reading suffices: a copy is direct evidence).
+
+When it first fires it warns once (``warnings.warn`` with :class:`MemorizationWarning`, one line: what it saw
+and at which step). With ``on_fire="stop"`` a fired reading has ``stop=True``; as a :func:`flowprobe.train.fit`
+hook the watch then raises :class:`MemorizationDetected` from ``step(state)`` (checkpoints already written stay
+as they are). Readings go to ``log_path`` (JSON lines) and, when TensorBoard is installed, to ``tensorboard_dir``.
+
+Use: ``watch.update(step, net)`` from any loop; ``fit(..., hooks=[watch])``; ``lightning_callback(watch)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .couplings import GaussianSampler
+from .diagnosis.copies import copies_check
+from .diagnosis.membership import gradvar_check, membership_check
+from .diagnosis.verdict import COPY_EXCESS_MARGIN, GRADVAR_COLLAPSE_RATIO, MEMBERSHIP_AUC_MARGIN
+from .io import append_jsonl
+from .paths import ProbabilityPath
+from .solvers import push_forward
+
+__all__ = ["MemorizationWatch", "WatchReading", "MemorizationDetected", "MemorizationWarning", "lightning_callback",
+           "WATCH_AUC", "WATCH_AUC_LOWER", "WATCH_GRADVAR_RATIO", "WATCH_COPY_EXCESS", "WATCH_CONSECUTIVE",
+           "DEFAULT_EVERY", "DEFAULT_TIMES"]
+
+logger = logging.getLogger(__name__)
+
+#: Membership fires when max_t AUC exceeds this (the diagnosis margin) ...
+WATCH_AUC = MEMBERSHIP_AUC_MARGIN
+#: ... with its Bonferroni lower bound above chance at that t.
+WATCH_AUC_LOWER = 0.5
+#: Gradient variance fires when the upper bound of GV(train) / GV(held-out) is below this (the diagnosis collapse).
+WATCH_GRADVAR_RATIO = GRADVAR_COLLAPSE_RATIO
+#: Copies fire when the lower bound of the excess copy fraction is above this (the diagnosis margin).
+WATCH_COPY_EXCESS = COPY_EXCESS_MARGIN
+#: Readings in a row a supporting signal (membership, gradient variance) must hold before the detector fires.
+WATCH_CONSECUTIVE = 2
+#: Default steps between readings (keeps the overhead under 5% on the CPU benchmarks: benchmarks/watch_overhead.py).
+DEFAULT_EVERY = 500
+#: Default probe times.
+DEFAULT_TIMES = (0.1, 0.5, 0.9)
+ON_FIRE = ("warn", "stop")
+
+
+class MemorizationDetected(RuntimeError):
+    """Raised by the watch's ``step(state)`` hook when its detector fires and ``on_fire="stop"``; ``reading``
+    holds what it saw, ``step`` the optimiser step."""
+
+    def __init__(self, message: str, reading: "WatchReading"):
+        super().__init__(message)
+        self.reading = reading
+        self.step = reading.step
+
+
+class MemorizationWarning(UserWarning):
+    """The one-line warning the watch gives when its detector first fires."""
+
+
+@dataclass
+class WatchReading:
+    """One reading at optimiser step ``step``. Membership: ``auc`` (max over t), its lower bound ``auc_lower`` and
+    time ``auc_t`` (the t with the largest lower bound), ``rows`` (per t: auc, bounds, losses). Gradient variance:
+    ``gradvar_ratio`` and its interval (None when it was not measured). Copies (only every ``copy_every``
+    steps, else None): ``copy_fraction``, ``copy_reference_fraction``, ``copy_excess`` and its lower bound.
+    ``signals``: which detector conditions held at this reading; ``fired``: the detector fires; ``stop``: a stop
+    is requested (``on_fire="stop"``); ``message``: the one line saying why."""
+
+    step: int
+    auc: float = float("nan")
+    auc_lower: float = float("nan")
+    auc_t: float = float("nan")
+    rows: list = field(default_factory=list)
+    gradvar_ratio: float | None = None
+    gradvar_lower: float | None = None
+    gradvar_upper: float | None = None
+    gradvar_method: str | None = None
+    copy_fraction: float | None = None
+    copy_reference_fraction: float | None = None
+    copy_excess: float | None = None
+    copy_excess_lower: float | None = None
+    signals: list = field(default_factory=list)
+    fired: bool = False
+    stop: bool = False
+    message: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"event": "watch", **asdict(self)}
+
+
+def _finite(v) -> bool:
+    return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+class MemorizationWatch:
+    """Watch a training run for memorisation (module docstring).
+
+    ``train_data`` / ``heldout_data``: (N, ...) target samples the net trains on and never sees; ``path``: the
+    probability path of the training objective; ``source``: the source sampler (default N(0, I) of the data's
+    shape); ``train_sources``: the training sources x0_i paired with ``train_data`` (paired training, e.g.
+    :class:`~flowprobe.couplings.FixedPairs`), else None. ``n_probe`` samples of each group (chosen once with
+    ``seed``), probe ``times``; ``gradvar``: measure gradient variance (``gradvar_samples`` per time and group,
+    ``gradvar_method`` "auto" = ghost, else exact); ``copy_every``: steps between copy checks (a multiple of
+    ``every``; None: 4 ``every``; 0: never) on ``n_copy`` generated samples (Euler, ``copy_steps`` steps).
+    """
+
+    def __init__(self, train_data: Tensor, heldout_data: Tensor, path: ProbabilityPath, *,
+                 every: int = DEFAULT_EVERY, n_probe: int = 64, times: Sequence[float] = DEFAULT_TIMES,
+                 seed: int = 0, source=None, train_sources: Tensor | None = None, gradvar: bool = True,
+                 gradvar_samples: int = 32, gradvar_method: str = "auto", copy_every: int | None = None,
+                 n_copy: int = 64, copy_steps: int = 16, log_path: str | Path | None = None,
+                 tensorboard_dir: str | Path | None = None, on_fire: str = "warn"):
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an integer >= 1, got {every!r}")
+        if on_fire not in ON_FIRE:
+            raise ValueError(f"on_fire must be one of {', '.join(ON_FIRE)}, got {on_fire!r}")
+        if n_probe < 2 or train_data.shape[0] < 2 or heldout_data.shape[0] < 2:
+            raise ValueError("the watch needs n_probe >= 2 and at least 2 training and 2 held-out samples")
+        if train_sources is not None and train_sources.shape != train_data.shape:
+            raise ValueError(f"train_sources must have the shape of train_data {tuple(train_data.shape)}")
+        self.every, self.seed, self.path, self.on_fire = every, int(seed), path, on_fire
+        self.times = tuple(float(t) for t in times)
+        self.copy_every = 4 * every if copy_every is None else int(copy_every)
+        self.gradvar, self.gradvar_samples, self.gradvar_method = gradvar, gradvar_samples, gradvar_method
+        self.n_copy, self.copy_steps = n_copy, copy_steps
+        self.source = source if source is not None else GaussianSampler(tuple(train_data.shape[1:]))
+        g = torch.Generator().manual_seed(self.seed)
+        i_tr = torch.randperm(train_data.shape[0], generator=g)[:n_probe]
+        i_ho = torch.randperm(heldout_data.shape[0], generator=g)[:n_probe]
+        self.train_data = train_data.detach()
+        self.train_probe = train_data.detach()[i_tr.to(train_data.device)]
+        self.heldout_probe = heldout_data.detach()[i_ho.to(heldout_data.device)]
+        self.train_sources_probe = None if train_sources is None else train_sources.detach()[
+            i_tr.to(train_sources.device)]
+        self.log_path = None if log_path is None else Path(log_path)
+        self.tensorboard_dir = tensorboard_dir
+        self.readings: list[WatchReading] = []
+        self.fired_at: int | None = None
+        self._streak = {"membership": 0, "gradvar": 0}
+        self._writer = None
+
+    # ------------------------------------------------------------------------------------------- the checks
+
+    def generator(self, device=None) -> torch.Generator:
+        """The reading's generator: seeded with ``seed`` afresh at every reading (so every reading draws the same)."""
+        return torch.Generator(device=device if device is not None else "cpu").manual_seed(self.seed)
+
+    def probes(self, device) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(train probe, held-out probe, paired training sources or None) on ``device``."""
+        src = None if self.train_sources_probe is None else self.train_sources_probe.to(device)
+        return self.train_probe.to(device), self.heldout_probe.to(device), src
+
+    def membership(self, net, device):
+        """:func:`~flowprobe.diagnosis.membership.membership_check` on the probe set with the reading's generator."""
+        tr, ho, src = self.probes(device)
+        return membership_check(net, self.path, self.source, tr, ho, train_sources=src, times=self.times,
+                                n_max=tr.shape[0], generator=self.generator(device))
+
+    def gradient_variance(self, net, device):
+        """:func:`~flowprobe.diagnosis.membership.gradvar_check` on the probe set (seed ``seed``)."""
+        tr, ho, src = self.probes(device)
+        return gradvar_check(net, self.path, self.source, tr, ho, train_sources=src, times=self.times,
+                             n_samples=self.gradvar_samples, method=self.gradvar_method, seed=self.seed)
+
+    def copies(self, net, device):
+        """:func:`~flowprobe.diagnosis.copies.copies_check` on ``n_copy`` samples pushed forward (Euler,
+        ``copy_steps``) from source draws of the reading's generator, against the held-out probe set."""
+        x0, _ = self.source.sample(self.n_copy, self.generator())
+        generated = push_forward(net, x0.to(device, torch.float32), method="euler", steps=self.copy_steps)
+        check, _ = copies_check(generated, self.train_data.to(device), self.heldout_probe.to(device), "held-out")
+        return check
+
+    # ------------------------------------------------------------------------------------------- reading
+
+    def update(self, step: int, net: nn.Module) -> WatchReading:
+        """Read the net at optimiser step ``step``: run the checks, apply the detector, log the reading and return
+        it (``.fired``, ``.stop``). The net's train/eval mode is restored afterwards."""
+        start = time.perf_counter()
+        param = next(net.parameters(), None) if hasattr(net, "parameters") else None
+        device = param.device if param is not None else self.train_probe.device
+        was_training = getattr(net, "training", False)
+        if hasattr(net, "eval"):
+            net.eval()
+        try:
+            reading = self.read(step, net, device)
+        finally:
+            if was_training:
+                net.train()
+        self.judge(reading)
+        reading.seconds = time.perf_counter() - start
+        self.readings.append(reading)
+        self.record(reading)
+        return reading
+
+    def read(self, step: int, net, device) -> WatchReading:
+        """The numbers of one reading (no judgement)."""
+        m = self.membership(net, device)
+        rows = [{k: r[k] for k in ("t", "auc", "auc_lower", "auc_upper", "loss_train", "loss_heldout", "gap")}
+                for r in m.evidence["rows"]]
+        best = max(rows, key=lambda r: r["auc_lower"])
+        reading = WatchReading(step, auc=max(r["auc"] for r in rows), auc_lower=best["auc_lower"], auc_t=best["t"],
+                               rows=rows)
+        if self.gradvar:
+            g = self.gradient_variance(net, device)
+            if g.ran:
+                reading.gradvar_ratio = g.evidence["ratio"]
+                reading.gradvar_lower, reading.gradvar_upper = g.evidence["ratio_interval"]
+                reading.gradvar_method = g.evidence["method"]
+        if self.copy_every and step % self.copy_every == 0:
+            c = self.copies(net, device)
+            if c.ran and "copy_fraction" in c.evidence:
+                reading.copy_fraction = c.evidence["copy_fraction"]
+                reading.copy_reference_fraction = c.evidence["reference_copy_fraction"]
+                reading.copy_excess = c.evidence["excess"]
+                reading.copy_excess_lower = c.evidence["excess_interval"][0]
+        return reading
+
+    def judge(self, r: WatchReading) -> None:
+        """Apply the detector (module docstring) to reading ``r`` given the readings before it."""
+        member = r.auc_lower > WATCH_AUC_LOWER and any(
+            row["auc"] > WATCH_AUC and row["auc_lower"] > WATCH_AUC_LOWER for row in r.rows)
+        collapse = _finite(r.gradvar_upper) and r.gradvar_upper < WATCH_GRADVAR_RATIO
+        self._streak["membership"] = self._streak["membership"] + 1 if member else 0
+        self._streak["gradvar"] = self._streak["gradvar"] + 1 if collapse else 0
+        said = []
+        if self._streak["membership"] >= WATCH_CONSECUTIVE:
+            r.signals.append("membership")
+            said.append(f"membership AUC {r.auc:.3f} (lower bound {r.auc_lower:.3f} at t = {r.auc_t:.2g}) above "
+                        f"{WATCH_AUC} for {self._streak['membership']} readings")
+        if self._streak["gradvar"] >= WATCH_CONSECUTIVE:
+            r.signals.append("gradvar")
+            said.append(f"GV(train)/GV(held-out) {r.gradvar_ratio:.3g} (upper bound {r.gradvar_upper:.3g}) below "
+                        f"{WATCH_GRADVAR_RATIO} for {self._streak['gradvar']} readings")
+        if _finite(r.copy_excess_lower) and r.copy_excess_lower > WATCH_COPY_EXCESS:
+            r.signals.append("copies")
+            said.append(f"{r.copy_fraction:.0%} of generated samples copy training samples vs "
+                        f"{r.copy_reference_fraction:.0%} of held-out samples")
+        r.fired = bool(r.signals)
+        r.stop = r.fired and self.on_fire == "stop"
+        if r.fired:
+            r.message = f"memorisation watch fired at step {r.step}: " + "; ".join(said)
+            if self.fired_at is None:
+                self.fired_at = r.step
+                warnings.warn(r.message, MemorizationWarning, stacklevel=3)
+            else:
+                logger.info(r.message)
+
+    def record(self, r: WatchReading) -> None:
+        """The reading as a JSON line in ``log_path`` and as TensorBoard scalars (when installed)."""
+        if self.log_path is not None:
+            append_jsonl(self.log_path, r.to_dict())
+        writer = self.tensorboard()
+        if writer is None:
+            return
+        scalars = {"watch/auc": r.auc, "watch/auc_lower": r.auc_lower, "watch/gradvar_ratio": r.gradvar_ratio,
+                   "watch/copy_excess": r.copy_excess, "watch/fired": float(r.fired)}
+        for row in r.rows:
+            scalars[f"watch/auc_t{row['t']:g}"] = row["auc"]
+        for name, v in scalars.items():
+            if _finite(v):
+                writer.add_scalar(name, v, r.step)
+        writer.flush()
+
+    def tensorboard(self):
+        """The SummaryWriter of ``tensorboard_dir`` (created on first use), or None (no directory, or TensorBoard
+        not installed: then a one-time log message and no scalars)."""
+        if self._writer is None and self.tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                logger.warning("tensorboard is not installed: the watch writes no TensorBoard scalars")
+                self.tensorboard_dir = None
+                return None
+            self._writer = SummaryWriter(str(self.tensorboard_dir))
+        return self._writer
+
+    def close(self) -> None:
+        """Close the TensorBoard writer, if any."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    # ------------------------------------------------------------------------------------------- fit hook
+
+    def setup(self, state) -> None:
+        """Hook protocol: nothing to register (the watch re-seeds its own generators at every reading)."""
+
+    def begin(self, state) -> None:
+        """Hook protocol: nothing to do before the first step."""
+
+    def step(self, state) -> None:
+        """Hook protocol: a reading of ``state.net`` at ``state.step``; raises :class:`MemorizationDetected` when
+        the detector fires with ``on_fire="stop"``."""
+        reading = self.update(state.step, state.net)
+        if reading.stop:
+            self.close()
+            raise MemorizationDetected(reading.message, reading)
+
+    def end(self, state, interrupted: bool) -> None:
+        """Hook protocol: close the TensorBoard writer."""
+        self.close()
+
+
+def lightning_callback(watch: MemorizationWatch, net_of: Callable[[nn.Module], nn.Module] | None = None):
+    """A Lightning ``Callback`` that calls ``watch.update(global_step, net)`` every ``watch.every`` steps, where
+    ``net = net_of(lightning_module)`` (default: the module itself, called ``net(t, x)``); a fired reading with
+    ``on_fire="stop"`` sets ``trainer.should_stop``. Needs ``lightning`` or ``pytorch_lightning``."""
+    try:
+        from lightning.pytorch import Callback
+    except ImportError:
+        try:
+            from pytorch_lightning import Callback
+        except ImportError as e:
+            raise ImportError("lightning_callback needs lightning or pytorch_lightning installed") from e
+
+    class WatchCallback(Callback):
+        def __init__(self):
+            super().__init__()
+            self.watch = watch
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            step = int(trainer.global_step)
+            if step == 0 or step % watch.every or getattr(trainer, "global_rank", 0) != 0:
+                return
+            reading = watch.update(step, net_of(pl_module) if net_of is not None else pl_module)
+            if reading.stop:
+                trainer.should_stop = True
+
+        def on_train_end(self, trainer, pl_module):
+            watch.close()
+
+    return WatchCallback()

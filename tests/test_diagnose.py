@@ -1,0 +1,347 @@
+"""flowprobe diagnose: the statistics, the verdict on known cases, the result file, the data loader and the command.
+
+Known cases (the calibration): exact memorising fields (the empirical CFM minimiser of N training samples; the pair
+field of a finite fixed Gaussian pairing) -> memorises; the closed-form Gaussian field -> generalises; a small MLP
+trained on 8 points -> memorises and on 2000 points -> generalises; too few samples -> inconclusive.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from flowprobe.data.arrays import array_to_samples, load_data
+from flowprobe.data.toy import make_toy
+from flowprobe.diagnosis import (Diagnosis, DiagnoseOptions, EmpiricalMarginalField, EmpiricalPairField, diagnose,
+                                 write_diagnosis)
+from flowprobe.diagnosis.stats import auc, auc_brute_force, newcombe_interval, wilson_interval
+from flowprobe.diagnosis.verdict import decide
+from flowprobe.gaussian import IndependentGaussianCoupling, LinearGaussianCoupling
+from flowprobe.nets import MLP
+from flowprobe.paths import LinearPath
+from flowprobe.probes.memorization import PairSet, nearest_neighbours, save_pairs
+
+FAST = DiagnoseOptions(n_generate=600, membership_samples=300, gradvar_samples=64, transport_samples=64)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def gaussian_data(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    L = torch.tensor([[1.0, 0.0], [0.3, 0.6]])
+    return torch.tensor([3.0, 0.0]) + torch.randn(n, 2, generator=g) @ L.T
+
+
+# --------------------------------------------------------------------------------------------------- statistics
+
+
+@pytest.mark.parametrize("m,n,levels", [(1, 1, 3), (7, 5, 3), (40, 60, 1000), (50, 30, 4)])
+def test_auc_matches_brute_force_with_ties(m, n, levels):
+    g = torch.Generator().manual_seed(m * 100 + n)
+    x = torch.randint(levels, (m,), generator=g).double()
+    y = torch.randint(levels, (n,), generator=g).double() - 0.5 * (levels > 10)
+    value, se = auc(x, y)
+    assert value == pytest.approx(auc_brute_force(x, y), abs=1e-12)
+    # DeLong by brute force: placements from the m x n comparison matrix
+    psi = (x[:, None] > y[None, :]).double() + 0.5 * (x[:, None] == y[None, :]).double()
+    v10, v01 = psi.mean(1), psi.mean(0)
+    var = (v10.var().item() / m if m > 1 else 0.0) + (v01.var().item() / n if n > 1 else 0.0)
+    assert se == pytest.approx(var ** 0.5, abs=1e-12)
+
+
+def test_auc_extremes_and_errors():
+    assert auc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0]))[0] == 1.0
+    assert auc(torch.tensor([0.0]), torch.tensor([0.0]))[0] == 0.5
+    with pytest.raises(ValueError, match="finite"):
+        auc(torch.tensor([float("nan")]), torch.tensor([0.0]))
+
+
+def test_wilson_and_newcombe_intervals():
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-3)  # the textbook value for 0 / 10
+    lo, hi = wilson_interval(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    d, lo, hi = newcombe_interval(56, 70, 48, 80)  # Newcombe (1998), example (e): 0.2 [0.0524, 0.3339]
+    assert d == pytest.approx(0.2) and lo == pytest.approx(0.0524, abs=1e-3) and hi == pytest.approx(0.3339, abs=1e-3)
+
+
+def test_nearest_neighbours_near_ties_and_offsets_match_brute_force():
+    """The candidate search decides near-ties only within its error bound: lattice data with a large offset (many
+    exact ties, strong cancellation) must give brute-force distances and neighbours up to tie order."""
+    g = torch.Generator().manual_seed(0)
+    pool = 50 + torch.randint(0, 3, (400, 64), generator=g).float()
+    q = torch.cat([pool[:20], 50 + torch.randint(0, 3, (30, 64), generator=g).float() + 0.01])
+    d, i = nearest_neighbours(q, pool, k=3, chunk_size=16)
+    ref = torch.cdist(q.double(), pool.double())
+    bd, _ = torch.topk(ref, 3, dim=1, largest=False)
+    torch.testing.assert_close(d.double(), bd, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.gather(ref, 1, i), bd, rtol=1e-6, atol=1e-6)  # the returned rows are that close
+    assert d[:20, 0].abs().max().item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------- calibration: closed forms
+
+
+def test_exact_empirical_field_memorises():
+    """The exact CFM minimiser of 200 training samples carries noise onto them: copies decide."""
+    train, held = gaussian_data(200, 0), gaussian_data(1000, 1)
+    d = diagnose(EmpiricalMarginalField(train), train, held, options=FAST)
+    assert d.label == "memorises" and d.verdict.decided_by == ["copies"]
+    ev = d.checks["copies"].evidence
+    assert ev["copy_fraction"] > 0.9 and ev["excess_interval"][0] > 0.5
+    assert d.checks["membership"].vote == "memorises"
+    assert "trainable parameters" in d.checks["gradvar"].reason
+
+
+def test_exact_pair_field_of_a_finite_gaussian_pairing_memorises(tmp_path):
+    """x1 = mu + R x0 (R a 90-degree rotation, lines that never meet), 200 fixed pairs, the exact pair field:
+    every training source lands on its training partner, none on its OT partner."""
+    g = torch.Generator().manual_seed(2)
+    coupling = LinearGaussianCoupling.rotated_ot(torch.tensor([4.0, 0.0]), torch.eye(2), 90.0)
+    x0 = torch.randn(200, 2, generator=g, dtype=torch.float64)
+    x1 = coupling.pair_map(x0)
+    held = coupling.pair_map(torch.randn(1000, 2, generator=g, dtype=torch.float64)).float()
+    pairs = PairSet(x0.float(), x1.float(), {"assigned": torch.arange(200)})
+    d = diagnose(EmpiricalPairField(x0, x1, bandwidth=1e-3), None, held, pairs=pairs, options=FAST)
+    assert d.label == "memorises" and "pairing" in d.verdict.decided_by
+    ev = d.checks["pairing"].evidence
+    assert ev["recall_assigned"] == 1.0 and ev["recall_ot"] < 0.1 and ev["same_as_ot"] < 0.1
+    assert d.checks["membership"].evidence["max_auc"] > 0.99
+    assert d.verdict.against == ["copies"]  # fresh noise is not carried onto training samples: listed, not deciding
+    write_diagnosis(d, tmp_path)
+    assert (tmp_path / "pairing.png").is_file()
+
+
+def test_closed_form_gaussian_field_generalises():
+    """The marginal field of N(0, I) -> N(m, S) does not depend on any training sample."""
+    train, held = gaussian_data(1000, 3), gaussian_data(1000, 4)
+    cov = torch.tensor([[1.0, 0.3], [0.3, 0.45]])
+    field = IndependentGaussianCoupling(torch.tensor([3.0, 0.0]), cov).field(LinearPath())
+    d = diagnose(field, train, held, options=DiagnoseOptions(n_generate=1000, membership_samples=500))
+    assert d.label == "generalises" and d.verdict.decided_by == ["copies"]
+    ev = d.checks["copies"].evidence
+    assert abs(ev["excess"]) < 0.04 and ev["excess_interval"][1] < 0.05
+    assert d.checks["membership"].vote != "memorises"
+
+
+def test_too_few_samples_is_inconclusive():
+    train, held = gaussian_data(200, 0), gaussian_data(1000, 1)
+    d = diagnose(EmpiricalMarginalField(train), train, held, options=DiagnoseOptions(n_generate=10, checks=("copies",)))
+    assert d.label == "inconclusive"
+    assert "too few samples" in d.checks["copies"].reason
+
+
+# ------------------------------------------------------------------------------------- calibration: trained nets
+
+
+def _train_mlp(n: int, steps: int = 1500, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    data = make_toy("moons").sample(n, g)[0]
+    torch.manual_seed(seed)
+    net = MLP(2, width=128, depth=3)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(steps):
+        x1 = data[torch.randint(n, (256,), generator=g)]
+        x0, t = torch.randn(256, 2, generator=g), torch.rand(256, generator=g)
+        loss = (net(t, (1 - t[:, None]) * x0 + t[:, None] * x1) - (x1 - x0)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval(), data
+
+
+@pytest.mark.parametrize("n,expected", [(8, "memorises"), (2000, "generalises")])
+def test_trained_mlp_on_few_points_memorises_on_many_generalises(n, expected):
+    net, data = _train_mlp(n)
+    held = make_toy("moons").sample(1000, torch.Generator().manual_seed(99))[0]
+    d = diagnose(net, data, held, options=DiagnoseOptions(n_generate=1000))
+    assert d.label == expected, d.to_json()
+    if expected == "memorises":
+        assert d.checks["copies"].evidence["excess_interval"][0] > 0.3
+        assert d.checks["gradvar"].vote == "memorises"           # collapsed on the 8 training points
+        assert "too few samples" in d.checks["membership"].reason  # 8 < MIN_SAMPLES: membership cannot vote
+    else:
+        assert d.checks["membership"].vote == "generalises" and d.checks["gradvar"].vote == "generalises"
+
+
+def test_flowprobe_run_without_train_uses_its_own_training_set(tmp_path):
+    from flowprobe.config import from_dict
+    from flowprobe.runs import TrainConfig, train_from_config
+    from flowprobe.runs.diagnose import diagnose as diagnose_model
+
+    cfg = from_dict(TrainConfig, {"data": {"n_train": 8, "source": "gaussian"}, "model": {"width": 128},
+                                  "steps": 1500, "batch_size": 256, "log_every": 500, "optim": {"lr": 3e-3}})
+    train_from_config(cfg, tmp_path / "run", device="cpu", progress=False)
+    d = diagnose_model(tmp_path / "run", out=tmp_path / "diag", device="cpu", options=FAST)
+    assert d.data["train"]["source"].startswith("run pool") and d.data["train_samples"] == 8
+    assert "fresh draws" in d.data["heldout"]["source"]
+    assert d.label == "memorises"
+    assert (tmp_path / "diag" / "report.md").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- results, report
+
+
+def test_verdict_rule():
+    from flowprobe.diagnosis import CheckResult
+
+    def c(name, role, vote, ran=True):
+        return CheckResult(name, role, ran, vote)
+
+    assert decide([c("copies", "decisive", "memorises"), c("membership", "supporting", "generalises")]).label \
+        == "memorises"
+    assert decide([c("copies", "decisive", "generalises"), c("gradvar", "supporting", "generalises")]).label \
+        == "generalises"
+    v = decide([c("copies", "decisive", "generalises"), c("membership", "supporting", "memorises")])
+    assert v.label == "inconclusive" and v.against == ["membership"]
+    assert decide([c("copies", "decisive", None)]).label == "inconclusive"
+    assert decide([c("copies", "decisive", None, ran=False), c("membership", "supporting", "memorises")]).label \
+        == "inconclusive"
+
+
+def test_json_round_trip_and_report_without_heldout(tmp_path):
+    train = gaussian_data(300, 0)
+    d = diagnose(EmpiricalMarginalField(train), train, None, options=FAST)
+    assert set(d.not_run()) == {"membership", "gradvar", "pairing"}
+    assert "held-out" in d.not_run()["membership"]
+    assert d.checks["copies"].evidence["baseline"] == "training-split"
+    assert d.label == "memorises"
+    again = Diagnosis.from_json(d.to_json())
+    assert again.to_dict() == d.to_dict() and again.label == d.label
+    json.loads(d.to_json())  # strict JSON: no NaN
+    paths = write_diagnosis(d, tmp_path)
+    assert json.loads(paths["results"].read_text()) == d.to_dict()
+    report = paths["report"].read_text()
+    assert "## Checks that did not run" in report
+    assert "**membership**: needs held-out samples" in report and "**gradvar**: needs held-out samples" in report
+    assert (tmp_path / "copies_ratio.png").is_file() and (tmp_path / "copies_scatter.png").is_file()
+
+
+def test_lazy_root_attribute_and_python_api(tmp_path):
+    import flowprobe
+
+    train, held = gaussian_data(200, 0), gaussian_data(500, 1)
+    d = flowprobe.diagnose(EmpiricalMarginalField(train), train, held, tmp_path / "out", options=FAST)
+    assert d.label == "memorises"
+    assert (tmp_path / "out" / "results.json").is_file() and (tmp_path / "out" / "membership.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+
+def test_array_conventions(tmp_path):
+    pix = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    x, kind, info = array_to_samples(pix, "a")
+    assert kind == "images" and x.shape == (5, 3, 8, 8) and info["layout"] == "NHWC"
+    torch.testing.assert_close(x[1, 2, 3, 4], torch.tensor(pix[1, 3, 4, 2] / 127.5 - 1, dtype=torch.float32))
+    x, _, info = array_to_samples(pix.transpose(0, 3, 1, 2).copy(), "b")
+    assert x.shape == (5, 3, 8, 8) and info["layout"] == "NCHW"
+    assert array_to_samples(np.zeros((4, 2), np.float32), "c")[1] == "vectors"
+    np.save(tmp_path / "v.npy", np.ones((6, 2), np.float32))
+    assert load_data(tmp_path / "v.npy").x.shape == (6, 2)
+    a, b = load_data("moons:50", stream=0).x, load_data("moons:50", stream=1).x
+    assert a.shape == (50, 2) and not torch.equal(a, b) and torch.equal(a, load_data("moons:50").x)
+    save_pairs(tmp_path / "p.safetensors", torch.randn(4, 2), torch.randn(4, 2))
+    assert load_data(tmp_path / "p.safetensors").kind == "pairs"
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+
+def _main(argv):
+    from flowprobe import cli
+    from flowprobe.cli import diagnose as diagnose_cli
+
+    groups = cli.COMMAND_GROUPS if diagnose_cli in cli.COMMAND_GROUPS else cli.COMMAND_GROUPS + (diagnose_cli,)
+    old, cli.COMMAND_GROUPS = cli.COMMAND_GROUPS, groups
+    try:
+        return cli.main(argv)
+    finally:
+        cli.COMMAND_GROUPS = old
+
+
+@pytest.fixture
+def files(tmp_path):
+    train, held = gaussian_data(200, 0), gaussian_data(600, 1)
+    np.save(tmp_path / "train.npy", train.numpy())
+    np.save(tmp_path / "held.npy", held.numpy())
+    (tmp_path / "kw.json").write_text(json.dumps({"targets": train.tolist()}))
+    return tmp_path
+
+
+def test_cli_exit_codes(files, capsys):
+    """A memorising model through the module adapter: exit 0 without --fail-on, 4 with it."""
+    base = ["diagnose", "--adapter", "module", "--adapter-option",
+            "factory=flowprobe.diagnosis.calibration:EmpiricalMarginalField", "--adapter-option",
+            f"kwargs={files / 'kw.json'}", "--train", str(files / "train.npy"), "--heldout", str(files / "held.npy"),
+            "--samples", "300", "--membership-samples", "200", "--no-progress", "--no-figures"]
+    assert _main(base + ["--out", str(files / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "verdict: MEMORISES" in out and "copies" in out
+    assert _main(base + ["--out", str(files / "b"), "--fail-on", "memorises"]) == 4
+    res = json.loads((files / "b" / "results.json").read_text())
+    assert res["verdict"]["label"] == "memorises" and res["model"]["kind"] == "module"
+
+
+def test_cli_generalising_checkpoint_exits_zero_with_fail_on(files, capsys):
+    from flowprobe.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    net = MLP(dim=2, width=16, depth=1)
+    ck = save_checkpoint(files / "ck" / "step_00000001.safetensors", net=net, step=1,
+                         extra={"model": {"class": "MLP", "kwargs": {"dim": 2, "width": 16, "depth": 1}}})
+    code = _main(["diagnose", str(ck), "--train", str(files / "train.npy"), "--heldout", str(files / "held.npy"),
+                  "--out", str(files / "c"), "--samples", "300", "--fail-on", "memorises", "--no-progress",
+                  "--checks", "copies,transport", "--no-figures"])
+    assert code == 0
+    assert "verdict:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("train_arg,needle", [
+    ("missing.npy", "missing.npy"),
+    ("arr.npz:nokey", "no entry 'nokey'"),
+    ("nhwc.npy", "channels-first"),
+    ("moons", "needs a count"),
+])
+def test_cli_bad_input_exits_2_with_one_line(files, capsys, train_arg, needle):
+    np.savez(files / "arr.npz", x=np.zeros((4, 2), np.float32), y=np.zeros((4, 2), np.float32))
+    np.save(files / "nhwc.npy", np.zeros((4, 8, 8, 3), np.float32))
+    arg = train_arg if train_arg == "moons" else str(files / train_arg)
+    code = _main(["diagnose", "--adapter", "module", "--adapter-option",
+                  "factory=flowprobe.diagnosis.calibration:EmpiricalMarginalField", "--adapter-option",
+                  f"kwargs={files / 'kw.json'}", "--train", arg, "--out", str(files / "x"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err
+
+
+def test_cli_shape_mismatch_and_missing_model(files, capsys):
+    np.save(files / "three.npy", np.zeros((10, 3), np.float32))
+    code = _main(["diagnose", "--adapter", "module", "--adapter-option",
+                  "factory=flowprobe.diagnosis.calibration:EmpiricalMarginalField", "--adapter-option",
+                  f"kwargs={files / 'kw.json'}", "--train", str(files / "three.npy"), "--out", str(files / "y"),
+                  "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "shape" in err
+    assert _main(["diagnose", str(files / "nothing"), "--train", "moons:10", "--out", str(files / "z")]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_feature_space_copies_through_the_python_api(tmp_path):
+    """``features="module:fn"`` adds a second copies check in that space (here tanh of the samples)."""
+    from flowprobe.runs.diagnose import diagnose as diagnose_model
+
+    train, held = gaussian_data(200, 0), gaussian_data(500, 1)
+    d = diagnose_model(EmpiricalMarginalField(train), train, held, features="torch:tanh", device="cpu",
+                       options=DiagnoseOptions(n_generate=300, checks=("copies",)))
+    spaces = d.checks["copies"].evidence["spaces"]
+    assert set(spaces) == {"pixels", "features"} and spaces["features"]["vote"] == "memorises"
+    assert d.label == "memorises" and d.not_run()["membership"] == "not requested"
