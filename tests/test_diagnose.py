@@ -345,3 +345,45 @@ def test_feature_space_copies_through_the_python_api(tmp_path):
     spaces = d.checks["copies"].evidence["spaces"]
     assert set(spaces) == {"pixels", "features"} and spaces["features"]["vote"] == "memorises"
     assert d.label == "memorises" and d.not_run()["membership"] == "not requested"
+
+
+@pytest.mark.parametrize("n_train, expected", [(8, "memorises"), (2000, "generalises")])
+def test_calibration_torchcfm_model_trained_with_torchcfm_through_its_adapter(tmp_path, capsys, n_train, expected):
+    """A model from another library: torchcfm's MLP trained here with torchcfm's own ConditionalFlowMatcher on a
+    handful of 2-D points until it copies (and on 2000 points, where it does not), saved the way torchcfm's training
+    scripts save ({"net_model", "ema_model", ...} through torch.save), diagnosed through the torchcfm adapter."""
+    pytest.importorskip("torchcfm")
+    from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
+    from torchcfm.models.models import MLP as TorchCFMMLP
+
+    from flowprobe.cli import main as cli_main
+    from flowprobe.data.toy import Moons
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    train, _ = Moons().sample(n_train, g)
+    heldout, _ = Moons().sample(2000, g)
+    model = TorchCFMMLP(dim=2, w=64, time_varying=True)
+    fm = ConditionalFlowMatcher(sigma=0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(1500):
+        x1 = train[torch.randint(n_train, (256,))]
+        t, xt, ut = fm.sample_location_and_conditional_flow(torch.randn_like(x1), x1)
+        loss = (model(torch.cat([xt, t[:, None]], dim=-1)) - ut).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ckpt = tmp_path / "torchcfm_weights.pt"
+    torch.save({"net_model": model.state_dict(), "ema_model": model.state_dict(), "optim": opt.state_dict(),
+                "step": 1500}, ckpt)
+    arch = tmp_path / "arch.json"
+    arch.write_text(json.dumps({"class": "MLP", "kwargs": {"dim": 2, "w": 64, "time_varying": True}}))
+    np.save(tmp_path / "train.npy", train.numpy())
+    np.save(tmp_path / "heldout.npy", heldout.numpy())
+    code = cli_main(["diagnose", str(ckpt), "--adapter", "torchcfm", "--adapter-option", f"arch={arch}",
+                     "--train", str(tmp_path / "train.npy"), "--heldout", str(tmp_path / "heldout.npy"),
+                     "--out", str(tmp_path / "d"), "--no-figures", "--no-progress", "--samples", "500",
+                     "--steps", "50", "--fail-on", "memorises"])
+    result = json.loads((tmp_path / "d" / "results.json").read_text())
+    assert result["verdict"]["label"] == expected, result["verdict"]
+    assert code == (4 if expected == "memorises" else 0)

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from ..objectives import REDUCTIONS, squared_error
 from .ghost import run_ghost
-from .per_sample import Moments, batch_gradient, chunks, vmap_grads
+from .per_sample import Moments, batch_gradient, check_options, chunks, vmap_grads
 
 __all__ = ["ESTIMATORS", "GradStats", "per_sample_grad_stats", "resolve_groups"]
 
@@ -229,12 +229,7 @@ def per_sample_grad_stats(net: nn.Module, t: Tensor | float, x_t: Tensor, u_t: T
     Since "auto" decides by timing, two processes may choose differently and differ in the last digits;
     name a rule for bitwise-repeatable numbers.
     """
-    if method not in ESTIMATORS:
-        raise ValueError(f"method must be one of {ESTIMATORS}, got {method!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_options(method=(method, ESTIMATORS), reduction=(reduction, REDUCTIONS), chunk_size=(chunk_size, 1))
     if x_t.shape != u_t.shape:
         raise ValueError(f"x_t and u_t must have the same shape, got {tuple(x_t.shape)} and {tuple(u_t.shape)}")
     n = x_t.shape[0]

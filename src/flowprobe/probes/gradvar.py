@@ -37,6 +37,7 @@ from ..objectives import AverageVelocityObjective, CFMObjective
 from ..paths import ProbabilityPath
 from .ghost import CONV_RULES, conv_rule_choices
 from .grad_stats import ESTIMATORS, GradStats, per_sample_grad_stats, resolve_groups
+from .per_sample import check_options
 from .residual import matched_residuals, residual_gain
 
 __all__ = [
@@ -248,14 +249,8 @@ def gradient_variance(net: nn.Module, path: ProbabilityPath, sampler, times, n_s
 
 
 def _check_profile_args(direction: str, method: str, n_samples: int, ghost_conv: str) -> None:
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    if method not in ESTIMATORS:
-        raise ValueError(f"method must be one of {ESTIMATORS}, got {method!r}")
-    if n_samples < 2:
-        raise ValueError(f"n_samples must be >= 2, got {n_samples}")
-    if ghost_conv not in CONV_RULES:
-        raise ValueError(f"ghost_conv must be one of {CONV_RULES}, got {ghost_conv!r}")
+    check_options(direction=(direction, DIRECTIONS), method=(method, ESTIMATORS), n_samples=(n_samples, 2),
+                  ghost_conv=(ghost_conv, CONV_RULES))
 
 
 def _probe_net(net: nn.Module, path: ProbabilityPath, objective: AverageVelocityObjective | None, step) -> nn.Module:

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..objectives import cfm_sample_loss, squared_error
 
-__all__ = ["chunks", "batch_gradient", "vmap_grads", "Moments"]
+__all__ = ["chunks", "batch_gradient", "vmap_grads", "Moments", "check_options"]
 
 
 def chunks(n: int, size: int):
@@ -116,3 +116,13 @@ class Moments:
         se_g = d.std(0, unbiased=True) / math.sqrt(U)
         gv_se = d.sum(1).std(unbiased=True).item() / math.sqrt(U)
         return gv_g, se_g, msq_g, gv_se, sq_g
+
+
+def check_options(**named) -> None:
+    """Validate a probe's options in one place: each keyword is ``name=(value, allowed)`` with ``allowed`` a tuple
+    of choices or an int minimum; a ValueError names the first option that does not fit."""
+    for name, (value, allowed) in named.items():
+        if isinstance(allowed, tuple) and value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if isinstance(allowed, int) and value < allowed:
+            raise ValueError(f"{name} must be >= {allowed}, got {value}")
