@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from flowprobe.data.image_files import find_data_root
 from flowprobe.data.images import load_images, ot_partner, shuffled_partner, to_tensor
 from flowprobe.experiments import run_experiment
 from flowprobe.probes.memorization import load_pairs
@@ -144,7 +145,8 @@ def test_cifar_gradvar_residual_probe(tmp_path):
     assert "Gain GV / mean ||r||^2" in (tmp_path / "out" / "report.md").read_text()
 
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# the data root as the library finds it ($FLOWPROBE_DATA, else ../shared/data), so these run wherever the data is
+SHARED = find_data_root() or Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_celeba = pytest.mark.skipif(not (SHARED / "celeba" / "images.tar.gz").is_file(), reason="no shared CelebA")
 needs_cifar = pytest.mark.skipif(not (SHARED / "cifar10" / "train.tar.gz").is_file(), reason="no shared CIFAR-10")
 
