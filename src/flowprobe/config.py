@@ -35,9 +35,10 @@ class ConfigError(ValueError):
 
 
 def option(default: Any = dataclasses.MISSING, *, choices=None, ge=None, gt=None, le=None, lt=None,
-           default_factory: Any = dataclasses.MISSING, help: str = ""):
-    """A dataclass field with constraints checked by :func:`from_dict`."""
-    given = {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "help": help}
+           default_factory: Any = dataclasses.MISSING, help: str = "", min_len: int | None = None):
+    """A dataclass field with constraints checked by :func:`from_dict`. A list value must hold at least
+    ``min_len`` items (default 1: an empty sweep is a mistake; pass ``min_len=0`` where empty means "none")."""
+    given = {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "help": help, "min_len": min_len}
     meta = {k: v for k, v in given.items() if v not in (None, "")}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
@@ -125,6 +126,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _check(value: Any, meta: dict, key: str) -> None:
     if value is None:
         return
+    if isinstance(value, (list, tuple)) and len(value) < meta.get("min_len", 1):
+        raise ConfigError(f"{key}: needs at least {meta.get('min_len', 1)} item(s), got {list(value)!r}")
     choices = meta.get("choices")
     if choices is not None:
         vals = value if isinstance(value, (list, tuple)) else [value]

@@ -47,7 +47,8 @@ import numpy as np
 from .image_cache import DecodeCache, ImageData, cache_dir
 
 __all__ = [
-    "ImageData", "load_images", "DecodeCache", "find_data_root", "dataset_path", "cache_dir", "DATASETS",
+    "ImageData", "load_images", "load_images_for", "DecodeCache", "find_data_root", "dataset_path", "cache_dir",
+    "DATASETS",
     "RestrictedUnpickler", "read_cifar_batches", "celeba_preprocess", "downsample",
 ]
 
@@ -415,3 +416,14 @@ def load_images(source: str | Path, *, root: str | Path | None = None, split: st
         if store is not None:
             store.write(data, limit, resolution)
     return data
+
+
+def load_images_for(key: str, source: str | Path, **options) -> ImageData:
+    """:func:`load_images` for a value the user gave as ``key`` (a config key or a flag): a missing file, a bad
+    archive or a damaged image becomes a one-line :class:`~flowprobe.config.ConfigError` naming the key."""
+    from ..config import ConfigError
+
+    try:
+        return load_images(source, **options)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        raise ConfigError(f"{key}: {e}") from None

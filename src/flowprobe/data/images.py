@@ -17,10 +17,10 @@ from torch import Tensor
 
 from ..couplings import Pairing, ot_permutation
 from ..seeds import seeded_generator
-from .image_files import DATASETS, ImageData, dataset_path, find_data_root, load_images
+from .image_files import DATASETS, ImageData, dataset_path, find_data_root, load_images, load_images_for
 
 __all__ = ["to_tensor", "to_unit", "ImageSampler", "IndexedPairs", "fixed_noise", "shuffled_partner", "ot_partner",
-           "load_images", "ImageData", "DATASETS", "dataset_path", "find_data_root"]
+           "load_images", "load_images_for", "ImageData", "DATASETS", "dataset_path", "find_data_root"]
 
 
 # ------------------------------------------------------------------------------------ tensors, sampler

@@ -29,7 +29,7 @@ import torch
 
 from ..config import option, to_dict
 from ..couplings import FixedPairs, GaussianSampler, IndependentCoupling
-from ..data.images import (IndexedPairs, ImageSampler, fixed_noise, load_images, ot_partner, shuffled_partner,
+from ..data.images import (IndexedPairs, ImageSampler, fixed_noise, load_images_for, ot_partner, shuffled_partner,
                            to_tensor, to_unit)
 from ..io import write_json
 from ..probes.memorization import pairing_metrics, save_pairs
@@ -55,7 +55,7 @@ def _endpoints(model, x0, cfg, ctx, precision: str, method: str, steps: int):
 
 def _load_subset(cfg, n_max: int, ctx):
     t0 = time.perf_counter()
-    data = load_images(cfg.dataset, root=cfg.data_root, limit=n_max, resolution=cfg.resolution)
+    data = load_images_for("dataset", cfg.dataset, root=cfg.data_root, limit=n_max, resolution=cfg.resolution)
     if len(data) < n_max:
         raise ValueError(f"{cfg.dataset}: only {len(data)} images, {n_max} needed (lower n_list)")
     if data.resolution != cfg.resolution:

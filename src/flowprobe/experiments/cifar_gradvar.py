@@ -23,7 +23,7 @@ import torch
 from ..config import option, to_dict
 from ..io import write_json
 from ..couplings import GaussianSampler, IndependentCoupling, SwappedCoupling
-from ..data.images import ImageSampler, load_images, to_tensor
+from ..data.images import ImageSampler, load_images_for, to_tensor
 from ..paths import make_path
 from ..probes.ghost import CONV_RULES
 from ..probes.gradvar import gradient_variance
@@ -67,7 +67,7 @@ CLAIM = ("Gradient variance over t is asymmetric: for the forward (noise -> data
 def _load(cfg: CifarGradvarConfig, ctx):
     """The training images on the device (a seeded random subset of ``n_train`` when given)."""
     t0 = time.perf_counter()
-    images = load_images(cfg.dataset, root=cfg.data_root, resolution=cfg.resolution).images
+    images = load_images_for("dataset", cfg.dataset, root=cfg.data_root, resolution=cfg.resolution).images
     if cfg.n_train is not None and cfg.n_train < len(images):
         rng = np.random.default_rng(derive_seed(ctx.seed, 5))
         images = images[np.sort(rng.choice(len(images), cfg.n_train, replace=False))]

@@ -45,7 +45,7 @@ class FewStepConfig:
     objectives: list[str] = option(default_factory=lambda: list(OBJECTIVES), choices=OBJECTIVES)
     jump_fraction: float = option(0.5, ge=0, le=1, help="share of training samples with h > 0")
     time_scale: float = option(10.0, gt=0, help="the MLP's time embedding sees time_scale * t (and h)")
-    extra_time_scales: list[float] = option(default_factory=lambda: [1000.0], gt=0,
+    extra_time_scales: list[float] = option(default_factory=lambda: [1000.0], gt=0, min_len=0,
                                             help="Gaussian part: MeanFlow also trained at these time scales")
     width: int = option(128, ge=1)
     depth: int = option(3, ge=1)

@@ -90,7 +90,7 @@ class ModelConfig:
     model_channels: int | None = option(None, ge=1)
     channel_mult: list[int] | None = option(None, ge=1)
     num_res_blocks: int | None = option(None, ge=1)
-    attention_resolutions: list[int] | None = option(None, ge=1)
+    attention_resolutions: list[int] | None = option(None, ge=1, min_len=0)
     dropout: float | None = option(None, ge=0, lt=1)
     time_scale: float = option(TIME_SCALE, gt=0, le=1e6)
 

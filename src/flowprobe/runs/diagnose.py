@@ -140,14 +140,15 @@ def _run_heldout(run, n: int, seed: int, device) -> tuple[Tensor | None, str]:
 
         x, _ = run.target.sample(n, seeded_generator(seed, 200, device))
         return x.to(device, torch.float32), f"fresh draws of the run's target ({cfg.data.target})"
-    from ..data.images import load_images, to_tensor, to_unit
+    from ..data.images import load_images_for, to_tensor, to_unit
 
     if cfg.data.dataset == "cifar10":
-        data = load_images("cifar10-test", root=cfg.data.root, resolution=cfg.data.resolution, limit=n)
+        data = load_images_for("held-out data", "cifar10-test", root=cfg.data.root, resolution=cfg.data.resolution,
+                               limit=n)
         return to_unit(to_tensor(data.images, device)), "cifar10-test"
     if cfg.data.n_train is not None:
-        data = load_images(cfg.data.dataset, root=cfg.data.root, resolution=cfg.data.resolution,
-                           limit=cfg.data.n_train + n)
+        data = load_images_for("data.dataset", cfg.data.dataset, root=cfg.data.root, resolution=cfg.data.resolution,
+                               limit=cfg.data.n_train + n)
         if len(data) > cfg.data.n_train:
             return to_unit(to_tensor(data.images[cfg.data.n_train:], device)), "images after the run's n_train"
     return None, "the run trained on the whole dataset"
