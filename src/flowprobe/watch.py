@@ -54,8 +54,8 @@ from .paths import ProbabilityPath
 from .solvers import push_forward
 
 __all__ = ["MemorizationWatch", "WatchReading", "MemorizationDetected", "MemorizationWarning", "lightning_callback",
-           "WATCH_AUC", "WATCH_AUC_LOWER", "WATCH_GRADVAR_RATIO", "WATCH_COPY_EXCESS", "WATCH_CONSECUTIVE",
-           "DEFAULT_EVERY", "DEFAULT_TIMES"]
+           "WATCH_AUC", "WATCH_AUC_LOWER", "WATCH_FAR_FACTOR", "WATCH_GRADVAR_RATIO", "WATCH_COPY_EXCESS",
+           "WATCH_CONSECUTIVE", "DEFAULT_EVERY", "DEFAULT_TIMES"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +67,12 @@ WATCH_AUC_LOWER = 0.5
 WATCH_GRADVAR_RATIO = GRADVAR_COLLAPSE_RATIO
 #: Copies fire when the lower bound of the excess copy fraction is above this (the diagnosis margin).
 WATCH_COPY_EXCESS = COPY_EXCESS_MARGIN
+#: Generated samples with a norm above this many times the largest training norm are left out of the copy check.
+WATCH_FAR_FACTOR = 10.0
 #: Readings in a row a supporting signal (membership, gradient variance) must hold before the detector fires.
 WATCH_CONSECUTIVE = 2
 #: Default steps between readings (keeps the overhead under 5% on the CPU benchmarks: benchmarks/watch_overhead.py).
-DEFAULT_EVERY = 500
+DEFAULT_EVERY = 1000
 #: Default probe times.
 DEFAULT_TIMES = (0.1, 0.5, 0.9)
 ON_FIRE = ("warn", "stop")
@@ -95,7 +97,8 @@ class WatchReading:
     """One reading at optimiser step ``step``. Membership: ``auc`` (max over t), its lower bound ``auc_lower`` and
     time ``auc_t`` (the t with the largest lower bound), ``rows`` (per t: auc, bounds, losses). Gradient variance:
     ``gradvar_ratio`` and its interval (None when it was not measured). Copies (only every ``copy_every``
-    steps, else None): ``copy_fraction``, ``copy_reference_fraction``, ``copy_excess`` and its lower bound.
+    steps, else None): ``copy_fraction``, ``copy_reference_fraction``, ``copy_excess`` and its lower bound,
+    ``copy_left_out`` (generated samples non-finite or far from the data, left out).
     ``signals``: which detector conditions held at this reading; ``fired``: the detector fires; ``stop``: a stop
     is requested (``on_fire="stop"``); ``message``: the one line saying why."""
 
@@ -112,6 +115,7 @@ class WatchReading:
     copy_reference_fraction: float | None = None
     copy_excess: float | None = None
     copy_excess_lower: float | None = None
+    copy_left_out: int | None = None
     signals: list = field(default_factory=list)
     fired: bool = False
     stop: bool = False
@@ -135,14 +139,15 @@ class MemorizationWatch:
     :class:`~flowprobe.couplings.FixedPairs`), else None. ``n_probe`` samples of each group (chosen once with
     ``seed``), probe ``times``; ``gradvar``: measure gradient variance (``gradvar_samples`` per time and group,
     ``gradvar_method`` "auto" = ghost, else exact); ``copy_every``: steps between copy checks (a multiple of
-    ``every``; None: 4 ``every``; 0: never) on ``n_copy`` generated samples (Euler, ``copy_steps`` steps).
+    ``every``; None: 4 ``every``; 0: never) on ``n_copy`` generated samples (Euler, ``copy_steps`` steps),
+    against up to ``copy_reference`` held-out samples (the baseline copy fraction of real unseen samples).
     """
 
     def __init__(self, train_data: Tensor, heldout_data: Tensor, path: ProbabilityPath, *,
                  every: int = DEFAULT_EVERY, n_probe: int = 64, times: Sequence[float] = DEFAULT_TIMES,
                  seed: int = 0, source=None, train_sources: Tensor | None = None, gradvar: bool = True,
                  gradvar_samples: int = 32, gradvar_method: str = "auto", copy_every: int | None = None,
-                 n_copy: int = 64, copy_steps: int = 16, log_path: str | Path | None = None,
+                 n_copy: int = 128, copy_steps: int = 16, copy_reference: int = 512, log_path: str | Path | None = None,
                  tensorboard_dir: str | Path | None = None, on_fire: str = "warn"):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an integer >= 1, got {every!r}")
@@ -164,6 +169,8 @@ class MemorizationWatch:
         self.train_data = train_data.detach()
         self.train_probe = train_data.detach()[i_tr.to(train_data.device)]
         self.heldout_probe = heldout_data.detach()[i_ho.to(heldout_data.device)]
+        i_ref = torch.randperm(heldout_data.shape[0], generator=g)[:copy_reference]
+        self.copy_reference = heldout_data.detach()[i_ref.to(heldout_data.device)]
         self.train_sources_probe = None if train_sources is None else train_sources.detach()[
             i_tr.to(train_sources.device)]
         self.log_path = None if log_path is None else Path(log_path)
@@ -198,10 +205,15 @@ class MemorizationWatch:
 
     def copies(self, net, device):
         """:func:`~flowprobe.diagnosis.copies.copies_check` on ``n_copy`` samples pushed forward (Euler,
-        ``copy_steps``) from source draws of the reading's generator, against the held-out probe set."""
+        ``copy_steps``) from source draws of the reading's generator, against the held-out copy reference."""
         x0, _ = self.source.sample(self.n_copy, self.generator())
         generated = push_forward(net, x0.to(device, torch.float32), method="euler", steps=self.copy_steps)
-        check, _ = copies_check(generated, self.train_data.to(device), self.heldout_probe.to(device), "held-out")
+        # far outside the data, nearest-neighbour distances lose all precision (d1 = d2 = 0 reads as a copy):
+        # such samples are counted as non-finite by the check and left out
+        scale = self.train_data.flatten(1).norm(dim=1).max().item()
+        far = generated.flatten(1).norm(dim=1) > WATCH_FAR_FACTOR * max(scale, 1e-12)
+        generated = torch.where(far.reshape(-1, *[1] * (generated.dim() - 1)), float("nan"), generated)
+        check, _ = copies_check(generated, self.train_data.to(device), self.copy_reference.to(device), "held-out")
         return check
 
     # ------------------------------------------------------------------------------------------- reading
@@ -247,6 +259,7 @@ class MemorizationWatch:
                 reading.copy_reference_fraction = c.evidence["reference_copy_fraction"]
                 reading.copy_excess = c.evidence["excess"]
                 reading.copy_excess_lower = c.evidence["excess_interval"][0]
+            reading.copy_left_out = c.evidence.get("non_finite", 0)
         return reading
 
     def judge(self, r: WatchReading) -> None:
