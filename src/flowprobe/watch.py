@@ -141,6 +141,7 @@ class MemorizationWatch:
     ``gradvar_method`` "auto" = ghost, else exact); ``copy_every``: steps between copy checks (a multiple of
     ``every``; None: 4 ``every``; 0: never) on ``n_copy`` generated samples (Euler, ``copy_steps`` steps),
     against up to ``copy_reference`` held-out samples (the baseline copy fraction of real unseen samples).
+    ``use_ema``: as a fit hook, read the EMA copy (``state.model``) instead of the trained net.
     """
 
     def __init__(self, train_data: Tensor, heldout_data: Tensor, path: ProbabilityPath, *,
@@ -148,7 +149,7 @@ class MemorizationWatch:
                  seed: int = 0, source=None, train_sources: Tensor | None = None, gradvar: bool = True,
                  gradvar_samples: int = 32, gradvar_method: str = "auto", copy_every: int | None = None,
                  n_copy: int = 128, copy_steps: int = 16, copy_reference: int = 512, log_path: str | Path | None = None,
-                 tensorboard_dir: str | Path | None = None, on_fire: str = "warn"):
+                 tensorboard_dir: str | Path | None = None, on_fire: str = "warn", use_ema: bool = False):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an integer >= 1, got {every!r}")
         if on_fire not in ON_FIRE:
@@ -157,7 +158,7 @@ class MemorizationWatch:
             raise ValueError("the watch needs n_probe >= 2 and at least 2 training and 2 held-out samples")
         if train_sources is not None and train_sources.shape != train_data.shape:
             raise ValueError(f"train_sources must have the shape of train_data {tuple(train_data.shape)}")
-        self.every, self.seed, self.path, self.on_fire = every, int(seed), path, on_fire
+        self.every, self.seed, self.path, self.on_fire, self.use_ema = every, int(seed), path, on_fire, use_ema
         self.times = tuple(float(t) for t in times)
         self.copy_every = 4 * every if copy_every is None else int(copy_every)
         self.gradvar, self.gradvar_samples, self.gradvar_method = gradvar, gradvar_samples, gradvar_method
@@ -220,16 +221,20 @@ class MemorizationWatch:
 
     def update(self, step: int, net: nn.Module) -> WatchReading:
         """Read the net at optimiser step ``step``: run the checks, apply the detector, log the reading and return
-        it (``.fired``, ``.stop``). The net's train/eval mode is restored afterwards."""
+        it (``.fired``, ``.stop``). The net's train/eval mode and its parameters' ``.grad`` are restored afterwards."""
         start = time.perf_counter()
         param = next(net.parameters(), None) if hasattr(net, "parameters") else None
         device = param.device if param is not None else self.train_probe.device
         was_training = getattr(net, "training", False)
+        params = list(net.parameters()) if hasattr(net, "parameters") else []
+        grads = [None if q.grad is None else q.grad.clone() for q in params]  # the loop's gradients, untouched
         if hasattr(net, "eval"):
             net.eval()
         try:
             reading = self.read(step, net, device)
         finally:
+            for q, g in zip(params, grads):
+                q.grad = g
             if was_training:
                 net.train()
         self.judge(reading)
@@ -240,18 +245,32 @@ class MemorizationWatch:
 
     def read(self, step: int, net, device) -> WatchReading:
         """The numbers of one reading (no judgement)."""
-        m = self.membership(net, device)
-        rows = [{k: r[k] for k in ("t", "auc", "auc_lower", "auc_upper", "loss_train", "loss_heldout", "gap")}
-                for r in m.evidence["rows"]]
-        best = max(rows, key=lambda r: r["auc_lower"])
-        reading = WatchReading(step, auc=max(r["auc"] for r in rows), auc_lower=best["auc_lower"], auc_t=best["t"],
-                               rows=rows)
+        try:
+            m = self.membership(net, device)
+        except ValueError as e:  # every per-sample loss non-finite: nothing to rank
+            logger.warning("memorisation watch: no membership reading at step %d (%s)", step, e)
+            reading = WatchReading(step)
+        else:
+            rows = [{k: r[k] for k in ("t", "auc", "auc_lower", "auc_upper", "loss_train", "loss_heldout", "gap")}
+                    for r in m.evidence["rows"]]
+            best = max(rows, key=lambda r: r["auc_lower"])
+            reading = WatchReading(step, auc=max(r["auc"] for r in rows), auc_lower=best["auc_lower"],
+                                   auc_t=best["t"], rows=rows)
         if self.gradvar:
-            g = self.gradient_variance(net, device)
+            try:
+                g = self.gradient_variance(net, device)
+            except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:  # a net torch.func cannot map
+                logger.warning("memorisation watch: no gradient-variance reading at step %d (%s)", step, e)
+                self.gradvar = False
+                return self.read_copies(step, net, device, reading)
             if g.ran:
                 reading.gradvar_ratio = g.evidence["ratio"]
                 reading.gradvar_lower, reading.gradvar_upper = g.evidence["ratio_interval"]
                 reading.gradvar_method = g.evidence["method"]
+        return self.read_copies(step, net, device, reading)
+
+    def read_copies(self, step: int, net, device, reading: WatchReading) -> WatchReading:
+        """Add the copy check to ``reading`` when ``step`` is a multiple of ``copy_every``."""
         if self.copy_every and step % self.copy_every == 0:
             c = self.copies(net, device)
             if c.ran and "copy_fraction" in c.evidence:
@@ -336,9 +355,9 @@ class MemorizationWatch:
         """Hook protocol: nothing to do before the first step."""
 
     def step(self, state) -> None:
-        """Hook protocol: a reading of ``state.net`` at ``state.step``; raises :class:`MemorizationDetected` when
-        the detector fires with ``on_fire="stop"``."""
-        reading = self.update(state.step, state.net)
+        """Hook protocol: a reading of ``state.net`` (``state.model`` with ``use_ema``) at ``state.step``; raises
+        :class:`MemorizationDetected` when the detector fires with ``on_fire="stop"``."""
+        reading = self.update(state.step, state.model if self.use_ema else state.net)
         if reading.stop:
             self.close()
             raise MemorizationDetected(reading.message, reading)
