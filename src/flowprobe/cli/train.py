@@ -90,13 +90,11 @@ def run_train(args) -> int:
 
 def _report_training(result, out: Path, cfg: TrainConfig) -> None:
     state, ev = result.state, result.evaluation
-    o = state.options
     for path, why in result.skipped:
         print(f"skipped damaged checkpoint {path.name}: {why}")
     if state.resumed_from is not None:
         print(f"resumed from {state.resumed_from} (step {state.start})")
-    window = o.steps % o.log_every or o.log_every
-    print(f"trained {state.step} steps; final loss {result.final_loss:.4g} (mean of the last {min(window, state.step)} "
+    print(f"trained {state.step} steps; final loss {result.final_loss:.4g} (mean of the last {result.final_window} "
           f"steps, as the progress bar showed)")
     if ev is not None:
         print(f"evaluation: squared energy distance to the target {ev['energy_distance']:.4g} (source: "

@@ -18,7 +18,8 @@ from ..io import append_jsonl, atomic_write, machine_info, remove_stale_temp_fil
 from ..nets.factory import build_net
 from ..report.flows import plot_flow_2d
 from ..report.images import save_image_grid
-from ..train import Checkpointer, FitOptions, MetricsLog, TrainState, describe_run, distributed_info, fit
+from ..train import (Checkpointer, FitOptions, MetricsLog, TrainState, describe, describe_run, distributed_info,
+                     fit)
 from ..train.step import configure_backends
 from .build import build_data, build_objective, image_source, make_sampler, run_model_spec
 from .config import SAMPLE_SOLVERS, TrainConfig, resolve_auto
@@ -42,9 +43,15 @@ class TrainResult:
     @property
     def final_loss(self) -> float:
         """The mean training loss over the last logging window (what the progress bar showed last)."""
-        o, losses = self.state.options, self.state.losses
-        window = losses[-(o.steps % o.log_every or o.log_every):] if losses else []
+        window = self.state.losses[-self.final_window:] if self.final_window else []
         return sum(window) / len(window) if window else float("nan")
+
+    @property
+    def final_window(self) -> int:
+        """How many steps :attr:`final_loss` averages: the last logging window (shorter when steps is not a multiple
+        of log_every, or when fewer steps were taken)."""
+        o = self.state.options
+        return min(o.steps % o.log_every or o.log_every, len(self.state.losses))
 
 
 #: What one sample call may hold in memory (samples and solver states), and the most solver steps it may take.
@@ -125,14 +132,9 @@ def _write_run_files(cfg, out, dev, world, objective, coupling, source, target, 
     atomic_write(out / "config.yaml", lambda tmp: Path(tmp).write_text(text))
     write_json(out / "run.json", {
         "version": __version__, "device": str(dev), "world_size": world, "machine": machine_info(dev),
-        **describe_run(coupling, objective), "source": _describe(source), "target": _describe(target),
+        **describe_run(coupling, objective), "source": describe(source), "target": describe(target),
         "model": spec, "shape": list(shape), "n_parameters": sum(p.numel() for p in net.parameters()),
         "config": to_dict(cfg)})
-
-
-def _describe(obj) -> dict:
-    d = getattr(obj, "describe", None)
-    return d() if callable(d) else {"type": type(obj).__name__}
 
 
 def train_from_config(cfg: TrainConfig, out: str | Path, device: str | torch.device | None = None,

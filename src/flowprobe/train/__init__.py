@@ -4,7 +4,7 @@ schedule (:mod:`.schedule`), data-parallel plumbing (:mod:`.distributed`) and th
 
 from .distributed import distributed_info
 from .hooks import Callback, Checkpointer, DivergenceError, Hook, MetricsLog
-from .loop import FitOptions, TrainState, batch_functions, describe_run, fit
+from .loop import FitOptions, TrainState, batch_functions, describe, describe_run, fit
 from .schedule import LR_SCHEDULES, learning_rate
 from .step import PRECISIONS, ema_update_
 
@@ -12,5 +12,6 @@ from .step import PRECISIONS, ema_update_
 ema_update = ema_update_
 
 __all__ = ["fit", "FitOptions", "TrainState", "Hook", "MetricsLog", "Checkpointer", "Callback", "DivergenceError",
-           "learning_rate", "LR_SCHEDULES", "PRECISIONS", "distributed_info", "describe_run", "batch_functions",
+           "learning_rate", "LR_SCHEDULES", "PRECISIONS", "distributed_info", "describe", "describe_run",
+           "batch_functions",
            "ema_update"]

@@ -32,7 +32,7 @@ from .schedule import LR_SCHEDULES, learning_rate
 from .step import PRECISIONS, compile_options, has_conv, make_ema, make_optimizer, make_train_step, prepare_model, \
     set_tf32
 
-__all__ = ["fit", "FitOptions", "TrainState", "describe_run", "batch_functions"]
+__all__ = ["fit", "FitOptions", "TrainState", "describe", "describe_run", "batch_functions"]
 
 
 @dataclass
@@ -114,7 +114,8 @@ class TrainState:
         return self.ema if self.ema is not None else self.net
 
 
-def _describe(obj: Any) -> dict | None:
+def describe(obj: Any) -> dict | None:
+    """``obj.describe()`` when it has one (a failing description never stops training), else its type name."""
     d = getattr(obj, "describe", None)
     if callable(d):
         try:
@@ -129,8 +130,8 @@ def describe_run(coupling, objective) -> dict:
     if isinstance(objective, CFMObjective):
         obj = {"objective": "cfm", "reduction": objective.reduction}
     else:
-        obj = _describe(objective) if hasattr(objective, "describe") else {"objective": type(objective).__name__}
-    return {"path": _describe(getattr(objective, "path", None)), "coupling": _describe(coupling), "objective": obj}
+        obj = describe(objective) if hasattr(objective, "describe") else {"objective": type(objective).__name__}
+    return {"path": describe(getattr(objective, "path", None)), "coupling": describe(coupling), "objective": obj}
 
 
 class _GracefulInterrupt:
