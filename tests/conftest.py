@@ -28,3 +28,12 @@ def make_tiny_problem(seed: int = 0, dtype=torch.float32, sigma: float = 0.1, wi
 @pytest.fixture
 def tiny_problem():
     return make_tiny_problem
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny MLPs run ~10x faster on one intra-op thread on a shared CPU (benchmarks/threads.py); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

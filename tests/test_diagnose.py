@@ -27,12 +27,7 @@ from flowprobe.probes.memorization import PairSet, nearest_neighbours, save_pair
 FAST = DiagnoseOptions(n_generate=600, membership_samples=300, gradvar_samples=64, transport_samples=64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gaussian_data(n: int, seed: int) -> torch.Tensor:

@@ -21,13 +21,7 @@ from flowprobe.train import Checkpointer, fit
 from flowprobe.watch import MemorizationDetected, MemorizationWarning, MemorizationWatch, lightning_callback
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny MLPs run ~10x faster on one intra-op thread on a shared CPU (benchmarks/threads.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def memorising_problem(seed: int = 0):
