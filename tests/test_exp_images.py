@@ -99,16 +99,53 @@ def test_celeba_pairs_selects_subsets():
     assert train_jobs(cfg) == [(1000, 0.0), (1000, 0.05), (1000, 0.2), (1000, 0.5), (5000, 0.0), (5000, 0.05)]
 
 
+def _euler(net, x0, steps: int):
+    x, h = x0.clone(), 1.0 / steps
+    with torch.no_grad():
+        for k in range(steps):
+            x = x + h * net(torch.full((x.shape[0],), k * h), x)
+    return x
+
+
 def test_celeba_reflow_tiny_pipeline(tmp_path):
+    """Every reported number recomputed from the saved nets and data: G(x0) by the test's own Euler loop through the
+    first flow, each reflow net's end points the same way, the OT partners by scipy's assignment."""
+    from safetensors.torch import load_file
+    from scipy.optimize import linear_sum_assignment
+
+    from flowprobe.runs import load_model
+
     src = _tar(tmp_path / "faces.tar.gz", 12, 8, seed=1)
-    res = run_experiment("celeba-reflow", tmp_path / "out", quick=False, device="cpu", verbose=False, overrides=[
+    out = tmp_path / "out"
+    res = run_experiment("celeba-reflow", out, quick=False, device="cpu", verbose=False, overrides=[
         f"dataset={src}", "resolution=8", "n=10", "first_steps=10", "steps=10", "batch_size=8", "gen_steps=4",
-        "solver_steps=4", "n_show=2", *TINY_MLP])
+        "solver_steps=4", "n_show=2", "save_models=true", *TINY_MLP])
     assert [r["sigma"] for r in res["runs"]] == [0.0, 0.05]
+    data = load_file(out / "models" / "reflow-data.safetensors")
+    x0, generated, images = data["x0"], data["generated"], data["images"]
+    assert x0.shape == generated.shape == (10, 3, 8, 8) and images.dtype == torch.uint8 and images.shape[0] == 10
+    first, _ = load_model(out / "models" / "first-flow.safetensors")
+    torch.testing.assert_close(_euler(first, x0, 4), generated, rtol=1e-5, atol=1e-5)
+    real = images.double().flatten(1) / 127.5 - 1
+    flat0, flat_gen = x0.double().flatten(1), generated.double().flatten(1)
+
+    def lsa(a, b):
+        return torch.from_numpy(linear_sum_assignment(torch.cdist(a, b).pow(2).numpy())[1])
+
+    ot_real, ot_gen = lsa(flat0, real), lsa(flat0, flat_gen)
+    frac = (ot_gen == torch.arange(10)).double().mean().item()
+    assert res["first_flow"]["generated_is_ot_fraction"] == pytest.approx(frac)
     for r in res["runs"]:
-        assert _finite(r["l2_generated_mean"], r["l2_generated_std"], r["l2_ot_mean"], r["l2_ot_std"])
-    assert 0 <= res["first_flow"]["generated_is_ot_fraction"] <= 1
-    assert len(res["criteria"]) == 2 and (tmp_path / "out" / "samples.png").is_file()
+        net, _ = load_model(out / "models" / f"reflow-sigma{r['sigma']:g}.safetensors")
+        end = _euler(net, x0, 4).double().flatten(1)
+        l2_gen, l2_ot = (end - flat_gen).norm(dim=1), (end - real[ot_real]).norm(dim=1)
+        assert r["l2_generated_mean"] == pytest.approx(l2_gen.mean().item(), rel=1e-4)
+        assert r["l2_generated_std"] == pytest.approx(l2_gen.std().item(), rel=1e-3)
+        assert r["l2_ot_mean"] == pytest.approx(l2_ot.mean().item(), rel=1e-4)
+        assert r["l2_ot_std"] == pytest.approx(l2_ot.std().item(), rel=1e-3)
+        nearest = torch.cdist(end, real).argmin(dim=1)
+        assert r["nn_acc_ot"] == pytest.approx((nearest == ot_real).double().mean().item())
+    assert len(res["criteria"]) == 2 and (out / "samples.png").is_file()
 
 
 def test_cifar_gradvar_tiny_pipeline(tmp_path):

@@ -113,19 +113,71 @@ def test_forward_backward_pipeline(tmp_path):
     assert (tmp_path / "gradvar_forward_backward.png").exists()
 
 
+def _own_integrate(net, x0, method: str, steps: int):
+    """The test's own fixed-step integrators (Euler, RK4, average-velocity jumps), float64 time grid."""
+    x = x0.clone()
+    h = 1.0 / steps
+    with torch.no_grad():
+        for k in range(steps):
+            t = torch.full((x.shape[0],), k * h)
+            if method == "euler":
+                x = x + h * net(t, x)
+            elif method == "average":
+                x = x + h * net(t, x, torch.full_like(t, h))
+            else:  # rk4
+                k1 = net(t, x)
+                k2 = net(t + h / 2, x + h / 2 * k1)
+                k3 = net(t + h / 2, x + h / 2 * k2)
+                k4 = net(t + h, x + h * k3)
+                x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return x
+
+
 def test_few_step_pipeline(tmp_path):
-    res = run_experiment("few-step", tmp_path, quick=False, seed=0, overrides=TINY["few-step"], device="cpu",
-                         verbose=False)
+    """Every reported number of the few-step experiment recomputed from the saved nets and data, with the test's
+    own integrators, the Gaussian flow map in closed form (m1 + S1^(1/2) x0) and the OT partner from scipy."""
+    import numpy as np
+    from safetensors.torch import load_file
+    from scipy.linalg import sqrtm
+    from scipy.optimize import linear_sum_assignment
+
+    from flowprobe.runs import load_model
+
+    res = run_experiment("few-step", tmp_path, quick=False, seed=0, overrides=TINY["few-step"] + ["save_models=true"],
+                         device="cpu", verbose=False)
     gauss, mem = res["gaussian"], res["memorization"]
     # cfm, meanflow, splitmeanflow at the main time scale, and meanflow again at the extra one
     assert [(r["objective"], r["time_scale"]) for r in gauss] == [("cfm", 10.0), ("meanflow", 10.0),
                                                                     ("splitmeanflow", 10.0), ("meanflow", 1000.0)]
+    data = load_file(tmp_path / "models" / "gaussian-data.safetensors")
+    x0, m1, s1 = data["x0"], data["m1"].double().numpy(), data["S1"].double().numpy()
+    exact = torch.from_numpy(m1 + x0.double().numpy() @ np.real(sqrtm(s1)).T)
+    spread = (exact - exact.mean(0)).norm(dim=1).mean().item()
     for r in gauss:
-        assert r["jumps"] == [1, 2] and len(r["jump_error"]) == 2 and r["spread"] > 0
+        assert r["jumps"] == [1, 2] and r["spread"] == pytest.approx(spread, rel=1e-5)
+        net, _ = load_model(tmp_path / "models" / f"gaussian-{r['objective']}-scale{r['time_scale']:g}.safetensors")
+        jump = "euler" if r["objective"] == "cfm" else "average"
+        for k, err in zip(r["jumps"], r["jump_error"]):
+            own = (_own_integrate(net, x0, jump, k).double() - exact).norm(dim=1).mean().item() / spread
+            assert err == pytest.approx(own, rel=1e-4)
+        own_ode = (_own_integrate(net, x0, "rk4", 4).double() - exact).norm(dim=1).mean().item() / spread
+        assert r["ode_error"] == pytest.approx(own_ode, rel=1e-4)
     assert {(r["objective"], r["sigma"]) for r in mem} == {(o, s) for o in ("cfm", "meanflow", "splitmeanflow")
                                                            for s in (0.0, 1.0)}
+    pairs = load_file(tmp_path / "models" / "pairs-data.safetensors")
+    x0, x1, assigned = pairs["x0"], pairs["x1"], pairs["assigned"]
+    assert sorted(assigned.tolist()) == list(range(x0.shape[0]))
+    _, ot = linear_sum_assignment(torch.cdist(x0.double(), x1.double()).pow(2).numpy())
+    ot = torch.from_numpy(ot)
     for r in mem:
-        assert 0 <= r["nn_acc_assigned_jump"] <= 1 and 0 <= r["nn_acc_assigned_ode"] <= 1
+        net, _ = load_model(tmp_path / "models" / f"pairs-{r['objective']}-sigma{r['sigma']:g}.safetensors")
+        for how, end in (("ode", _own_integrate(net, x0, "rk4", 4)),
+                         ("jump", _own_integrate(net, x0, "euler" if r["objective"] == "cfm" else "average", 1))):
+            nearest = torch.cdist(end, x1).argmin(dim=1)
+            assert r[f"nn_acc_assigned_{how}"] == pytest.approx((nearest == assigned).double().mean().item())
+            assert r[f"nn_acc_ot_{how}"] == pytest.approx((nearest == ot).double().mean().item())
+            assert r[f"l2_assigned_{how}"] == pytest.approx((end - x1[assigned]).norm(dim=1).mean().item(), rel=1e-5)
+            assert r[f"l2_ot_{how}"] == pytest.approx((end - x1[ot]).norm(dim=1).mean().item(), rel=1e-5)
     assert len(res["criteria"]) == 6 and (tmp_path / "few_step.png").stat().st_size > 0
 
 

@@ -348,11 +348,7 @@ class CelebaReflowConfig(ImageTrainOptions):
     eval_batch: int = option(1000, ge=1)
     n_show: int = option(6, ge=1)
     ot_method: str = option("lsa", choices=("lsa", "emd"))
-
-
-CLAIM_REFLOW = ("Trained on reflow pairs (x0, G(x0)) from a first flow, deterministic CFM (sigma = 0) reproduces the "
-                "generated partner (L2 8.63 at 5K) while sigma = 0.05 stays further from it (25.08) and closer to "
-                "OT: 1-ReFlow makes memorisation worse.")
+    save_models: bool = option(False, help="write the first flow, every reflow net and (x0, G(x0), images) to models/")
 
 
 CLAIM_REFLOW = ("Trained on reflow pairs (x0, G(x0)) from a first flow, deterministic CFM (sigma = 0) reproduces the "
@@ -388,6 +384,9 @@ def _first_flow(cfg: CelebaReflowConfig, ctx, spec, precision, images) -> tuple:
     generated = _endpoints(first.model.eval(), x0, cfg, ctx, precision, cfg.gen_solver, cfg.gen_steps)
     gen_s = time.perf_counter() - t0
     ctx.progress.finish("generating the reflow pairs")
+    if cfg.save_models:
+        ctx.save_model("first-flow", first.model, spec)
+        ctx.save_tensors("reflow-data", {"x0": x0, "generated": generated, "images": images})
     return x0, generated, first_s, gen_s
 
 
@@ -404,6 +403,8 @@ def _reflow_model(cfg: CelebaReflowConfig, ctx, spec, precision, k: int, sigma: 
                              compile=cfg.compile, warmup=cfg.warmup, reduction=cfg.reduction,
                              hooks=[ctx.training_hook(stage, cfg.steps)])
     train_s = time.perf_counter() - t0
+    if cfg.save_models:
+        ctx.save_model(f"reflow-sigma{sigma:g}", state.model, spec)
     out = _endpoints(state.model.eval(), x0, cfg, ctx, precision, cfg.solver, cfg.solver_steps)
     mg = pairing_metrics(out, generated, {"generated": torch.arange(cfg.n, device=dev), "ot_generated": ot_gen})
     mr = pairing_metrics(out, real, {"ot": ot_real})

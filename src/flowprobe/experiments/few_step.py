@@ -31,7 +31,7 @@ from ..probes.memorization import pairing_metrics
 from ..report import plt, save_figure
 from ..solvers import push_forward
 from .harness import derive_seed, experiment
-from .lowdim import train_velocity
+from .lowdim import mlp_spec, train_velocity
 
 __all__ = ["FewStepConfig", "run"]
 
@@ -69,6 +69,7 @@ class FewStepConfig:
     solver: str = option("rk4", choices=("euler", "midpoint", "heun", "rk4"))
     solver_steps: int = option(50, ge=1)
     one_jump_tolerance: float = option(0.3, gt=0, help="criterion: one jump within this fraction of the spread")
+    save_models: bool = option(False, help="write every trained net and the data it was measured on to models/")
 
 
 def _gaussian_target(cfg: FewStepConfig, ctx) -> IndependentGaussianCoupling:
@@ -105,6 +106,8 @@ def _gaussian_part(cfg: FewStepConfig, ctx) -> list[dict]:
     exact = cpl.flow_map(torch.zeros(cfg.n_eval, device=dev), x0, torch.ones(cfg.n_eval, device=dev)).float()
     spread = (exact - exact.mean(0)).norm(dim=1).mean().item()
     plans = _gaussian_plans(cfg)
+    if cfg.save_models:
+        ctx.save_tensors("gaussian-data", {"x0": x0, "m1": cpl.m1, "S1": cpl.S11})
     rows = []
     for i, (obj, scale) in enumerate(plans):
         stage = f"gaussian {obj} (time scale {scale:g})"
@@ -112,6 +115,9 @@ def _gaussian_part(cfg: FewStepConfig, ctx) -> list[dict]:
                                      batch_size=cfg.batch_size, lr=cfg.lr, seed=derive_seed(ctx.seed, 10 + i),
                                      device=dev, objective=obj, jump_fraction=cfg.jump_fraction, time_scale=scale,
                                      hooks=[ctx.training_hook(stage, cfg.gauss_steps)])
+        if cfg.save_models:
+            ctx.save_model(f"gaussian-{obj}-scale{scale:g}", net, mlp_spec(
+                cfg.gauss_dim, cfg.width, cfg.depth, step_embed=obj != "cfm", time_scale=scale))
         jump_method = "euler" if obj == "cfm" else "average"
         errs = {k: (push_forward(net, x0, method=jump_method, steps=k) - exact).norm(dim=1).mean().item() / spread
                 for k in sorted(set(cfg.jumps))}
@@ -136,6 +142,8 @@ def _memorization_part(cfg: FewStepConfig, ctx) -> list[dict]:
     ot = ot_permutation(x0, x1, "lsa")
     x0, x1, assigned, ot = x0.to(dev), x1.to(dev), assigned.to(dev), ot.to(dev)
     partners = {"assigned": assigned, "ot": ot}
+    if cfg.save_models:
+        ctx.save_tensors("pairs-data", {"x0": x0, "x1": x1, "assigned": assigned})
     rows = []
     for i, obj in enumerate(cfg.objectives):
         for j, sigma in enumerate(sorted(set(cfg.sigmas))):
@@ -145,6 +153,9 @@ def _memorization_part(cfg: FewStepConfig, ctx) -> list[dict]:
                                          seed=derive_seed(ctx.seed, 100 + 10 * i + j), device=dev, objective=obj,
                                          jump_fraction=cfg.jump_fraction, time_scale=cfg.time_scale,
                                          hooks=[ctx.training_hook(f"pairs {obj} sigma={sigma}", cfg.mem_steps)])
+            if cfg.save_models:
+                ctx.save_model(f"pairs-{obj}-sigma{sigma:g}", net, mlp_spec(
+                    cfg.dim, cfg.mem_width, cfg.depth, step_embed=obj != "cfm", time_scale=cfg.time_scale))
             path = make_path(sigma)
             n_gv = min(cfg.gv_samples, cfg.n_pairs)
             # the CFM loss of the h = 0 field (every net has one), on common draws ...

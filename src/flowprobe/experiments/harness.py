@@ -197,6 +197,23 @@ class RunContext:
         """A fresh generator seeded from the run seed (``offset`` separates independent streams)."""
         return torch.Generator(device=device or self.device).manual_seed(derive_seed(self.seed, offset))
 
+    def save_model(self, name: str, net: torch.nn.Module, spec: dict) -> Path:
+        """Write ``net`` as a verified checkpoint ``models/<name>.safetensors`` that
+        :func:`flowprobe.runs.load_model` rebuilds from ``spec`` (its architecture), so a reader can recompute
+        any number of the run from the trained net itself."""
+        from ..checkpoint import save_checkpoint
+
+        return save_checkpoint(self.out / "models" / f"{name}.safetensors", net=net, step=0, extra={"model": spec})
+
+    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> Path:
+        """Write named tensors (the data an experiment measured on) to ``models/<name>.safetensors``."""
+        from safetensors.torch import save_file
+
+        path = self.out / "models" / f"{name}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp))
+        return path
+
 
 # ------------------------------------------------------------------------------------------------ report
 
