@@ -22,6 +22,7 @@ from flowprobe.diagnosis.verdict import decide
 from flowprobe.gaussian import IndependentGaussianCoupling, LinearGaussianCoupling
 from flowprobe.nets import MLP
 from flowprobe.paths import LinearPath
+from flowprobe.checkpoint import load_checkpoint
 from flowprobe.probes.memorization import PairSet, nearest_neighbours, save_pairs
 
 FAST = DiagnoseOptions(n_generate=600, membership_samples=300, gradvar_samples=64, transport_samples=64)
@@ -181,6 +182,21 @@ def test_flowprobe_run_without_train_uses_its_own_training_set(tmp_path):
     assert "fresh draws" in d.data["heldout"]["source"]
     assert d.label == "memorises"
     assert (tmp_path / "diag" / "report.md").is_file()
+    falling = [w for w in d.warnings if "still falling" in w]
+    losses = torch.tensor(load_checkpoint(tmp_path / "run").losses)
+    before, last = losses[-300:-150].mean().item(), losses[-150:].mean().item()
+    assert bool(falling) == (last < 0.95 * before)  # the run's own loss history decides the warning
+
+
+def test_training_warnings_on_a_falling_loss():
+    from flowprobe.runs.diagnose import LOSS_STILL_FALLING, training_warnings
+
+    assert LOSS_STILL_FALLING == 0.05
+    assert training_warnings([1.0] * 99) == []  # too short to say
+    assert training_warnings([1.0] * 1000) == []
+    falling = training_warnings([1.0] * 800 + [0.8] * 100 + [0.7] * 100)
+    assert len(falling) == 1 and "0.8 -> 0.7" in falling[0] and "12% lower" in falling[0]
+    assert training_warnings([1.0] * 800 + [0.8] * 100 + [0.77] * 100) == []  # 3.75% lower: settled enough
 
 
 # ---------------------------------------------------------------------------------------------- results, report
@@ -382,3 +398,77 @@ def test_calibration_torchcfm_model_trained_with_torchcfm_through_its_adapter(tm
     result = json.loads((tmp_path / "d" / "results.json").read_text())
     assert result["verdict"]["label"] == expected, result["verdict"]
     assert code == (4 if expected == "memorises" else 0)
+
+
+def test_mirrored_copy_statistics_match_brute_force():
+    """With the mirror images, the distance to item j is min(||s - t_j||, ||s - flip(t_j)||): d1, d2 and the
+    nearest index equal a brute-force minimum over both forms, and a mirrored copy has d1 = 0."""
+    from flowprobe.probes.memorization import copy_statistics
+
+    g = torch.Generator().manual_seed(3)
+    train = torch.randn(25, 3, 4, 5, generator=g)
+    near = train[:6].flip(-1) + 0.05 * torch.randn(6, 3, 4, 5, generator=g)
+    queries = torch.cat([train[6:9].flip(-1), near, torch.randn(10, 3, 4, 5, generator=g), train[9:11]])
+    s = copy_statistics(queries, train, mirrored=train.flip(-1))
+    flat = lambda x: x.double().reshape(x.shape[0], -1)  # noqa: E731
+    d = torch.minimum(torch.cdist(flat(queries), flat(train)), torch.cdist(flat(queries), flat(train.flip(-1))))
+    best, idx = d.sort(dim=1)
+    torch.testing.assert_close(s["d1"], best[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s["d2"], best[:, 1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(s["nn_index"], idx[:, 0])
+    assert torch.equal(s["d1"][:3], torch.zeros(3, dtype=torch.float64))
+    plain = copy_statistics(queries, train)
+    assert (plain["ratio"][:3] > 0.5).all()  # without the mirror images a mirrored copy is no copy at all
+
+
+def test_copies_check_counts_mirrored_copies_only_with_mirror():
+    from flowprobe.diagnosis.copies import copies_check
+
+    g = torch.Generator().manual_seed(4)
+    train = torch.rand(300, 3, 8, 8, generator=g) * 2 - 1
+    generated = train[:200].flip(-1)  # every generated sample is a left-right mirrored training image
+    heldout = torch.rand(200, 3, 8, 8, generator=g) * 2 - 1
+    off, _ = copies_check(generated, train, heldout, "held-out")
+    on, _ = copies_check(generated, train, heldout, "held-out", mirror=True)
+    assert off.vote == "generalises" and off.evidence["copy_fraction"] == 0.0 and not off.evidence["mirror"]
+    assert on.vote == "memorises" and on.evidence["copy_fraction"] == 1.0 and on.evidence["mirror"]
+    assert on.evidence["reference_copy_fraction"] == 0.0
+    with pytest.raises(ValueError, match="mirror needs images"):
+        copies_check(generated.flatten(1), train.flatten(1), heldout.flatten(1), "held-out", mirror=True)
+    with pytest.raises(ValueError, match="mirror"):
+        DiagnoseOptions(mirror="sometimes")
+
+
+def test_pairing_vote_against_chance():
+    from flowprobe.diagnosis.verdict import PAIRING_EXCESS_MARGIN, pairing_vote
+
+    chance = 1 / 128
+    assert PAIRING_EXCESS_MARGIN == 0.05
+    # 14x chance with the interval's lower end 0.066 - 0.008 = 0.058 above the margin: a partly reproduced pairing
+    assert pairing_vote(128, chance, (0.109, 0.066, 0.175), (0.203, 0.143, 0.281)).vote == "memorises"
+    assert pairing_vote(128, chance, (0.008, 0.001, 0.043)).vote == "generalises"
+    assert pairing_vote(128, chance, (0.05, 0.02, 0.1)).vote is None
+    assert pairing_vote(20, 1 / 20, (1.0, 0.84, 1.0)).vote is None  # too few contested pairs
+
+
+def test_pairing_check_judges_contested_pairs_only():
+    """Pairs whose training partner is also their OT partner are left out of the vote; a field that carries every
+    source to its OT partner recalls the training partner of a contested pair at chance only: generalises."""
+    from flowprobe.couplings import ot_permutation
+    from flowprobe.diagnosis.transport import pairing_check
+
+    g = torch.Generator().manual_seed(7)
+    x0 = torch.randn(160, 2, generator=g, dtype=torch.float64)
+    x1 = torch.randn(160, 2, generator=g, dtype=torch.float64) + 4
+    ot = ot_permutation(x0, x1, "lsa")
+    assigned = ot.clone()  # a quarter of the training pairs are OT pairs, the rest shuffled among themselves
+    assigned[40:] = ot[40:][torch.randperm(120, generator=g)]
+    pairs = PairSet(x0.float(), x1[assigned].float(), {"ot": torch.argsort(assigned)[ot]})
+    pairs.partners["assigned"] = torch.arange(160)
+    contested = int((pairs.partners["ot"] != torch.arange(160)).sum())
+    memorising, _, _ = pairing_check(EmpiricalPairField(x0, x1[assigned], bandwidth=1e-3), pairs, steps=50)
+    assert memorising.evidence["n_contested"] == contested and 110 <= contested <= 120
+    assert memorising.vote == "memorises" and memorising.evidence["recall_assigned"] > 0.5  # crossing lines cost some
+    transporting, _, _ = pairing_check(EmpiricalPairField(x0, x1[ot], bandwidth=1e-3), pairs, steps=50)
+    assert transporting.evidence["recall_ot"] == 1.0 and transporting.evidence["recall_assigned"] == 0.0
+    assert transporting.vote == "generalises"

@@ -143,3 +143,98 @@ def test_evaluate_pairs_on_a_constant_field_and_limit_pairs():
     small, dropped = mem.limit_pairs(pairs, 4)
     assert small.x0.shape[0] == 4 and dropped == ["ot"] and set(small.partners) == {"assigned"}
     assert mem.limit_pairs(pairs, 10) == (pairs, [])
+
+
+# ------------------------------------------------------------------ nearest neighbours: the FAISS backend, "auto"
+
+def _copies_and_ties(shape, seed):
+    """A pool with a duplicated row; queries: two exact copies (distance exactly 0, one of them of the duplicated
+    row), two midpoints of pool pairs (near-ties), then random rows (no ties). Returns (queries, pool, n_special)."""
+    g = torch.Generator().manual_seed(seed)
+    pool = 3 + torch.randn(300, *shape, generator=g)
+    pool[10] = pool[3]
+    mids = torch.stack([(pool[0] + pool[1]) / 2, (pool[20] + pool[21]) / 2])
+    q = torch.cat([pool[[3, 5]], mids, 3 + torch.randn(40, *shape, generator=g)])
+    return q, pool, 4
+
+
+@pytest.mark.parametrize("shape", [(48,), (3, 4, 4)], ids=["vectors", "images"])
+def test_faiss_backend_matches_brute_force_with_copies_and_near_ties(shape, one_thread):
+    pytest.importorskip("faiss")
+    q, pool, n_special = _copies_and_ties(shape, 0)
+    d, i = mem.nearest_neighbours(q, pool, k=3, chunk_size=32, backend="faiss")  # 32 rows: faiss's BLAS path
+    ref = torch.cdist(q.reshape(len(q), -1).double(), pool.reshape(len(pool), -1).double())
+    bd, bi = torch.sort(ref, dim=1)
+    torch.testing.assert_close(d.double(), bd[:, :3], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ref.gather(1, i), bd[:, :3], rtol=1e-6, atol=1e-6)  # the rows returned are that close
+    same = lambda t: torch.where(t == 10, 3, t)  # noqa: E731  (rows 3 and 10 are one point)
+    assert torch.equal(same(i[n_special:]), same(bi[n_special:, :3]))  # random queries: no other ties
+    assert d[0, 0].item() == 0.0 and d[0, 1].item() == 0.0 and set(i[0, :2].tolist()) == {3, 10}  # duplicated row
+    assert d[1, 0].item() == 0.0 and i[1, 0].item() == 5
+    assert {i[2, 0].item(), i[2, 1].item()} == {0, 1} and {i[3, 0].item(), i[3, 1].item()} == {20, 21}
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_nearest_neighbours_widens_when_near_ties_fill_the_candidates(backend, one_thread):
+    """40 pool rows at distance 1 from the query and, last, one at 1 - 1e-12: float32 candidate values cannot tell
+    them apart, so the k + 8 candidates are all near-ties; the search must widen to the whole pool and the float64
+    re-ranking must find the last row (with these data both searches miss it when they do not widen)."""
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    eye = torch.eye(20, dtype=torch.float64)
+    q = torch.randn(1, 20, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    pool = q + torch.cat([eye, -eye, (1 - 1e-12) * eye[:1]])
+    d, i = mem.nearest_neighbours(q, pool, k=1, backend=backend)
+    assert i.item() == 40 and abs(d.item() - (1 - 1e-12)) < 1e-14
+
+
+def test_auto_backend_equals_torch_and_faiss_agrees(monkeypatch, one_thread):
+    from flowprobe.probes import neighbours
+
+    q, pool, _ = _copies_and_ties((3, 4, 4), 1)
+    auto = mem.nearest_neighbours(q, pool, k=2, chunk_size=16, backend="auto")
+    torch_ = mem.nearest_neighbours(q, pool, k=2, chunk_size=16, backend="torch")
+    assert neighbours.resolve_backend("auto", 300, 48) == "torch"  # far below any crossover
+    assert torch.equal(auto[0], torch_[0]) and torch.equal(auto[1], torch_[1])
+    assert neighbours.resolve_backend("auto", 10**9, 2, "cuda") == "torch"  # auto never sends CUDA data to faiss
+    assert neighbours.resolve_backend("auto", 10**6, 2, threads=2) == "torch"  # nor work on several threads
+    assert neighbours.resolve_backend("auto", 10**6, 3072, threads=1) == "torch"  # nor wide rows
+    if neighbours.faiss_available():  # past the crossover, auto is faiss: the same distances
+        assert neighbours.resolve_backend("auto", neighbours.FAISS_MIN_POOL, 2, threads=1) == "faiss"
+        monkeypatch.setattr(neighbours, "FAISS_MIN_POOL", 0)
+        monkeypatch.setattr(neighbours, "FAISS_MAX_DIM", 48)
+        assert neighbours.resolve_backend("auto", 300, 48) == "faiss"
+        d, i = mem.nearest_neighbours(q, pool, k=2, chunk_size=16, backend="auto")
+        torch.testing.assert_close(d, torch_[0], rtol=0, atol=0)
+
+
+def test_bad_backend_and_missing_faiss_are_config_errors(monkeypatch):
+    import sys
+
+    from flowprobe.config import ConfigError
+
+    x = torch.randn(5, 3)
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        mem.nearest_neighbours(x, x, backend="annoy")
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now raises ImportError
+    with pytest.raises(ConfigError, match=r"flowprobe\[faiss\]"):
+        mem.nearest_neighbours(x, x, backend="faiss")
+    assert mem.nearest_neighbours(x, x, backend="auto")[1][:, 0].tolist() == list(range(5))  # auto falls back
+
+
+def test_faiss_backend_exact_copies_under_a_large_offset(one_thread):
+    """As for the torch search: 24 queries (faiss's BLAS path, ||q||^2 + ||p||^2 - 2 q.p) copying pool rows that share
+    an offset of 100 get distance exactly 0 and their own rows."""
+    pytest.importorskip("faiss")
+    pool = 100 + torch.randn(50, 3072, generator=torch.Generator().manual_seed(1))
+    rows = torch.arange(24) * 2
+    d, i = mem.nearest_neighbours(pool[rows], pool, k=1, backend="faiss")
+    assert torch.equal(i[:, 0], rows) and d.abs().max().item() == 0.0
+
+
+def test_faiss_backend_restores_faiss_settings(one_thread):
+    faiss = pytest.importorskip("faiss")
+    before = faiss.omp_get_max_threads(), faiss.cvar.distance_compute_blas_threshold
+    x = torch.randn(30, 8, generator=torch.Generator().manual_seed(2))
+    mem.nearest_neighbours(x, x, backend="faiss")
+    assert (faiss.omp_get_max_threads(), faiss.cvar.distance_compute_blas_threshold) == before

@@ -79,6 +79,9 @@ def _add_work_options(p) -> None:
     p.add_argument("--schedule", default="constant", choices=("constant", "bridge"), help="with --sigma")
     p.add_argument("--resolution", type=int, default=None, help="downsample loaded images to this side")
     p.add_argument("--limit", type=int, default=None, help="keep the first N samples of each DATA")
+    p.add_argument("--mirror", default=d.mirror, choices=("auto", "on", "off"),
+                   help="copies check: count a training image and its left-right mirror as one (auto: on for "
+                        "images, off for vectors; a flowprobe run follows its data.flip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--no-ema", action="store_true", help="flowprobe checkpoints: the raw weights, not the EMA copy")
@@ -105,7 +108,8 @@ def _options(args) -> DiagnoseOptions:
         return DiagnoseOptions(n_generate=args.samples, solver=args.solver, steps=args.steps,
                                batch_size=args.batch_size, membership_samples=args.membership_samples,
                                membership_repeats=args.membership_repeats, gradvar_samples=args.gradvar_samples,
-                               gradvar_method=args.gradvar_method, checks=checks, seed=args.seed)
+                               gradvar_method=args.gradvar_method, checks=checks, seed=args.seed,
+                               mirror=args.mirror)
     except ValueError as e:
         raise ConfigError(f"options: {e}") from None
 

@@ -8,9 +8,10 @@ uniform density P(ratio < r) = r^d). The baseline is the held-out set, or, witho
 measured against the other half (real samples that half of the pool never saw).
 
 Evidence: both fractions with Wilson intervals, their difference with Newcombe's interval, distance summaries, the
-count of non-finite generated samples (left out of the search and reported), in pixel space and, when a feature
-map is given, in feature space as well. The check votes memorises when either space votes so, generalises when
-every space does (:func:`~flowprobe.diagnosis.verdict.copies_vote`).
+count of non-finite generated samples (left out of the search and reported), in pixel space and, when a feature map
+is given, in feature space as well. Images of a model trained with random left-right flips are compared with the
+training set and its mirror images (``mirror``): a mirrored copy is a copy. The check votes memorises when either
+space votes so, generalises when every space does (:func:`~flowprobe.diagnosis.verdict.copies_vote`).
 """
 
 from __future__ import annotations
@@ -70,12 +71,14 @@ def _compare(gen: dict, ref: dict) -> dict:
 
 def copies_check(generated: Tensor, train: Tensor, reference: Tensor, baseline: str, *,
                  features: Callable[[Tensor], Tensor] | None = None, chunk_size: int = 4096,
-                 pool: Tensor | None = None) -> tuple[CheckResult, dict]:
+                 pool: Tensor | None = None, mirror: bool = False) -> tuple[CheckResult, dict]:
     """The copies check. ``generated``: model samples (non-finite rows are counted and left out); ``train``: the
     training samples, against which the generated samples are measured; ``reference``: real samples measured
     against ``pool`` (default ``train``), which must not contain them (the held-out set, or one half of the
     training set with ``pool`` the other half); ``baseline`` names which ("held-out" or "training split").
-    Returns (the check, per-sample arrays for the figures)."""
+    ``mirror``: images (N, C, H, W) whose model was trained with random left-right flips; a training image and its
+    mirror count as one item (:func:`~flowprobe.probes.memorization.copy_statistics`), for the generated and the
+    reference samples alike. Returns (the check, per-sample arrays for the figures)."""
     mask = finite_rows(generated)
     n_bad = int((~mask).sum())
     gen = generated[mask]
@@ -86,13 +89,17 @@ def copies_check(generated: Tensor, train: Tensor, reference: Tensor, baseline: 
                            "every generated sample is non-finite", {"non_finite": n_bad}, thresholds), {}
     pool = train if pool is None else pool
     reference = reference.to(gen.device)
-    gen_stats = copy_statistics(gen, train, chunk_size)
-    ref_stats = copy_statistics(reference, pool, chunk_size)
+    if mirror and train.dim() != 4:
+        raise ValueError(f"mirror needs images (N, C, H, W), got samples of shape {tuple(train.shape[1:])}")
+    flip = (lambda x: x.flip(-1)) if mirror else (lambda x: None)
+    gen_stats = copy_statistics(gen, train, chunk_size, mirrored=flip(train))
+    ref_stats = copy_statistics(reference, pool, chunk_size, mirrored=flip(pool))
     spaces = {"pixels": _compare(gen_stats, ref_stats)}
     if features is not None:
         f_gen, f_train, f_ref, f_pool = (apply_features(features, x) for x in (gen, train, reference, pool))
-        spaces["features"] = _compare(copy_statistics(f_gen, f_train, chunk_size),
-                                      copy_statistics(f_ref, f_pool, chunk_size))
+        f_mirror = (lambda x: apply_features(features, x.flip(-1))) if mirror else (lambda x: None)
+        spaces["features"] = _compare(copy_statistics(f_gen, f_train, chunk_size, mirrored=f_mirror(train)),
+                                      copy_statistics(f_ref, f_pool, chunk_size, mirrored=f_mirror(pool)))
     votes = [ev["vote"] for ev in spaces.values()]
     vote = MEMORISES if MEMORISES in votes else (GENERALISES if all(v == GENERALISES for v in votes) else None)
     main = spaces["pixels"]
@@ -101,7 +108,7 @@ def copies_check(generated: Tensor, train: Tensor, reference: Tensor, baseline: 
                f"{main['reference_copy_fraction']:.1%} of {main['n_reference']} {baseline} real samples; excess "
                f"{main['excess']:+.3f} [{main['excess_interval'][0]:+.3f}, {main['excess_interval'][1]:+.3f}]")
     scalars = {k: v for k, v in main.items() if k not in ("vote", "reason")}
-    evidence = {"baseline": baseline, "non_finite": n_bad, **scalars, "spaces": spaces}
+    evidence = {"baseline": baseline, "non_finite": n_bad, "mirror": bool(mirror), **scalars, "spaces": spaces}
     arrays = {"ratio": gen_stats["ratio"].cpu(), "d1": gen_stats["d1"].cpu(), "nn_index": gen_stats["nn_index"].cpu(),
               "reference_ratio": ref_stats["ratio"].cpu(), "finite": mask.cpu()}
     return CheckResult("copies", DECISIVE, True, vote, summary, reason, evidence, thresholds), arrays

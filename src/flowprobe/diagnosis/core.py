@@ -54,7 +54,9 @@ class DiagnoseOptions:
     repeats; ``gradvar_method``: an estimator of :mod:`flowprobe.probes.gradvar` or "auto" (ghost, exact if
     ghost fails); ``pairs_max``: pairs integrated; ``transport_*``: sources integrated and the two
     fixed-step solvers compared (straightness along the second); ``checks``: which checks to run; ``seed``: every
-    random draw derives from it."""
+    random draw derives from it; ``mirror``: whether the copies check counts a training image and its left-right
+    mirror as one item ("on", "off", or "auto": on for images (N, C, H, W), which are usually trained with random
+    flips, off for vectors)."""
 
     n_generate: int = 1000
     solver: str = "euler"
@@ -71,6 +73,7 @@ class DiagnoseOptions:
     transport_solvers: Sequence[str] = ("rk4:8", "rk4:32")
     checks: Sequence[str] = CHECKS
     seed: int = 0
+    mirror: str = "auto"
 
     def __post_init__(self):
         unknown = sorted(set(self.checks) - set(CHECKS))
@@ -84,6 +87,8 @@ class DiagnoseOptions:
             method, _ = parse_solver(spec)
             if method == "dopri5":
                 raise ValueError(f"transport_solvers: {spec!r}: give fixed-step solvers (euler, midpoint, heun, rk4)")
+        if self.mirror not in ("auto", "on", "off"):
+            raise ValueError(f"mirror must be auto, on or off, got {self.mirror!r}")
         if len(self.transport_solvers) != 2:
             raise ValueError(f"transport_solvers: give two solvers, got {list(self.transport_solvers)}")
         for name in ("membership_times", "gradvar_times"):
@@ -217,7 +222,11 @@ def _copies(net, train, heldout, source, features, options, run, checks, artifac
             checks["copies"] = CheckResult.skipped("copies", DECISIVE, "no held-out samples and fewer than 4 "
                                                    "training samples to split for a baseline")
             return
-        check, arrays = copies_check(generated, train, reference, baseline, features=features, pool=pool)
+        mirror = options.mirror == "on" or (options.mirror == "auto" and train.dim() == 4)
+        if mirror and train.dim() != 4:
+            raise ValueError(f"mirror: on needs images (N, C, H, W), got samples of shape {tuple(train.shape[1:])}")
+        check, arrays = copies_check(generated, train, reference, baseline, features=features, pool=pool,
+                                     mirror=mirror)
     if baseline == "training-split":
         check.evidence["note"] = ("no held-out set: the baseline is one half of the training set measured against "
                                   "the other half")

@@ -5,7 +5,8 @@ nearest training target (:func:`flowprobe.probes.memorization.evaluate_pairs`). 
 partner (x_hat_i nearest to x1_i) is compared with the recall of the OT partner (x_hat_i nearest to x1_{o(i)},
 o the exact OT assignment of the sources to the targets: taken from the file's ``ot_index``, else solved here for
 up to :data:`PAIRING_OT_MAX_PAIRS` pairs). A net that reproduces its training pairing recalls the training
-partner; one that learned a transport map lands near its OT partner, or on neither.
+partner; one that learned a transport map lands near its OT partner, or on neither. The vote is on the contested
+pairs (training partner != OT partner): the training-partner recall there against chance, 1/N.
 
 Transport (check 5, informational). Straightness S = E int_0^1 ||(x1 - x0) - v(t, x_t)||^2 dt along the net's own
 trajectories (:func:`flowprobe.probes.straightness.straightness_from_trajectory`), and solver agreement: the
@@ -23,13 +24,12 @@ from torch import Tensor
 
 from ..couplings import ot_permutation
 from ..probes.consistency import endpoint_distance, parse_solver
-from ..probes.memorization import PairSet, evaluate_pairs, limit_pairs
+from ..probes.memorization import PairSet, evaluate_pairs, limit_pairs, nearest_neighbours
 from ..probes.straightness import straightness_from_trajectory
 from ..solvers import integrate
 from .result import CheckResult
 from .stats import wilson_interval
-from .verdict import (DECISIVE, INFORMATIONAL, MIN_SAMPLES, PAIRING_RECALL_MEMORISES, PAIRING_SAME_AS_OT,
-                      TRANSPORT_TOLERANCE, pairing_vote)
+from .verdict import DECISIVE, INFORMATIONAL, MIN_SAMPLES, PAIRING_EXCESS_MARGIN, TRANSPORT_TOLERANCE, pairing_vote
 
 __all__ = ["pairing_check", "transport_check", "PAIRING_OT_MAX_PAIRS"]
 
@@ -40,9 +40,9 @@ PAIRING_OT_MAX_PAIRS = 4096
 def pairing_check(net, pairs: PairSet, *, n_max: int = 1000, method: str = "euler", steps: int = 100,
                   batch_size: int = 500, device=None) -> tuple[CheckResult, Tensor, PairSet]:
     """The pairing check on the first ``n_max`` pairs; returns (the check, the end points, the pairs used, with the
-    OT partners when known)."""
-    thresholds = {"pairing_recall_memorises": PAIRING_RECALL_MEMORISES, "pairing_same_as_ot": PAIRING_SAME_AS_OT,
-                  "min_samples": MIN_SAMPLES}
+    OT partners when known). The vote looks at the contested pairs only (training partner != OT partner): a source
+    whose training partner is its OT partner lands there whether the net memorises or transports."""
+    thresholds = {"pairing_excess_margin": PAIRING_EXCESS_MARGIN, "min_samples": MIN_SAMPLES}
     pairs, dropped = limit_pairs(pairs, n_max)
     n = pairs.x0.shape[0]
     notes = [f"partner indices {', '.join(dropped)} point beyond the first {n} pairs and were dropped"
@@ -52,20 +52,31 @@ def pairing_check(net, pairs: PairSet, *, n_max: int = 1000, method: str = "eule
         pairs = PairSet(pairs.x0, pairs.x1, {**pairs.partners, "ot": ot.to(pairs.x0.device)}, pairs.metadata)
         notes.append("OT partners solved here (exact assignment, squared Euclidean cost)")
     metrics, endpoints = evaluate_pairs(net, pairs, method=method, steps=steps, batch_size=batch_size, device=device)
-    k_assigned = round(metrics["nn_acc_assigned"] * n)
-    assigned = (k_assigned / n, *wilson_interval(k_assigned, n))
+    nearest = nearest_neighbours(endpoints, pairs.x1.to(endpoints.device), 1)[1][:, 0].cpu()
+    assigned_idx = pairs.partners["assigned"].cpu()
+    contested = torch.ones(n, dtype=torch.bool)
     ot_rec, same = None, None
     if "ot" in pairs.partners:
-        k_ot = round(metrics["nn_acc_ot"] * n)
-        ot_rec = (k_ot / n, *wilson_interval(k_ot, n))
-        same = (pairs.partners["ot"].cpu() == torch.arange(n)).double().mean().item()
-    vote = pairing_vote(n, same, assigned, ot_rec)
-    summary = (f"{assigned[0]:.1%} of {n} training sources land nearest their training partner"
-               + (f", {ot_rec[0]:.1%} nearest their OT partner" if ot_rec else "") + f" (chance {1 / n:.2g})")
-    evidence = {"n_pairs": n, "solver": method, "steps": steps, "recall_assigned": assigned[0],
+        ot_idx = pairs.partners["ot"].cpu()
+        contested = ot_idx != assigned_idx
+        same = 1.0 - contested.double().mean().item()
+    else:
+        notes.append(f"no OT partners (more than {PAIRING_OT_MAX_PAIRS} pairs and none in the file): every pair "
+                     "counts as contested")
+    m = int(contested.sum())
+    k_assigned = int((nearest == assigned_idx)[contested].sum())
+    assigned = (k_assigned / max(m, 1), *wilson_interval(k_assigned, m)) if m else (0.0, 0.0, 1.0)
+    if "ot" in pairs.partners and m:
+        k_ot = int((nearest == ot_idx)[contested].sum())
+        ot_rec = (k_ot / m, *wilson_interval(k_ot, m))
+    chance = 1 / n
+    vote = pairing_vote(m, chance, assigned, ot_rec)
+    summary = (f"{assigned[0]:.1%} of {m} contested training sources land nearest their training partner"
+               + (f", {ot_rec[0]:.1%} nearest their OT partner" if ot_rec else "") + f" (chance {chance:.2g})")
+    evidence = {"n_pairs": n, "n_contested": m, "solver": method, "steps": steps, "recall_assigned": assigned[0],
                 "recall_assigned_interval": list(assigned[1:]), "recall_ot": None if ot_rec is None else ot_rec[0],
                 "recall_ot_interval": None if ot_rec is None else list(ot_rec[1:]), "same_as_ot": same,
-                "chance": 1 / n, "metrics": metrics, "notes": notes}
+                "chance": chance, "excess": assigned[0] - chance, "metrics": metrics, "notes": notes}
     check = CheckResult("pairing", DECISIVE, True, vote.vote, summary, vote.reason, evidence, thresholds)
     return check, endpoints, pairs
 

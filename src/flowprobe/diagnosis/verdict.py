@@ -30,7 +30,7 @@ from ..probes.memorization import COPY_THRESHOLD
 from .stats import normal_quantile
 
 __all__ = ["MIN_SAMPLES", "CONFIDENCE", "COPY_THRESHOLD", "COPY_EXCESS_MARGIN", "MEMBERSHIP_AUC_MARGIN",
-           "GRADVAR_COLLAPSE_RATIO", "GRADVAR_PARITY_RATIO", "PAIRING_RECALL_MEMORISES", "PAIRING_SAME_AS_OT",
+           "GRADVAR_COLLAPSE_RATIO", "GRADVAR_PARITY_RATIO", "PAIRING_EXCESS_MARGIN",
            "TRANSPORT_TOLERANCE", "FAR_FROM_DATA_FACTOR", "MEMORISES", "GENERALISES", "INCONCLUSIVE", "DECISIVE",
            "SUPPORTING", "INFORMATIONAL", "Vote", "Verdict", "copies_vote", "membership_vote", "gradvar_vote",
            "pairing_vote", "decide", "interval_z", "thresholds"]
@@ -53,11 +53,12 @@ MEMBERSHIP_AUC_MARGIN = 0.6
 GRADVAR_COLLAPSE_RATIO = 0.25
 #: ... and supports generalisation when its lower bound is above this.
 GRADVAR_PARITY_RATIO = 0.5
-#: Pairing decides memorisation when the recall of the training partner has its lower bound at or above this and
-#: above the upper bound of the recall of the OT partner; generalisation when its upper bound is below this.
-PAIRING_RECALL_MEMORISES = 0.5
-#: When more than this fraction of training pairs are also OT pairs, recalling them proves nothing.
-PAIRING_SAME_AS_OT = 0.9
+#: Pairing is judged on the contested pairs (training partner != OT partner; all pairs when the OT partners are
+#: unknown): it decides memorisation when the recall of the training partner exceeds chance (1/N) by more than this,
+#: with the whole interval of the excess above it, and generalisation when the whole interval lies below it (the
+#: margin of the copies check: a model that returns more than 5% of its training sources to their own partner,
+#: beyond what landing near a random target would give, reproduces its pairing).
+PAIRING_EXCESS_MARGIN = 0.05
 #: Solver agreement tolerance, as a fraction of the root-mean-square norm of the data (informational).
 TRANSPORT_TOLERANCE = 0.1
 #: A warning (not a vote) when the generated samples' median distance to the training set exceeds this multiple of
@@ -70,7 +71,7 @@ def thresholds() -> dict:
     return {"min_samples": MIN_SAMPLES, "confidence": CONFIDENCE, "copy_ratio_threshold": COPY_THRESHOLD,
             "copy_excess_margin": COPY_EXCESS_MARGIN, "membership_auc_margin": MEMBERSHIP_AUC_MARGIN,
             "gradvar_collapse_ratio": GRADVAR_COLLAPSE_RATIO, "gradvar_parity_ratio": GRADVAR_PARITY_RATIO,
-            "pairing_recall_memorises": PAIRING_RECALL_MEMORISES, "pairing_same_as_ot": PAIRING_SAME_AS_OT,
+            "pairing_excess_margin": PAIRING_EXCESS_MARGIN,
             "transport_tolerance": TRANSPORT_TOLERANCE, "far_from_data_factor": FAR_FROM_DATA_FACTOR}
 
 
@@ -136,24 +137,21 @@ def gradvar_vote(n_samples: int, ratio: float, lower: float, upper: float) -> Vo
     return Vote(None, f"{span} lies neither below {GRADVAR_COLLAPSE_RATIO} nor above {GRADVAR_PARITY_RATIO}")
 
 
-def pairing_vote(n: int, same_as_ot: float | None, assigned: tuple[float, float, float],
-                 ot: tuple[float, float, float] | None) -> Vote:
-    """Pairing: the recall of the training partner (value, lower, upper) against that of the OT partner."""
+def pairing_vote(n: int, chance: float, assigned: tuple[float, float, float],
+                 ot: tuple[float, float, float] | None = None) -> Vote:
+    """Pairing: the recall of the training partner on the ``n`` contested pairs (value, lower, upper) against
+    ``chance`` (1 / the number of targets), with :data:`PAIRING_EXCESS_MARGIN`; the OT partner's recall on the same
+    pairs (value, lower, upper) is named in the reason, not voted on."""
     if n < MIN_SAMPLES:
-        return Vote(None, f"too few pairs ({n} < {MIN_SAMPLES})")
-    if same_as_ot is not None and same_as_ot > PAIRING_SAME_AS_OT:
-        return Vote(None, f"{same_as_ot:.0%} of the training pairs are OT pairs: recalling them proves nothing")
+        return Vote(None, f"too few pairs whose training partner is not their OT partner ({n} < {MIN_SAMPLES})")
     rec, lo, hi = assigned
-    ot_hi = ot[2] if ot is not None else 0.0
-    if lo >= PAIRING_RECALL_MEMORISES and lo > ot_hi:
-        versus = f", OT partner recall at most {ot_hi:.3f}" if ot is not None else ""
-        return Vote(MEMORISES, f"training-partner recall {rec:.3f} (lower bound {lo:.3f} >= "
-                               f"{PAIRING_RECALL_MEMORISES}{versus})")
-    if hi < PAIRING_RECALL_MEMORISES:
-        return Vote(GENERALISES, f"training-partner recall {rec:.3f} (upper bound {hi:.3f} < "
-                                 f"{PAIRING_RECALL_MEMORISES})")
-    return Vote(None, f"training-partner recall {rec:.3f} in [{lo:.3f}, {hi:.3f}] is not clear of "
-                      f"{PAIRING_RECALL_MEMORISES} or of the OT recall")
+    span = (f"training-partner recall {rec:.3f} [{lo:.3f}, {hi:.3f}] against chance {chance:.3g}"
+            + (f" (OT partner {ot[0]:.3f} [{ot[1]:.3f}, {ot[2]:.3f}])" if ot is not None else ""))
+    if lo - chance > PAIRING_EXCESS_MARGIN:
+        return Vote(MEMORISES, f"{span}: the excess over chance lies above the margin {PAIRING_EXCESS_MARGIN}")
+    if hi - chance < PAIRING_EXCESS_MARGIN:
+        return Vote(GENERALISES, f"{span}: the excess over chance lies below the margin {PAIRING_EXCESS_MARGIN}")
+    return Vote(None, f"{span}: the excess over chance straddles the margin {PAIRING_EXCESS_MARGIN}")
 
 
 @dataclass

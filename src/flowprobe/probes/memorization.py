@@ -13,9 +13,9 @@ the distances d1 <= d2 to its two nearest training images and the ratio d1 / d2.
 counts as a copy (Yoon et al., 2023): the sample is much closer to one training image than to any
 other. The same quantities for held-out real images are the reference level of an honest model.
 
-Distances are Euclidean over flattened samples, found with a chunked float32 matmul
-||q||^2 + ||p||^2 - 2 q.p (on the queries' device, so the GPU when they live there; TF32 is switched
-off for it), then the best candidates are re-ranked with distances recomputed directly as
+Distances are Euclidean over flattened samples, found by :func:`flowprobe.probes.neighbours.nearest_neighbours`
+(re-exported here): a float32 candidate search (a chunked matmul on the queries' device with TF32 off, or an
+exact FAISS flat index), then the best candidates are re-ranked with distances recomputed directly as
 sqrt(sum (q - p)^2) (float32, or float64 for float64 queries), free of that formula's cancellation, so an
 exact copy gives distance 0, not a rounding residue.
 
@@ -29,7 +29,6 @@ tensors, compared in the same way); metadata ``{"format": "flowprobe-pairs-1", .
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from torch import Tensor
 
 from ..io import atomic_write
 from ..solvers import push_forward
+from .neighbours import nearest_neighbours
 
 __all__ = ["nearest_neighbours", "pairing_metrics", "copy_statistics", "copy_metrics", "save_pairs",
            "load_pairs", "PairSet", "evaluate_pairs", "limit_pairs", "PAIRS_FORMAT",
@@ -48,77 +48,9 @@ PAIRS_FORMAT = "flowprobe-pairs-1"
 COPY_THRESHOLD = 1.0 / 3.0
 
 
-@contextmanager
-def _no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
-
-
 def _flat(x: Tensor) -> Tensor:
     x = x.reshape(x.shape[0], -1)
     return x if x.is_floating_point() else x.float()
-
-
-def nearest_neighbours(queries: Tensor, pool: Tensor, k: int = 1, chunk_size: int = 4096) -> tuple[Tensor, Tensor]:
-    """Euclidean k nearest neighbours of each query row in ``pool`` (flattened samples), chunked over
-    queries so memory stays at chunk_size x N. Returns (distances, indices), each (Q, k), ascending.
-
-    Candidates come from one float32 matmul per chunk, [q, 1] times [-2 (p_j - c), ||p_j - c||^2 + 2 c.(p_j - c)]
-    (for D >= 64 the last column is added to the product instead) with c the pool mean, which removes the offset
-    all images share, the main source of cancellation: s_j = ||q - p_j||^2 - ||q - c||^2 orders the pool as
-    ||q - p_j|| does. The returned distances are recomputed directly as ||q - p|| (float32, or float64 for float64
-    queries: no cancellation, so an exact copy has distance 0) for the k best candidates and for every further
-    candidate among the best k + 8 whose s_j lies within 2 err of the k-th, so that rounding never decides a
-    near-tie: err = 8 sqrt(D + 1) u (2 ||q|| r + r^2 + 2 ||c|| r) with r = max_j ||p_j - c|| and u = 2^-24, the
-    probabilistic bound on the float32 error of a length-(D + 1) dot product (Higham & Mary, 2019, lambda = 8).
-    """
-    if k < 1 or k > pool.shape[0]:
-        raise ValueError(f"k must be in [1, {pool.shape[0]}] (the pool size), got {k}")
-    q = _flat(queries)
-    p = _flat(pool).to(q.device)
-    out_dtype, dim = q.dtype, q.shape[1]
-    q32, p32 = q.float(), p.float()
-    # direct distances in the queries' own precision for float64, float32 otherwise
-    q_re, p_re = (q, p.to(q.dtype)) if q.dtype == torch.float64 else (q32, p32)
-    centre = p32.new_full((p32.shape[0],), 1.0 / p32.shape[0]) @ p32  # the mean row, as one matrix-vector product
-    p_c = p32 - centre
-    radius = torch.linalg.vector_norm(p_c, dim=1)
-    bias = radius.pow(2) + 2 * (p_c @ centre)
-    # few features: fold the bias into the matmul (a pass over the Q x N scores would cost more than the matmul)
-    fold = dim < 64
-    p_aug = torch.cat([-2 * p_c, bias[:, None]], 1) if fold else None
-    r_max, c_norm = radius.max(), torch.linalg.vector_norm(centre)
-    u = torch.finfo(torch.float32).eps / 2
-    n_cand = min(p.shape[0], k + 8)
-    sub = max(1, (1 << 24) // max(1, k * dim))
-    dists, idxs = [], []
-    with _no_tf32():
-        for s in range(0, q.shape[0], chunk_size):
-            q_rows, qc = q_re[s:s + chunk_size], q32[s:s + chunk_size]
-            score = (torch.cat([qc, qc.new_ones(qc.shape[0], 1)], 1) @ p_aug.T if fold
-                     else torch.addmm(bias, qc, p_c.T, alpha=-2))
-            vals, cand = torch.topk(score, n_cand, dim=1, largest=False, sorted=True)
-            q_norm = torch.linalg.vector_norm(qc, dim=1)
-            err = 8 * (dim + 1) ** 0.5 * u * (2 * q_norm * r_max + r_max ** 2 + 2 * c_norm * r_max)
-            exact = torch.full(cand.shape, float("inf"), dtype=q_re.dtype, device=q.device)
-            for r in range(0, cand.shape[0], sub):  # the k best: direct differences (no matmul)
-                best = p_re.index_select(0, cand[r:r + sub, :k].reshape(-1)).view(-1, k, dim)
-                exact[r:r + sub, :k] = torch.cdist(q_rows[r:r + sub, None, :], best,
-                                                   compute_mode="donot_use_mm_for_euclid_dist")[:, 0]
-            rows, cols = (vals[:, k:] <= vals[:, k - 1:k] + 2 * err[:, None]).nonzero(as_tuple=True)
-            cols = cols + k
-            for r in range(0, rows.numel(), sub * k):  # near-ties beyond the k best
-                rr, cc = rows[r:r + sub * k], cols[r:r + sub * k]
-                diff = q_rows.index_select(0, rr) - p_re.index_select(0, cand[rr, cc])
-                exact[rr, cc] = torch.linalg.vector_norm(diff, dim=-1)
-            d, order = torch.topk(exact, k, dim=1, largest=False)
-            dists.append(d.to(out_dtype))
-            idxs.append(torch.gather(cand, 1, order))
-    return torch.cat(dists), torch.cat(idxs)
 
 
 def pairing_metrics(outputs: Tensor, targets: Tensor, partners: dict[str, Tensor], chunk_size: int = 4096) -> dict:
@@ -142,16 +74,33 @@ def pairing_metrics(outputs: Tensor, targets: Tensor, partners: dict[str, Tensor
     return res
 
 
-def copy_statistics(samples: Tensor, train: Tensor, chunk_size: int = 4096) -> dict[str, Tensor]:
+def copy_statistics(samples: Tensor, train: Tensor, chunk_size: int = 4096,
+                    mirrored: Tensor | None = None) -> dict[str, Tensor]:
     """Per-sample nearest-neighbour statistics against the training set.
 
     Returns tensors (on the samples' device): ``d1`` and ``d2``, the distances to the nearest and
     second-nearest training images; ``ratio`` = d1 / d2 (0 when d1 = 0, so an exact copy has ratio 0
     even next to a duplicate); ``nn_index``, the index of the nearest training image.
+
+    ``mirrored``: a second form of the same training items, row for row (the left-right mirror images of a set
+    trained with random flips, or their features). The distance to training item j is then
+    min(||s - train_j||, ||s - mirrored_j||), so an item and its mirror count as one: a mirrored copy is a copy,
+    and an item's own mirror is never its second neighbour. The two best of each form hold the two best items
+    of the minimum (an item beaten by two others in one form is beaten by them in the minimum too).
     """
     if train.shape[0] < 2:
         raise ValueError("copy statistics need at least two training images")
     d, i = nearest_neighbours(samples, train, 2, chunk_size)
+    if mirrored is not None:
+        if mirrored.shape != train.shape:
+            raise ValueError(f"mirrored must have the training set's shape {tuple(train.shape)}, "
+                             f"got {tuple(mirrored.shape)}")
+        dm, im = nearest_neighbours(samples, mirrored, 2, chunk_size)
+        d_all, order = torch.cat([d, dm.to(d.dtype)], 1).sort(dim=1, stable=True)
+        i_all = torch.cat([i, im.to(i.device)], 1).gather(1, order)
+        second = (i_all != i_all[:, :1]).to(torch.int8).argmax(dim=1, keepdim=True)  # first other item
+        d = torch.cat([d_all[:, :1], d_all.gather(1, second)], 1)
+        i = torch.cat([i_all[:, :1], i_all.gather(1, second)], 1)
     d1, d2 = d[:, 0].double(), d[:, 1].double()
     ratio = torch.where(d1 == 0, torch.zeros_like(d1), d1 / d2.clamp_min(torch.finfo(torch.float64).tiny))
     return {"d1": d1, "d2": d2, "ratio": ratio, "nn_index": i[:, 0]}
