@@ -4,6 +4,7 @@ built to memorise and stays quiet on one that cannot, it logs, and it stops fit 
 import importlib.util
 import json
 import math
+import sys
 import warnings
 
 import pytest
@@ -169,3 +170,208 @@ def test_a_reading_leaves_the_gradients_and_mode_of_the_net_alone():
     net.zero_grad(set_to_none=True)
     MemorizationWatch(x1, heldout, LinearPath(), train_sources=x0).update(1, net)
     assert all(p.grad is None for p in net.parameters())
+
+
+# ------------------------------------------------------------------------------ TensorBoard and Lightning
+
+needs_tensorboard = pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
+                                       reason="tensorboard is not installed")
+needs_lightning = pytest.mark.skipif(
+    not (importlib.util.find_spec("lightning") or importlib.util.find_spec("pytorch_lightning")),
+    reason="lightning is not installed")
+
+
+@needs_tensorboard
+def test_tensorboard_scalars_equal_the_jsonl_readings(tmp_path):
+    import numpy as np
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    net, coupling, x0, x1, heldout = memorising_problem()
+    path = LinearPath()
+    watch = MemorizationWatch(x1, heldout, path, every=20, n_probe=8, train_sources=x0, copy_every=40,
+                              log_path=tmp_path / "watch.jsonl", tensorboard_dir=tmp_path / "tb")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MemorizationWarning)
+        fit(net, coupling, CFMObjective(path), steps=80, batch_size=8, lr=3e-3, hooks=[watch])
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    board = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    records = [json.loads(line) for line in (tmp_path / "watch.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [20, 40, 60, 80]
+    want = {}
+    for r in records:  # what the watch says it writes, from the JSONL reading
+        scalars = {"watch/auc": r["auc"], "watch/auc_lower": r["auc_lower"], "watch/gradvar_ratio": r["gradvar_ratio"],
+                   "watch/copy_excess": r["copy_excess"], "watch/fired": float(r["fired"]),
+                   **{f"watch/auc_t{row['t']:g}": row["auc"] for row in r["rows"]}}
+        for tag, v in scalars.items():
+            if v is not None and math.isfinite(v):
+                want.setdefault(tag, []).append((r["step"], float(np.float32(v))))
+    assert board == want
+    assert [s for s, _ in board["watch/copy_excess"]] == [40, 80] and len(board["watch/auc_t0.5"]) == 4
+
+
+def _lightning():
+    """The Lightning package the watch's callback is built on (the one installed)."""
+    try:
+        import lightning.pytorch as pl
+    except ImportError:
+        import pytorch_lightning as pl
+    return pl
+
+
+def _lightning_flow(pl, net, x0, x1, lr=3e-3, batch_size=None):
+    """A LightningModule training ``net`` with CFM on the straight path over the fixed pairs (x0, x1)."""
+
+    class Flow(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, t, x):
+            return self.net(t, x)
+
+        def training_step(self, batch, batch_idx):
+            a, b = batch
+            t = torch.rand(a.shape[0])
+            xt = (1 - t[:, None]) * a + t[:, None] * b
+            return (self(t, xt) - (b - a)).pow(2).sum(1).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=lr)
+
+        def train_dataloader(self):
+            data = torch.utils.data.TensorDataset(x0, x1)
+            return torch.utils.data.DataLoader(data, batch_size=batch_size or x0.shape[0], shuffle=True)
+
+    return Flow()
+
+
+def _trainer(pl, max_steps, callbacks, **options):
+    return pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, **options)
+
+
+@needs_lightning
+def test_lightning_callback_reads_at_its_steps_what_update_reads_on_the_same_weights():
+    pl = _lightning()
+    net, coupling, x0, x1, heldout = memorising_problem()
+    module = _lightning_flow(pl, net, x0, x1)
+
+    def watch_of():
+        return MemorizationWatch(x1, heldout, LinearPath(), every=3, n_probe=8, train_sources=x0, copy_every=6,
+                                 gradvar_samples=8, n_copy=32)
+
+    watch, snapshots = watch_of(), {}
+
+    class Snapshot(pl.Callback):  # the weights the watch read, taken right after it (no update in between)
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            snapshots[trainer.global_step] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's advice on data-loader workers
+        trainer = _trainer(pl, 9, [lightning_callback(watch), Snapshot()])
+        trainer.fit(module)
+    assert trainer.global_step == 9 and [r.step for r in watch.readings] == [3, 6, 9]
+    direct, replay = watch_of(), _lightning_flow(pl, MLP(2, width=64, depth=3), x0, x1)
+    for r in watch.readings:
+        replay.load_state_dict(snapshots[r.step])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", MemorizationWarning)
+            d = direct.update(r.step, replay)
+        assert {**r.to_dict(), "seconds": 0} == {**d.to_dict(), "seconds": 0}
+    assert watch.readings[1].copy_excess is not None and watch.readings[0].copy_excess is None
+
+
+@needs_lightning
+def test_lightning_callback_with_on_fire_stop_stops_the_trainer():
+    pl = _lightning()
+    net, coupling, x0, x1, heldout = memorising_problem()
+    watch = MemorizationWatch(x1, heldout, LinearPath(), every=50, train_sources=x0, on_fire="stop")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = _trainer(pl, 1000, [lightning_callback(watch)])
+        trainer.fit(_lightning_flow(pl, net, x0, x1))
+    assert watch.fired_at is not None and watch.readings[-1].stop
+    assert trainer.should_stop and trainer.global_step == watch.fired_at < 1000
+
+
+@needs_lightning
+def test_lightning_callback_reads_each_step_once_under_gradient_accumulation():
+    pl = _lightning()
+    net, coupling, x0, x1, heldout = memorising_problem()
+    watch = MemorizationWatch(x1, heldout, LinearPath(), every=3, n_probe=8, train_sources=x0, copy_every=0,
+                              gradvar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = _trainer(pl, 6, [lightning_callback(watch)], accumulate_grad_batches=2)
+        trainer.fit(_lightning_flow(pl, net, x0, x1, batch_size=4))  # two batches per optimiser step
+    assert trainer.global_step == 6 and [r.step for r in watch.readings] == [3, 6]
+
+
+@needs_lightning
+def test_lightning_callback_fits_a_trainer_of_either_package(monkeypatch):
+    """With both ``lightning`` and ``pytorch_lightning`` imported, a Trainer of either accepts the callback."""
+    import types
+
+    pl = _lightning()
+    fake = types.ModuleType("fake_lightning_pytorch")
+    fake.Callback = type("Callback", (), {})
+    other = "pytorch_lightning" if pl.__name__.startswith("lightning") else "lightning.pytorch"
+    monkeypatch.setitem(sys.modules, other, fake)
+    if other == "lightning.pytorch":
+        monkeypatch.setitem(sys.modules, "lightning", types.ModuleType("lightning"))
+    net, coupling, x0, x1, heldout = memorising_problem()
+    watch = MemorizationWatch(x1, heldout, LinearPath(), every=2, n_probe=8, train_sources=x0, copy_every=0,
+                              gradvar=False)
+    cb = lightning_callback(watch)
+    assert isinstance(cb, pl.Callback) and isinstance(cb, fake.Callback)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _trainer(pl, 2, [cb]).fit(_lightning_flow(pl, net, x0, x1))
+    assert [r.step for r in watch.readings] == [2]
+
+
+@needs_lightning
+def test_lightning_stop_is_shared_by_every_rank():
+    """Data-parallel: only rank 0 reads; a stop it decides reaches the other ranks through the strategy."""
+    net, coupling, x0, x1, heldout = memorising_problem()
+    watch = MemorizationWatch(x1, heldout, LinearPath(), every=2, train_sources=x0, copy_every=0, on_fire="stop")
+    calls = []
+
+    class Strategy:
+        def reduce_boolean_decision(self, decision, all=True):
+            calls.append((decision, all))
+            return True  # rank 0 fired
+
+    class Trainer:
+        global_step, global_rank, should_stop, strategy = 2, 1, False, Strategy()
+
+    trainer = Trainer()
+    lightning_callback(watch).on_train_batch_end(trainer, net, None, None, 0)
+    assert watch.readings == [] and calls == [(False, False)] and trainer.should_stop
+
+
+@needs_tensorboard
+def test_a_resumed_fit_logs_each_reading_once_and_judges_as_before(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def run(resume_from=None):
+        net, coupling, x0, x1, heldout = memorising_problem()
+        watch = MemorizationWatch(x1, heldout, LinearPath(), every=25, n_probe=8, train_sources=x0, copy_every=0,
+                                  gradvar=False, log_path=tmp_path / "watch.jsonl", tensorboard_dir=tmp_path / "tb")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", MemorizationWarning)
+            fit(net, coupling, CFMObjective(LinearPath()), steps=100, batch_size=8, lr=3e-3, resume_from=resume_from,
+                hooks=[Checkpointer(tmp_path / "ckpt", every=25), watch])
+        return [{**r.to_dict(), "seconds": 0} for r in watch.readings]
+
+    first = run()
+    # the membership signal holds at steps 75 and 100, so the detector fires at 100 (two readings in a row)
+    assert [r["signals"] for r in first] == [[], [], [], ["membership"]] and first[-1]["fired"]
+    resumed = run(resume_from=list_checkpoints(tmp_path / "ckpt")[2])  # step 75: only the reading at 100 again
+    assert resumed == first[3:]  # the same reading and the same judgement: the run of signals was restored
+    records = [json.loads(line) for line in (tmp_path / "watch.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [25, 50, 75, 100]
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("watch/auc")] == [25, 50, 75, 100]

@@ -34,6 +34,7 @@ Use: ``watch.update(step, net)`` from any loop; ``fit(..., hooks=[watch])``; ``l
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -48,19 +49,21 @@ from torch import Tensor, nn
 from .couplings import GaussianSampler
 from .diagnosis.copies import copies_check
 from .diagnosis.membership import gradvar_check, membership_check
-from .diagnosis.verdict import COPY_EXCESS_MARGIN, GRADVAR_COLLAPSE_RATIO, MEMBERSHIP_AUC_MARGIN
-from .io import append_jsonl
+from .diagnosis.verdict import COPY_EXCESS_MARGIN, GRADVAR_COLLAPSE_RATIO
+from .io import append_jsonl, truncate_jsonl
 from .paths import ProbabilityPath
 from .solvers import push_forward
 
 __all__ = ["MemorizationWatch", "WatchReading", "MemorizationDetected", "MemorizationWarning", "lightning_callback",
+           "lightning_callback_bases", "LIGHTNING_PACKAGES",
            "WATCH_AUC", "WATCH_AUC_LOWER", "WATCH_FAR_FACTOR", "WATCH_GRADVAR_RATIO", "WATCH_COPY_EXCESS",
            "WATCH_CONSECUTIVE", "DEFAULT_EVERY", "DEFAULT_TIMES"]
 
 logger = logging.getLogger(__name__)
 
-#: Membership fires when max_t AUC exceeds this (the diagnosis margin) ...
-WATCH_AUC = MEMBERSHIP_AUC_MARGIN
+#: Membership fires when max_t AUC exceeds this ... (0.9: chosen on the tune half of benchmarks/detector.py from the
+#: grid fixed there, up from the diagnosis margin 0.6 it started at; docs/detector.md)
+WATCH_AUC = 0.9
 #: ... with its Bonferroni lower bound above chance at that t.
 WATCH_AUC_LOWER = 0.5
 #: Gradient variance fires when the upper bound of GV(train) / GV(held-out) is below this (the diagnosis collapse).
@@ -69,8 +72,9 @@ WATCH_GRADVAR_RATIO = GRADVAR_COLLAPSE_RATIO
 WATCH_COPY_EXCESS = COPY_EXCESS_MARGIN
 #: Generated samples with a norm above this many times the largest training norm are left out of the copy check.
 WATCH_FAR_FACTOR = 10.0
-#: Readings in a row a supporting signal (membership, gradient variance) must hold before the detector fires.
-WATCH_CONSECUTIVE = 2
+#: Readings in a row a supporting signal (membership, gradient variance) must hold before the detector fires (1, from
+#: the same tuning; it started at 2).
+WATCH_CONSECUTIVE = 1
 #: Default steps between readings (keeps the overhead under 5% on the CPU benchmarks: benchmarks/watch_overhead.py).
 DEFAULT_EVERY = 1000
 #: Default probe times.
@@ -180,6 +184,7 @@ class MemorizationWatch:
         self.fired_at: int | None = None
         self._streak = {"membership": 0, "gradvar": 0}
         self._writer = None
+        self._purge_step: int | None = None
 
     # ------------------------------------------------------------------------------------------- the checks
 
@@ -283,11 +288,7 @@ class MemorizationWatch:
 
     def judge(self, r: WatchReading) -> None:
         """Apply the detector (module docstring) to reading ``r`` given the readings before it."""
-        member = r.auc_lower > WATCH_AUC_LOWER and any(
-            row["auc"] > WATCH_AUC and row["auc_lower"] > WATCH_AUC_LOWER for row in r.rows)
-        collapse = _finite(r.gradvar_upper) and r.gradvar_upper < WATCH_GRADVAR_RATIO
-        self._streak["membership"] = self._streak["membership"] + 1 if member else 0
-        self._streak["gradvar"] = self._streak["gradvar"] + 1 if collapse else 0
+        self.count_streaks(r)
         said = []
         if self._streak["membership"] >= WATCH_CONSECUTIVE:
             r.signals.append("membership")
@@ -310,6 +311,14 @@ class MemorizationWatch:
                 warnings.warn(r.message, MemorizationWarning, stacklevel=3)
             else:
                 logger.info(r.message)
+
+    def count_streaks(self, r: WatchReading) -> None:
+        """Extend (or end) the runs of consecutive readings with the membership and gradient-variance signals."""
+        member = r.auc_lower > WATCH_AUC_LOWER and any(
+            row["auc"] > WATCH_AUC and row["auc_lower"] > WATCH_AUC_LOWER for row in r.rows)
+        collapse = _finite(r.gradvar_upper) and r.gradvar_upper < WATCH_GRADVAR_RATIO
+        self._streak["membership"] = self._streak["membership"] + 1 if member else 0
+        self._streak["gradvar"] = self._streak["gradvar"] + 1 if collapse else 0
 
     def record(self, r: WatchReading) -> None:
         """The reading as a JSON line in ``log_path`` and as TensorBoard scalars (when installed)."""
@@ -337,7 +346,7 @@ class MemorizationWatch:
                 logger.warning("tensorboard is not installed: the watch writes no TensorBoard scalars")
                 self.tensorboard_dir = None
                 return None
-            self._writer = SummaryWriter(str(self.tensorboard_dir))
+            self._writer = SummaryWriter(str(self.tensorboard_dir), purge_step=self._purge_step)
         return self._writer
 
     def close(self) -> None:
@@ -352,7 +361,28 @@ class MemorizationWatch:
         """Hook protocol: nothing to register (the watch re-seeds its own generators at every reading)."""
 
     def begin(self, state) -> None:
-        """Hook protocol: nothing to do before the first step."""
+        """Hook protocol: on a resume, :meth:`resume_at` the checkpoint's step."""
+        if state.step:
+            self.resume_at(state.step)
+
+    def resume_at(self, step: int) -> None:
+        """Training continues after optimiser step ``step`` (a resume): readings of later steps that an interrupted
+        run logged are dropped from ``log_path`` and purged from TensorBoard, so that no step is logged twice; the
+        readings up to ``step`` kept in ``log_path`` restore the detector's state (its runs of consecutive signals
+        and whether it has fired), so the resumed watch judges as the uninterrupted one would."""
+        if self.log_path is not None and self.log_path.is_file():
+            truncate_jsonl(self.log_path, lambda r: r.get("event") != "watch" or r.get("step", 0) <= step)
+            self._streak = {"membership": 0, "gradvar": 0}
+            names = set(WatchReading.__dataclass_fields__)
+            for line in self.log_path.read_text().splitlines():
+                record = json.loads(line)
+                if record.get("event") == "watch":
+                    previous = WatchReading(**{k: v for k, v in record.items() if k in names})
+                    self.count_streaks(previous)
+                    if previous.fired and self.fired_at is None:
+                        self.fired_at = previous.step
+        self.close()
+        self._purge_step = step + 1
 
     def step(self, state) -> None:
         """Hook protocol: a reading of ``state.net`` (``state.model`` with ``use_ema``) at ``state.step``; raises
@@ -367,29 +397,59 @@ class MemorizationWatch:
         self.close()
 
 
-def lightning_callback(watch: MemorizationWatch, net_of: Callable[[nn.Module], nn.Module] | None = None):
-    """A Lightning ``Callback`` that calls ``watch.update(global_step, net)`` every ``watch.every`` steps, where
-    ``net = net_of(lightning_module)`` (default: the module itself, called ``net(t, x)``); a fired reading with
-    ``on_fire="stop"`` sets ``trainer.should_stop``. Needs ``lightning`` or ``pytorch_lightning``."""
-    try:
-        from lightning.pytorch import Callback
-    except ImportError:
-        try:
-            from pytorch_lightning import Callback
-        except ImportError as e:
-            raise ImportError("lightning_callback needs lightning or pytorch_lightning installed") from e
+#: The packages a Lightning callback can be built for, newest name first.
+LIGHTNING_PACKAGES = ("lightning.pytorch", "pytorch_lightning")
 
-    class WatchCallback(Callback):
+
+def lightning_callback_bases() -> tuple[type, ...]:
+    """The ``Callback`` classes the watch's Lightning callback derives from: those of the Lightning packages already
+    imported (``lightning.pytorch``, ``pytorch_lightning``), else of every one installed; a Trainer accepts only
+    callbacks of its own package, and deriving from each makes one callback fit both."""
+    import importlib
+    import importlib.util
+    import sys
+
+    names = [n for n in LIGHTNING_PACKAGES if n in sys.modules]
+    if not names:
+        names = [n for n in LIGHTNING_PACKAGES if importlib.util.find_spec(n.split(".")[0]) is not None]
+    if not names:
+        raise ImportError("lightning_callback needs lightning or pytorch_lightning installed")
+    return tuple(importlib.import_module(n).Callback for n in names)
+
+
+def lightning_callback(watch: MemorizationWatch, net_of: Callable[[nn.Module], nn.Module] | None = None):
+    """A Lightning ``Callback`` that calls ``watch.update(global_step, net)`` every ``watch.every`` optimiser steps
+    (once per step, also under gradient accumulation), where ``net = net_of(lightning_module)`` (default: the
+    module itself, called ``net(t, x)``), on global rank 0; a fired reading with ``on_fire="stop"`` sets
+    ``trainer.should_stop`` on every rank (the decision is shared through the trainer's strategy, as Lightning's
+    early stopping does). A fit resumed at step T drops the watch's logged readings after T
+    (:meth:`MemorizationWatch.resume_at`). Needs ``lightning`` or ``pytorch_lightning``
+    (:func:`lightning_callback_bases`)."""
+    bases = lightning_callback_bases()
+
+    class WatchCallback(*bases):
         def __init__(self):
             super().__init__()
             self.watch = watch
+            self.last_step = -1
+
+        def on_train_start(self, trainer, pl_module):
+            self.last_step = int(trainer.global_step)
+            if self.last_step and getattr(trainer, "global_rank", 0) == 0:
+                watch.resume_at(self.last_step)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             step = int(trainer.global_step)
-            if step == 0 or step % watch.every or getattr(trainer, "global_rank", 0) != 0:
-                return
-            reading = watch.update(step, net_of(pl_module) if net_of is not None else pl_module)
-            if reading.stop:
+            if step == 0 or step == self.last_step or step % watch.every:
+                return  # no optimiser step since the last batch (gradient accumulation), or not a reading step
+            self.last_step = step
+            stop = False
+            if getattr(trainer, "global_rank", 0) == 0:
+                stop = watch.update(step, net_of(pl_module) if net_of is not None else pl_module).stop
+            strategy = getattr(trainer, "strategy", None)
+            if watch.on_fire == "stop" and strategy is not None:  # every rank takes part; any rank's stop counts
+                stop = bool(strategy.reduce_boolean_decision(stop, all=False))
+            if stop:
                 trainer.should_stop = True
 
         def on_train_end(self, trainer, pl_module):
