@@ -520,8 +520,8 @@ def test_convention_and_load_model_errors():
         Convention(scale=math.inf)
     with pytest.raises(ConfigError, match="deterministic path"):
         ConventionAdapter(nn.Identity(), Convention(output="noise"), StochasticPath(0.1))
-    with pytest.raises(ConfigError, match="path: expected 'linear' or 'cosine'"):
-        ConventionAdapter(nn.Identity(), Convention(), "vp")
+    with pytest.raises(ConfigError, match="path: expected one of linear, cosine, polynomial, vp, linear_vp"):
+        ConventionAdapter(nn.Identity(), Convention(), "sigmoid")
     with pytest.raises(ConfigError, match="kind: expected one of torchcfm, diffusers, flow_matching, module"):
         load_model("jax")
     with pytest.raises(ConfigError, match="torchcfm: unknown option.*use_emma"):

@@ -35,7 +35,7 @@ MAX_MODULE_LINES = 500
 #: The parts of the house, lowest first. A module belongs to the part named by its first component below
 #: the package (``flowprobe.train.loop`` -> ``train``); the top-level leaf modules form ``base``.
 BASE = {"paths", "couplings", "objectives", "solvers", "gaussian", "gaussian_moments", "metrics", "config", "io",
-        "checkpoint", "device", "seeds"}
+        "checkpoint", "device", "seeds", "affine_paths", "timesampling", "guidance"}
 
 #: part -> the other parts it may import (its own part is always allowed, cycles aside).
 ALLOWED: dict[str, set[str]] = {

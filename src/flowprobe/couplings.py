@@ -5,7 +5,10 @@ the source and target pools), because the memorisation and gradient-variance pro
 itself. Every draw takes an explicit ``torch.Generator``.
 
 - :class:`IndependentCoupling`: x0 ~ p0 and x1 ~ p1 drawn independently.
-- :class:`FixedPairs`: a finite dataset of (x0, x1) rows (paired, shuffled or reflow training).
+- :class:`FixedPairs`: a finite dataset of (x0, x1) rows (paired, shuffled or reflow training: the pairs
+  (x0_i, Phi(x0_i)) of a trained flow Phi, generated once).
+- :class:`MappedCoupling`: a deterministic coupling x1 = f(x0) with fresh x0 at every draw (e.g. the
+  all-lines-intersect pairing x1 = mu - x0 of the reflow experiment).
 - :class:`MinibatchOTCoupling`: independent minibatches re-paired by exact OT (a permutation, no
   duplicate pairs) or entropic OT (POT's Sinkhorn; each source row draws one partner from its row of
   the plan).
@@ -25,7 +28,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "Pairing", "Sampler", "GaussianSampler", "TensorSampler", "IndependentCoupling", "FixedPairs",
+    "Pairing", "Sampler", "GaussianSampler", "TensorSampler", "IndependentCoupling", "FixedPairs", "MappedCoupling",
     "MinibatchOTCoupling", "SwappedCoupling", "WeightedCoupling", "ot_permutation", "sinkhorn_pairing",
     "squared_distances",
 ]
@@ -35,17 +38,20 @@ __all__ = [
 class Pairing:
     """A batch of pairs. ``x0[k]`` is paired with ``x1[k]``; ``i0[k]`` and ``i1[k]`` index the pools
     they came from (for a fresh Gaussian draw, i0 is the position in that draw). ``weights`` (optional,
-    positive, any scale): how much each pair counts in the loss (:class:`WeightedCoupling`)."""
+    positive, any scale): how much each pair counts in the loss (:class:`WeightedCoupling`). ``y`` (optional,
+    int64): the class label of each pair, the null label (``num_classes``) where it was dropped; the objectives
+    then call ``net(t, x, y=y)`` (:class:`flowprobe.guidance.LabelledCoupling`)."""
 
     x0: Tensor
     x1: Tensor
     i0: Tensor
     i1: Tensor
     weights: Tensor | None = None
+    y: Tensor | None = None
 
     def swapped(self) -> "Pairing":
         """The same pairs with source and target exchanged (for a backward, target->source field)."""
-        return Pairing(self.x1, self.x0, self.i1, self.i0, self.weights)
+        return Pairing(self.x1, self.x0, self.i1, self.i0, self.weights, self.y)
 
 
 class Sampler(Protocol):
@@ -128,6 +134,21 @@ class FixedPairs:
 
     def describe(self) -> dict:
         return {"coupling": "fixed_pairs", "n_pairs": len(self)}
+
+
+class MappedCoupling:
+    """A deterministic coupling x1 = f(x0) with fresh x0 from ``source`` at every draw (i1 = i0). With a trained
+    flow as ``fn`` this is reflow on fresh sources; :class:`FixedPairs` holds a finite set of such pairs."""
+
+    def __init__(self, source: Sampler, fn):
+        self.source, self.fn = source, fn
+
+    def sample(self, n: int, generator: torch.Generator) -> Pairing:
+        x0, i0 = self.source.sample(n, generator)
+        return Pairing(x0, self.fn(x0), i0, i0)
+
+    def describe(self) -> dict:
+        return {"coupling": "mapped"}
 
 
 def squared_distances(x0: Tensor, x1: Tensor) -> Tensor:
@@ -249,7 +270,7 @@ class WeightedCoupling:
         p = self.base.sample(n, generator)
         d2 = (p.x0 - p.x1).reshape(p.x0.shape[0], -1).pow(2).sum(1)
         w = torch.exp(-(d2 - d2.min()) / self.epsilon)
-        return Pairing(p.x0, p.x1, p.i0, p.i1, w)
+        return Pairing(p.x0, p.x1, p.i0, p.i1, w, p.y)
 
     def describe(self) -> dict:
         inner = self.base.describe() if hasattr(self.base, "describe") else {}

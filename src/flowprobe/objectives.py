@@ -23,7 +23,9 @@ import torch
 from torch import Tensor
 
 from .couplings import Pairing
+from .guidance import conditioned
 from .paths import ProbabilityPath, expand_like
+from .timesampling import TimeSampler
 
 __all__ = ["squared_error", "cfm_sample_loss", "cfm_losses", "CFMObjective", "weighted_mean", "sample_times",
            "sample_intervals", "AverageVelocityObjective", "MeanFlowObjective", "SplitMeanFlowObjective", "OBJECTIVES",
@@ -69,8 +71,11 @@ def weighted_mean(losses: Tensor, weights: Tensor | None) -> Tensor:
 
 
 def sample_times(n: int, generator: torch.Generator, device=None, dtype=torch.float32,
-                 time_range: tuple[float, float] = (0.0, 1.0)) -> Tensor:
-    """t ~ U[lo, hi], shape (n,), from an explicit generator."""
+                 time_range: tuple[float, float] = (0.0, 1.0), sampler: TimeSampler | None = None) -> Tensor:
+    """t ~ U[lo, hi], shape (n,), from an explicit generator; or t from ``sampler``'s density mapped into
+    [lo, hi] (:class:`flowprobe.timesampling.TimeSampler`)."""
+    if sampler is not None:
+        return sampler.sample(n, generator, device, dtype, time_range)
     lo, hi = time_range
     t = torch.rand(n, generator=generator, device=generator.device, dtype=dtype)
     return (lo + (hi - lo) * t).to(device if device is not None else t.device)
@@ -80,23 +85,25 @@ class CFMObjective:
     """The CFM objective for a path: draw t and z, build (x_t, u_t), regress net(t, x_t) on u_t.
 
     ``reduction`` is over dimensions ("sum" or "mean"); the batch is always averaged, with optional
-    per-sample ``weights`` (normalised by their sum, so weights only set relative importance).
+    per-sample ``weights`` (normalised by their sum, so weights only set relative importance). ``time_sampler``:
+    the density of t (:class:`~flowprobe.timesampling.TimeSampler`; None is uniform) on the path's time range.
     """
 
-    def __init__(self, path: ProbabilityPath, reduction: str = "mean"):
+    def __init__(self, path: ProbabilityPath, reduction: str = "mean", time_sampler: TimeSampler | None = None):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.path = path
         self.reduction = reduction
+        self.time_sampler = time_sampler if time_sampler is not None else TimeSampler()
 
     def time_range(self) -> tuple[float, float]:
         return getattr(self.path, "time_range", (0.0, 1.0))
 
     def draw(self, pairing: Pairing, generator: torch.Generator, t: Tensor | None = None):
-        """(t, x_t, u_t) for a pairing; t ~ U(time_range) unless given, z ~ N(0, I)."""
+        """(t, x_t, u_t) for a pairing; t from the time sampler on time_range unless given, z ~ N(0, I)."""
         x0, x1 = pairing.x0, pairing.x1
         if t is None:
-            t = sample_times(x0.shape[0], generator, x0.device, x0.dtype, self.time_range())
+            t = sample_times(x0.shape[0], generator, x0.device, x0.dtype, self.time_range(), self.time_sampler)
         z = None
         if not self.path.deterministic:
             z = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
@@ -106,12 +113,19 @@ class CFMObjective:
     def losses(self, net, t: Tensor, x_t: Tensor, u_t: Tensor) -> Tensor:
         return cfm_losses(net, t, x_t, u_t, self.reduction)
 
+    def describe(self) -> dict:
+        """The run record's objective entry; the time density only when it is not uniform (older records stand)."""
+        return {"objective": "cfm", "reduction": self.reduction,
+                **({} if self.time_sampler.uniform else self.time_sampler.describe())}
+
     def __call__(self, net, pairing: Pairing, generator: torch.Generator, weights: Tensor | None = None,
                  t: Tensor | None = None) -> Tensor:
         """Scalar batch loss: mean_i w_i l_i / mean_i w_i (plain mean without weights); ``weights`` default to
-        the pairing's own (:class:`~flowprobe.couplings.WeightedCoupling`)."""
+        the pairing's own (:class:`~flowprobe.couplings.WeightedCoupling`); a labelled pairing calls
+        ``net(t, x, y=pairing.y)`` (:func:`flowprobe.guidance.conditioned`)."""
         t, x_t, u_t = self.draw(pairing, generator, t)
-        return weighted_mean(self.losses(net, t, x_t, u_t), pairing.weights if weights is None else weights)
+        losses = self.losses(conditioned(net, pairing.y), t, x_t, u_t)
+        return weighted_mean(losses, pairing.weights if weights is None else weights)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -119,15 +133,18 @@ class CFMObjective:
 
 
 def sample_intervals(n: int, generator: torch.Generator, jump_fraction: float, device=None,
-                     dtype=torch.float32, time_range: tuple[float, float] = (0.0, 1.0)) -> tuple[Tensor, Tensor]:
-    """Intervals [t, t + h] inside ``time_range``: two uniform draws, t the smaller and t + h the larger; then
-    h is set to 0 for a random ``1 - jump_fraction`` of the batch (those samples train the instantaneous
-    velocity, the plain CFM loss). Returns (t, h), each of shape (n,)."""
+                     dtype=torch.float32, time_range: tuple[float, float] = (0.0, 1.0),
+                     sampler: TimeSampler | None = None) -> tuple[Tensor, Tensor]:
+    """Intervals [t, t + h] inside ``time_range``: two independent draws (uniform, or from ``sampler``'s density,
+    as MeanFlow draws both ends from a logit-normal), t the smaller and t + h the larger; then h is set to 0 for a
+    random ``1 - jump_fraction`` of the batch (those samples train the instantaneous velocity, the plain CFM
+    loss). Returns (t, h), each of shape (n,)."""
     if not 0.0 <= jump_fraction <= 1.0:
         raise ValueError(f"jump_fraction must be in [0, 1], got {jump_fraction!r}")
     lo, hi = time_range
     r = torch.rand(3, n, generator=generator, device=generator.device, dtype=dtype)
-    a, b = lo + (hi - lo) * r[0], lo + (hi - lo) * r[1]
+    q = (lambda u: u) if sampler is None else sampler.quantile
+    a, b = lo + (hi - lo) * q(r[0]), lo + (hi - lo) * q(r[1])
     t, s = torch.minimum(a, b), torch.maximum(a, b)
     h = torch.where(r[2] < jump_fraction, s - t, torch.zeros_like(t))
     dev = device if device is not None else t.device
@@ -141,7 +158,7 @@ class AverageVelocityObjective:
 
     def __init__(self, path: ProbabilityPath, reduction: str = "mean", jump_fraction: float = 0.25,
                  adaptive_power: float = 0.0,
-                 adaptive_eps: float = 1e-3):
+                 adaptive_eps: float = 1e-3, time_sampler: TimeSampler | None = None):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         if not 0.0 <= jump_fraction <= 1.0:
@@ -151,6 +168,7 @@ class AverageVelocityObjective:
         self.path, self.reduction = path, reduction
         self.jump_fraction = float(jump_fraction)
         self.adaptive_power, self.adaptive_eps = float(adaptive_power), float(adaptive_eps)
+        self.time_sampler = time_sampler if time_sampler is not None else TimeSampler()
 
     def time_range(self) -> tuple[float, float]:
         return getattr(self.path, "time_range", (0.0, 1.0))
@@ -162,7 +180,7 @@ class AverageVelocityObjective:
         x0, x1 = pairing.x0, pairing.x1
         if t is None or h is None:
             t_draw, h_draw = sample_intervals(x0.shape[0], generator, self.jump_fraction, x0.device, x0.dtype,
-                                              self.time_range())
+                                              self.time_range(), self.time_sampler)
             t = t_draw if t is None else t
             h = h_draw if h is None else h
         z = None
@@ -187,12 +205,13 @@ class AverageVelocityObjective:
 
     def __call__(self, net, pairing: Pairing, generator: torch.Generator, weights: Tensor | None = None,
                  t: Tensor | None = None, h: Tensor | None = None) -> Tensor:
-        losses = self.losses(net, *self.draw(pairing, generator, t, h))
+        losses = self.losses(conditioned(net, pairing.y), *self.draw(pairing, generator, t, h))
         return weighted_mean(losses, pairing.weights if weights is None else weights)
 
     def describe(self) -> dict:
         return {"objective": self.name, "reduction": self.reduction, "jump_fraction": self.jump_fraction,
-                "adaptive_power": self.adaptive_power, "adaptive_eps": self.adaptive_eps}
+                "adaptive_power": self.adaptive_power, "adaptive_eps": self.adaptive_eps,
+                **({} if self.time_sampler.uniform else self.time_sampler.describe())}
 
 
 class MeanFlowObjective(AverageVelocityObjective):
@@ -261,13 +280,14 @@ class SplitMeanFlowObjective(AverageVelocityObjective):
 OBJECTIVES = ("cfm", "meanflow", "splitmeanflow")
 
 
-def make_objective(kind: str, path: ProbabilityPath, reduction: str = "mean", **options):
-    """The objective named ``kind`` (one of OBJECTIVES) on ``path``; ``options`` (jump_fraction, adaptive_power,
-    adaptive_eps) go to the few-step objectives."""
+def make_objective(kind: str, path: ProbabilityPath, reduction: str = "mean", time_sampler: TimeSampler | None = None,
+                   **options):
+    """The objective named ``kind`` (one of OBJECTIVES) on ``path``, drawing t from ``time_sampler`` (None:
+    uniform); ``options`` (jump_fraction, adaptive_power, adaptive_eps) go to the few-step objectives."""
     if kind == "cfm":
-        return CFMObjective(path, reduction)
+        return CFMObjective(path, reduction, time_sampler)
     if kind == "meanflow":
-        return MeanFlowObjective(path, reduction, **options)
+        return MeanFlowObjective(path, reduction, time_sampler=time_sampler, **options)
     if kind == "splitmeanflow":
-        return SplitMeanFlowObjective(path, reduction, **options)
+        return SplitMeanFlowObjective(path, reduction, time_sampler=time_sampler, **options)
     raise ValueError(f"objective must be one of {OBJECTIVES}, got {kind!r}")

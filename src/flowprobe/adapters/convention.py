@@ -15,7 +15,7 @@ of :class:`Convention`:
 - ``channels``: keep only the first ``channels`` channels (dim 1) of the output (models that also predict a variance).
 
 Noise and data predictions on a deterministic affine path x_t = a(t) x0 + b(t) x1 (u_t = a' x0 + b' x1), with x0
-the source noise and x1 the data, all in flowprobe time t:
+the source noise and x1 the data, all in flowprobe time t, are converted by :func:`flowprobe.affine_paths.convert`:
 
     noise e = x0_hat:  x1_hat = (x_t - a e) / b,    v = a' e + b' x1_hat
     data  d = x1_hat:  x0_hat = (x_t - b d) / a,    v = a' x0_hat + b' d
@@ -34,8 +34,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..affine_paths import PATH_KINDS, ScheduledPath, convert
 from ..config import ConfigError
-from ..paths import AffinePath, LinearPath, ProbabilityPath, expand_like
+from ..paths import LinearPath, ProbabilityPath
 
 __all__ = ["Convention", "ConventionAdapter", "ORDERS", "TIMES", "OUTPUTS", "named_path", "unwrap_output",
            "to_velocity", "module_dtype"]
@@ -91,16 +92,16 @@ class Convention:
 
 
 def named_path(name: str | ProbabilityPath) -> ProbabilityPath:
-    """A path by name: ``linear`` (x_t = (1 - t) x0 + t x1) or ``cosine`` (a = cos(pi t / 2), b = sin(pi t / 2))."""
+    """A path by name: ``linear`` (x_t = (1 - t) x0 + t x1) or another kind of :mod:`flowprobe.affine_paths` with
+    its default parameters (``cosine``: a = cos(pi t / 2), b = sin(pi t / 2); ``vp``, ``linear_vp``,
+    ``polynomial``)."""
     if isinstance(name, ProbabilityPath):
         return name
     if name == "linear":
         return LinearPath()
-    if name == "cosine":
-        h = math.pi / 2
-        return AffinePath(lambda t: torch.cos(h * t), lambda t: torch.sin(h * t),
-                          lambda t: -h * torch.sin(h * t), lambda t: h * torch.cos(h * t), name="cosine")
-    raise ConfigError(f"path: expected 'linear' or 'cosine' (or a ProbabilityPath), got {name!r}")
+    if name in PATH_KINDS:
+        return ScheduledPath(name)
+    raise ConfigError(f"path: expected one of {', '.join(PATH_KINDS)} (or a ProbabilityPath), got {name!r}")
 
 
 def unwrap_output(out: Any) -> Tensor:
@@ -117,26 +118,14 @@ def unwrap_output(out: Any) -> Tensor:
     raise TypeError(f"cannot find the output tensor in a {type(out).__name__} (expected a tensor, tuple or .sample)")
 
 
-def _safe(c: Tensor, eps: float) -> Tensor:
-    """c with entries of magnitude below eps replaced by eps * sign(c) (sign(0) = +1)."""
-    sign = torch.where(c < 0, -torch.ones_like(c), torch.ones_like(c))
-    return torch.where(c.abs() < eps, eps * sign, c)
-
-
 def to_velocity(out: Tensor, output: str, t: Tensor, x: Tensor, path: ProbabilityPath, eps: float = 1e-4) -> Tensor:
     """The velocity dx/dt from a model output of kind ``output`` at flowprobe time t (shape (B,)) and state x."""
     if output == "velocity":
         return out
     if output == "minus_velocity":
         return -out
-    tt = expand_like(t.to(device=x.device, dtype=x.dtype), x)
-    a, b, da, db = path.a(tt), path.b(tt), path.da(tt), path.db(tt)
-    if output == "noise":
-        x1_hat = (x - a * out) / _safe(b, eps)
-        return da * out + db * x1_hat
-    if output == "data":
-        x0_hat = (x - b * out) / _safe(a, eps)
-        return da * x0_hat + db * out
+    if output in ("noise", "data"):
+        return convert(out, output, "velocity", t, x, path, eps)
     raise ValueError(f"unknown output {output!r}")
 
 

@@ -2,7 +2,8 @@
 or maps errors to exit codes.
 
 One module per command group (``train`` and ``sample``: :mod:`.train`; ``reproduce``: :mod:`.reproduce`;
-``probe gradvar|memorization``: :mod:`.probe`; ``diagnose``: :mod:`.diagnose`), each with
+``probe gradvar|memorization``: :mod:`.probe`; ``diagnose``: :mod:`.diagnose`;
+``likelihood``: :mod:`.likelihood`; ``quality``: :mod:`.quality`), each with
 ``register(subparsers)`` that adds its parsers and sets ``func`` (called with the parsed namespace, returning an
 exit code). A user error (:class:`~flowprobe.config.ConfigError`, or an OS error on a path the user named) is
 printed as one line with exit code 2; a diverged training run exits with 3; ``diagnose --fail-on`` exits with 4
@@ -16,12 +17,12 @@ import sys
 
 from .. import __version__
 from ..config import ConfigError
-from . import diagnose, probe, reproduce, train
+from . import diagnose, likelihood, probe, quality, reflow, reproduce, train
 
 __all__ = ["main", "build_parser"]
 
 #: command-group modules, in the order ``flowprobe --help`` lists them
-COMMAND_GROUPS = (train, reproduce, probe, diagnose)
+COMMAND_GROUPS = (train, reproduce, probe, diagnose, likelihood, quality, reflow)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ from ..device import resolve_device
 from ..io import write_json
 from ..objectives import REDUCTIONS, AverageVelocityObjective, make_objective
 from ..paths import ProbabilityPath
-from ..paths import make_path
+from ..affine_paths import make_scheduled_path
 from ..probes.ghost import CONV_RULES
 from ..probes.gradvar import ENDPOINT_MARGIN, ESTIMATORS, gradient_variance, parse_times, sampler_device
 from ..probes.memorization import evaluate_pairs, limit_pairs, load_pairs
@@ -76,7 +76,8 @@ def _override_path(path: ProbabilityPath, sigma: float | None, schedule: str | N
         return path
     base_sigma = float(getattr(path, "sigma", 0.0))
     base_schedule = getattr(path, "schedule", "constant")
-    return make_path(base_sigma if sigma is None else sigma, base_schedule if schedule is None else schedule)
+    return make_scheduled_path(getattr(path, "kind", "linear"), getattr(path, "params", None),  # keep (a, b)
+                               base_sigma if sigma is None else sigma, base_schedule if schedule is None else schedule)
 
 
 def probe_gradvar_cli(targets: Sequence[ProbeTarget], out, *, times="0:1:21", samples: int = 256,

@@ -58,6 +58,11 @@ def register(subparsers) -> None:
     s.add_argument("--plot", default=None, metavar="PNG",
                    help="also plot samples and trajectories (2-D) or write an image grid (images)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--label", type=int, default=None, metavar="K",
+                   help="class-conditional models (model.num_classes): draw class K (default: unconditional)")
+    s.add_argument("--guidance", type=float, default=0.0, metavar="W",
+                   help="classifier-free guidance weight w: integrate (1 + w) v(x | K) - w v(x | null); 0 is the "
+                        "plain conditional field; diffusers' guidance_scale is 1 + w")
     s.add_argument("--device", default=None)
     s.add_argument("--no-ema", action="store_true", help="use the raw weights even when an EMA copy exists")
     s.set_defaults(func=run_sample)
@@ -100,7 +105,8 @@ def _report_training(result, out: Path, cfg: TrainConfig) -> None:
         print(f"evaluation: squared energy distance to the target {ev['energy_distance']:.4g} (source: "
               f"{ev['energy_distance_source']:.4g}), {ev['n']} samples, {ev['solver']} {ev['steps']} steps, "
               f"{ev['model']} weights")
-    print(f"wrote {out}/metrics.jsonl, {out}/checkpoints/" + (f", {out}/samples.png" if cfg.sample.plot else ""))
+    plotted = cfg.sample.plot and (out / "samples.png").is_file()  # vectors of other than 2 dims are not plotted
+    print(f"wrote {out}/metrics.jsonl, {out}/checkpoints/" + (f", {out}/samples.png" if plotted else ""))
 
 
 def run_sample(args) -> int:
@@ -110,7 +116,7 @@ def run_sample(args) -> int:
     res, info, cfg = sample_checkpoint(args.checkpoint, args.n, args.steps, args.solver, args.seed, args.device,
                                        use_ema=not args.no_ema, trajectory=args.plot is not None,
                                        diffusion=args.sde, diffusion_schedule=args.sde_schedule,
-                                       schedule=args.schedule)
+                                       schedule=args.schedule, label=args.label, guidance=args.guidance)
     x = res.x.detach().float().cpu()
     images = x.dim() == 4
     if out.suffix == ".png" and not images:

@@ -13,6 +13,9 @@ generator gives CUDA samples; all randomness comes from the generator.
 - :class:`Checkerboard`: uniform on the dark squares of a 4 x 4 board on [-2, 2]^2, times ``scale``.
 - :class:`StandardGaussian`: N(0, std^2 I) in 2-D.
 
+The Gaussian-type toys (:class:`StandardGaussian`, :class:`EightGaussians`) also give their exact ``log_prob(x)``
+(the source density of a likelihood, :mod:`flowprobe.probes.likelihood`).
+
 :func:`make_toy` builds one by name (used by configs); :func:`flowprobe.metrics.energy_distance` compares a
 trained flow's samples with its target.
 """
@@ -63,6 +66,10 @@ class StandardGaussian(_Toy2D):
     def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         return self._out(self.std * self._randn((n, 2), generator))
 
+    def log_prob(self, x: Tensor) -> Tensor:
+        """log N(x; 0, std^2 I_2) = -||x||^2 / (2 std^2) - log(2 pi std^2), shape (n,)."""
+        return -0.5 * x.pow(2).sum(-1) / self.std ** 2 - math.log(2 * math.pi * self.std ** 2)
+
     def describe(self) -> dict:
         return {"distribution": "gaussian", "std": self.std}
 
@@ -94,6 +101,11 @@ class EightGaussians(_Toy2D):
         k = torch.randint(8, (n,), generator=generator, device=generator.device)
         mu = self._centers_on(generator.device)[k]
         return self._out(mu + self.std * self._randn((n, 2), generator))
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """log p(x) = logsumexp_k [-||x - mu_k||^2 / (2 std^2)] - log 8 - log(2 pi std^2), shape (n,)."""
+        sq = (x[:, None, :] - self.centers.to(x.device, x.dtype)[None]).pow(2).sum(-1)
+        return torch.logsumexp(-0.5 * sq / self.std ** 2, dim=1) - math.log(8 * 2 * math.pi * self.std ** 2)
 
     def describe(self) -> dict:
         return {"distribution": "eight_gaussians", "radius": self.radius, "std": self.std}

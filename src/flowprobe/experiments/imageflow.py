@@ -31,9 +31,10 @@ class ImageModelConfig(ModelConfig):
     """The velocity network: :class:`flowprobe.runs.config.ModelConfig` with image defaults. ``arch="unet"``:
     :func:`flowprobe.nets.unet.unet_preset` ``preset`` with ``image_size`` set to the data resolution and
     the optional overrides (``dropout`` 0 unless set); ``arch="mlp"``: an MLP on the flattened image
-    (``width`` x ``depth``), for the smallest CPU runs."""
+    (``width`` x ``depth``), for the smallest CPU runs; ``arch="dit"``: :func:`flowprobe.nets.dit.dit_preset`
+    ``preset`` (docs/dit.md)."""
 
-    arch: str = option("unet", choices=("unet", "mlp"))
+    arch: str = option("unet", choices=("unet", "mlp", "dit"))
     preset: str = option("celeba64", choices=("celeba64", "cifar10", "tiny"))
     dropout: float | None = option(0.0, ge=0, lt=1)
     width: int = option(512, ge=1, help="MLP width")
@@ -65,7 +66,7 @@ class ImageTrainOptions:
 
 
 def model_spec(cfg: ImageModelConfig, image_size: int, channels: int = 3) -> dict:
-    """{"class": "UNet" | "FlatMLP", "kwargs": {...}}: enough to rebuild the net (stored in checkpoints);
+    """{"class": "UNet" | "DiT" | "FlatMLP", "kwargs": {...}}: enough to rebuild the net (stored in checkpoints);
     :func:`flowprobe.nets.factory.model_spec` for (channels, image_size, image_size) images."""
     return net_model_spec(cfg, (channels, image_size, image_size))
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["timestep_embedding", "TIME_SCALE"]
+__all__ = ["timestep_embedding", "TIME_SCALE", "label_embedding"]
 
 #: t in [0, 1] is multiplied by this before the sinusoidal embedding. With max_period 10000, raw t
 #: in [0, 1] would leave most frequencies nearly constant over the whole interval.
@@ -30,3 +30,16 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, scale: 
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
     return emb
+
+
+def label_embedding(table, num_classes: int, y: Tensor | None, x: Tensor) -> Tensor | float:
+    """What a net adds to its time embedding for class labels ``y`` (B,): ``table(y)`` (an ``nn.Embedding`` of
+    num_classes + 1 rows), the null row ``num_classes`` for ``y=None``; 0 for an unconditional net (``table``
+    None), which refuses labels."""
+    if table is None:
+        if y is not None:
+            raise ValueError("this net is not class-conditional (build it with num_classes > 0)")
+        return 0.0
+    if y is None:
+        y = torch.full((x.shape[0],), num_classes, dtype=torch.long, device=x.device)
+    return table(torch.as_tensor(y, device=x.device).long().expand(x.shape[0])).to(x.dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .embedding import TIME_SCALE, timestep_embedding
+from .embedding import TIME_SCALE, label_embedding, timestep_embedding
 
 __all__ = ["MLP"]
 
@@ -20,11 +20,14 @@ class MLP(nn.Module):
     ``step_embed``: also take a step h (``net(t, x, h)``, the average velocity over [t, t + h] of few-step
     objectives such as MeanFlow): [x, emb(t), emb(h)]. The first layer's weights on emb(h) start at zero,
     so the new net starts as a velocity field, and h = 0 (or None) is the instantaneous velocity.
+    ``num_classes`` = K > 0: class-conditional, ``net(t, x, y=labels)``; an ``nn.Embedding(K + 1, ...)`` of the
+    label (index K, or ``y=None``, is the null label: the unconditional field) is added to the time embedding
+    (:mod:`flowprobe.guidance`).
     """
 
     def __init__(self, dim: int, width: int = 256, depth: int = 3, time_embed_dim: int = 32,
                  activation: str = "silu", out_dim: int | None = None, step_embed: bool = False,
-                 time_scale: float = TIME_SCALE):
+                 time_scale: float = TIME_SCALE, num_classes: int = 0):
         super().__init__()
         if dim < 1 or width < 1 or depth < 1 or time_embed_dim < 0:
             raise ValueError("dim, width and depth must be >= 1 and time_embed_dim >= 0")
@@ -41,6 +44,8 @@ class MLP(nn.Module):
             n_in = width
         layers.append(nn.Linear(n_in, out_dim or dim))
         self.net = nn.Sequential(*layers)
+        self.num_classes = int(num_classes)
+        self.label_embed = nn.Embedding(num_classes + 1, n_time) if num_classes > 0 else None
         if step_embed:
             with torch.no_grad():
                 self.net[0].weight[:, dim + n_time:] = 0
@@ -52,8 +57,8 @@ class MLP(nn.Module):
         te = timestep_embedding(t, self.time_embed_dim, scale=self.time_scale) if self.time_embed_dim else t[:, None]
         return te.to(x.dtype)
 
-    def forward(self, t: Tensor, x: Tensor, h: Tensor | None = None) -> Tensor:
-        parts = [x, self._embed(t, x)]
+    def forward(self, t: Tensor, x: Tensor, h: Tensor | None = None, y: Tensor | None = None) -> Tensor:
+        parts = [x, self._embed(t, x) + label_embedding(self.label_embed, self.num_classes, y, x)]
         if self.step_embed:
             parts.append(self._embed(torch.zeros(()) if h is None else h, x))
         elif h is not None:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .embedding import TIME_SCALE, timestep_embedding
+from .embedding import TIME_SCALE, label_embedding, timestep_embedding
 
 __all__ = ["UNet", "unet_preset", "UNET_PRESETS", "count_parameters", "attention"]
 
@@ -208,6 +208,9 @@ class UNet(nn.Module):
             objectives such as MeanFlow): a second embedding MLP of h, added to the time embedding. Its last
             layer starts at zero, so the new net starts as a velocity field; h = 0 (or None) is the
             instantaneous velocity.
+        num_classes: K > 0 makes the net class-conditional, ``net(t, x, y=labels)``: an ``nn.Embedding(K + 1,
+            4d)`` of the label is added to the time embedding; index K (or ``y=None``) is the null label, the
+            unconditional field (:mod:`flowprobe.guidance`).
     """
 
     def __init__(self, image_size: int = 32, in_channels: int = 3, model_channels: int = 128,
@@ -215,7 +218,7 @@ class UNet(nn.Module):
                  attention_resolutions: Iterable[int] = (16,), dropout: float = 0.1, num_heads: int = 4,
                  num_head_channels: int | None = 64, use_scale_shift_norm: bool = True,
                  resblock_updown: bool = False, time_scale: float = TIME_SCALE, num_groups: int = 32,
-                 conv_resample: bool = True, step_embed: bool = False):
+                 conv_resample: bool = True, step_embed: bool = False, num_classes: int = 0):
         super().__init__()
         channel_mult = tuple(int(m) for m in channel_mult)
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
@@ -239,6 +242,8 @@ class UNet(nn.Module):
         if step_embed:
             self.step_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(),
                                             _zero(nn.Linear(emb_dim, emb_dim)))
+        self.num_classes = int(num_classes)
+        self.label_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
 
         def res(cin: int, cout: int, updown: str | None = None) -> ResBlock:
             return ResBlock(cin, emb_dim, cout, dropout, use_scale_shift_norm, updown, num_groups)
@@ -282,10 +287,12 @@ class UNet(nn.Module):
         emb = timestep_embedding(t, self.model_channels, scale=self.time_scale)
         return mlp(emb.to(mlp[0].weight.dtype))
 
-    def forward(self, t: Tensor | float, x: Tensor, h: Tensor | float | None = None) -> Tensor:
+    def forward(self, t: Tensor | float, x: Tensor, h: Tensor | float | None = None, y: Tensor | None = None) -> Tensor:
         """v(t, x): t of shape (B,) (or a scalar, broadcast to the batch), x of shape (B, C, H, W); with
-        ``step_embed``, u(t, x, h), the average velocity over [t, t + h] (h = None means 0)."""
+        ``step_embed``, u(t, x, h), the average velocity over [t, t + h] (h = None means 0); with ``num_classes``,
+        v(t, x | y) for labels y (B,) (None: the null label, :mod:`flowprobe.guidance`)."""
         emb = self._embed(t, x, self.time_embed)
+        emb = emb + label_embedding(self.label_embed, self.num_classes, y, emb)
         if self.step_embed is not None:
             emb = emb + self._embed(0.0 if h is None else h, x, self.step_embed)
         elif h is not None:

@@ -9,7 +9,8 @@ from ..nets.factory import build_net, model_spec
 from ..objectives import make_objective
 from .config import TrainConfig
 
-__all__ = ["build_data", "build_objective", "build_run", "run_model_spec", "make_sampler", "image_source"]
+__all__ = ["build_data", "build_objective", "build_path", "build_run", "run_model_spec", "make_sampler",
+           "image_source"]
 
 
 def make_sampler(name: str, params: dict, key: str, device, dtype=torch.float32):
@@ -39,14 +40,21 @@ def image_source(shape, device):
 def build_data(cfg: TrainConfig, device: str | torch.device = "cpu", progress: bool = False):
     """(coupling, source, target, sample shape) of a config, on ``device``.
 
-    Toys: with ``data.n_train`` the finite pools are drawn once from a generator seeded with seed + 1.
+    Toys: with ``data.n_train`` the finite pools are drawn once from a generator seeded with seed + 1; with
+    ``data.pairs`` they are the rows of that pairs file.
     Images: the dataset is decoded (cached) to uint8 on ``device``; fixed pairs use noises x0_i fixed per
     index (:func:`flowprobe.data.images.fixed_noise`, seed + 1) paired with image i.
+    Own files (``data.kind: array | image_folder``): :func:`flowprobe.runs.own_data.build_own_data`.
     """
     from ..couplings import FixedPairs, IndependentCoupling, MinibatchOTCoupling, TensorSampler
 
     device = torch.device(device)
     kind = cfg.coupling.kind
+    if cfg.data.data_kind in ("array", "image_folder"):  # the user's own files (runs.own_data)
+        from .own_data import build_own_data, with_labels
+
+        coupling, source, target, shape = build_own_data(cfg, device, progress)
+        return with_labels(_weighted(coupling, cfg), cfg, target), source, target, shape
     if cfg.data.dataset is not None:
         from ..data.images import ImageSampler, IndexedPairs, fixed_noise, load_images, to_tensor
 
@@ -73,6 +81,11 @@ def build_data(cfg: TrainConfig, device: str | torch.device = "cpu", progress: b
         x0, _ = source.sample(cfg.data.n_train, g)
         x1, _ = target.sample(cfg.data.n_train, g)
         src, tgt = TensorSampler(x0), TensorSampler(x1)
+    elif cfg.data.pairs is not None:  # a pairs file is the training set (runs.reuse)
+        from .reuse import pairs_pools
+
+        x0, x1 = pairs_pools(cfg.data.pairs, source, device)
+        src, tgt = TensorSampler(x0), TensorSampler(x1)
     if kind == "independent":
         coupling = IndependentCoupling(src, tgt)
     elif kind == "minibatch_ot":
@@ -89,13 +102,23 @@ def _weighted(coupling, cfg: TrainConfig):
     return coupling if eps is None else WeightedCoupling(coupling, eps)
 
 
+def build_path(cfg: TrainConfig):
+    """The path of the config: ``path.kind`` with ``path.params``, noise ``path.sigma`` / ``path.schedule``."""
+    from ..affine_paths import make_scheduled_path
+
+    p = cfg.path
+    return make_scheduled_path(p.kind, p.params, p.sigma, p.schedule)
+
+
 def build_objective(cfg: TrainConfig):
-    """The objective of the config (``objective.kind``) on its path (sigma, schedule), with its loss reduction."""
-    from ..paths import make_path
+    """The objective of the config (``objective.kind``) on its path (:func:`build_path`), with its loss reduction
+    and its time density (``objective.time_sampling``, ``objective.time_params``)."""
+    from ..timesampling import TimeSampler
 
     o = cfg.objective
     options = {} if o.kind == "cfm" else {"jump_fraction": o.jump_fraction, "adaptive_power": o.adaptive_power}
-    return make_objective(o.kind, make_path(cfg.path.sigma, cfg.path.schedule), cfg.reduction, **options)
+    sampler = TimeSampler(o.time_sampling, **o.time_params)
+    return make_objective(o.kind, build_path(cfg), cfg.reduction, time_sampler=sampler, **options)
 
 
 def build_run(cfg: TrainConfig, device: str | torch.device = "cpu"):

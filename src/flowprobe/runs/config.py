@@ -11,15 +11,17 @@ from pathlib import Path
 
 import torch
 
+from ..affine_paths import PATH_KINDS, check_path_params
 from ..config import ConfigError, option
 from ..nets.embedding import TIME_SCALE
 from ..objectives import OBJECTIVES
 from ..solvers import METHODS
+from ..timesampling import TIME_SAMPLERS, TimeSampler
 from ..train.schedule import LR_SCHEDULES
 from ..train.step import PRECISIONS, auto_precision_compile, compile_options
 
 __all__ = ["TrainConfig", "DataConfig", "ModelConfig", "PathConfig", "CouplingConfig", "OptimConfig",
-           "ObjectiveConfig", "SampleConfig", "resolve_auto", "default_config_path", "SAMPLE_SOLVERS",
+           "ObjectiveConfig", "SampleConfig", "LogConfig", "resolve_auto", "default_config_path", "SAMPLE_SOLVERS",
            "GRADVAR_TIMES"]
 
 #: what ``sample.solver`` / ``--solver`` accept: the ODE methods, and "average" (jumps of a few-step net)
@@ -29,6 +31,8 @@ SAMPLE_SOLVERS = METHODS + ("average",)
 MAX_STEPS = 100_000_000
 MAX_ITEMS = 100_000_000
 MAX_SEED = 2**40
+#: ``data.kind`` values: 2-D toys, image datasets, and the user's own arrays / image folders (runs.own_data).
+DATA_KINDS = ("toy", "images", "array", "image_folder")
 #: Default times of the gradient-variance log (0.01, 0.1, ..., 0.9, 0.99: see probes.gradvar.parse_times).
 GRADVAR_TIMES = "0:1:11"
 
@@ -40,9 +44,11 @@ def _toy_names() -> tuple[str, ...]:
 
 
 def _unet_presets() -> tuple[str, ...]:
+    """The preset names of the UNet and the DiT (each arch checks its own in :func:`flowprobe.nets.model_spec`)."""
+    from ..nets.dit import DIT_PRESETS
     from ..nets.unet import UNET_PRESETS
 
-    return tuple(UNET_PRESETS)
+    return tuple(dict.fromkeys([*UNET_PRESETS, *DIT_PRESETS]))
 
 
 @dataclass
@@ -57,7 +63,22 @@ class DataConfig:
     tar / folder path; ``root`` is the data root for names) is the target, kept as uint8 on the device and
     drawn by :class:`~flowprobe.data.images.ImageSampler` (random horizontal flips with ``flip``), at
     ``resolution`` (downsampled; default native); the source is N(0, I) of the image shape. ``n_train``
-    keeps the first N images; with ``fixed_pairs`` image i is paired with a fixed noise x0_i."""
+    keeps the first N images; with ``fixed_pairs`` image i is paired with a fixed noise x0_i.
+
+    Your own data (:mod:`flowprobe.runs.own_data`): ``kind: array`` reads ``target_path``, a ``.npy``, ``.npz``,
+    ``.safetensors`` (``FILE:KEY`` picks an entry) or ``.csv`` of vectors (or images); ``kind: image_folder`` reads
+    a folder (or tar) of images, labels from the sub-folder names, centre-cropped and resized to ``resolution``.
+    ``source_path`` (same kind) is the source, else N(0, I) of the target's shape. ``labels``: a label file
+    (``y.npy``, ``y.npz:key``), an entry of the target's .npz / .safetensors, or a CSV column (name or index).
+    ``heldout_fraction``: that share of the rows is held out by a seeded split, never trained on, recorded in the
+    run's ``split.json`` and used by ``flowprobe diagnose RUN``. ``standardize: true``: vectors standardised per
+    feature with the training rows' mean and std (``flowprobe sample`` maps samples back). ``kind`` unset: toy,
+    or images when ``dataset`` is set.
+
+    ``pairs`` (toys): a pairs file (:func:`flowprobe.probes.memorization.save_pairs`) as the training set instead
+    of ``n_train`` draws: its ``x0`` and ``x1`` are the source and target pools (with ``fixed_pairs`` row i is a
+    pair, e.g. the (x0, Phi(x0)) pairs of ``flowprobe reflow``); ``source`` and ``target`` still name the laws
+    that evaluation and sampling draw from, so the rows must have their sample shape."""
 
     source: str = option("eight_gaussians", choices=_toy_names())
     target: str = option("moons", choices=_toy_names())
@@ -68,6 +89,20 @@ class DataConfig:
     root: str | None = option(None, help="data root for dataset names (default $FLOWPROBE_DATA or ../shared/data)")
     resolution: int | None = option(None, ge=1, help="image side after downsampling (default: native)")
     flip: bool = option(True, help="random horizontal flips of training images")
+    pairs: str | None = option(None, help="toys: a pairs file (x0, x1) as the training set")
+    kind: str | None = option(None, choices=DATA_KINDS, help="toy, images, array or image_folder (default: toy, or "
+                                                             "images when dataset is set)")
+    target_path: str | None = option(None, help="kind array / image_folder: the target's file or folder")
+    source_path: str | None = option(None, help="kind array / image_folder: the source's (default N(0, I))")
+    labels: str | int | None = option(None, help="kind array: a label file, FILE:KEY, an entry name or a CSV column "
+                                                 "(name or 0-based index)")
+    heldout_fraction: float | None = option(None, ge=0, lt=1, help="share of rows held out (seeded split)")
+    standardize: bool | None = option(None, help="true: standardise vectors with the training rows' mean/std")
+
+    @property
+    def data_kind(self) -> str:
+        """The kind in effect: ``kind``, else "images" when ``dataset`` is set, else "toy"."""
+        return self.kind or ("images" if self.dataset is not None else "toy")
 
 
 @dataclass
@@ -79,9 +114,17 @@ class ModelConfig:
     ``image_size`` and ``in_channels`` set from the data and the optional overrides (None keeps the preset's
     value); attention resolutions the image does not reach are dropped. ``time_scale``: the embedding sees
     ``time_scale`` t (and the step h); MeanFlow's JVP differentiates through it, and 1000 made MeanFlow diverge
-    on a 2-D Gaussian where 10 or less trained well (docs/neighbours.md)."""
+    on a 2-D Gaussian where 10 or less trained well (docs/neighbours.md). ``arch="dit"`` (images only):
+    :func:`flowprobe.nets.dit.dit_preset` ``preset`` (same names as the UNet's) with the overrides ``patch_size``,
+    ``hidden_size``, ``num_blocks`` (its depth) and ``num_heads`` (docs/dit.md). ``init``: a checkpoint (file,
+    checkpoints/ folder or run folder) of the same architecture whose weights, the EMA copy when it has one,
+    training starts from instead of the seeded initialisation (e.g. ``flowprobe reflow --init previous``).
+    ``num_classes`` = K: a class-conditional net (mlp, unet) trained on the data's labels (``data.labels`` or an
+    image folder's sub-folders), each label replaced by the null label with probability ``label_dropout`` (default
+    0.1), so that ``flowprobe sample --label K --guidance W`` draws with classifier-free guidance
+    (:mod:`flowprobe.guidance`)."""
 
-    arch: str = option("mlp", choices=("mlp", "unet"))
+    arch: str = option("mlp", choices=("mlp", "unet", "dit"))
     width: int = option(256, ge=1, le=65536)
     depth: int = option(3, ge=1, le=1024)
     time_embed_dim: int = option(32, ge=0, le=65536, help="0 (raw t) or an even number >= 2")
@@ -93,15 +136,33 @@ class ModelConfig:
     attention_resolutions: list[int] | None = option(None, ge=1, min_len=0)
     dropout: float | None = option(None, ge=0, lt=1)
     time_scale: float = option(TIME_SCALE, gt=0, le=1e6)
+    num_classes: int | None = option(None, ge=1, le=1_000_000, help="class-conditional net over labels 0..K-1")
+    label_dropout: float | None = option(None, ge=0, le=1, help="share of labels replaced by the null label "
+                                                                "(default 0.1 with num_classes)")
+    init: str | None = option(None, help="checkpoint whose weights (the EMA copy when present) training starts from")
+    patch_size: int | None = option(None, ge=1, help="DiT: patch side")
+    hidden_size: int | None = option(None, ge=4, le=65536, help="DiT: token width")
+    num_blocks: int | None = option(None, ge=1, le=1024, help="DiT: number of transformer blocks")
+    num_heads: int | None = option(None, ge=1, help="DiT: attention heads")
 
 
 @dataclass
 class PathConfig:
-    """The interpolant: sigma = 0 is the straight line (rectified flow); sigma > 0 adds g(t) z with
-    g = sigma (constant) or sigma sqrt(t (1 - t)) (bridge)."""
+    """The interpolant x_t = a(t) x0 + b(t) x1 + g(t) z. ``kind`` sets (a, b) (:mod:`flowprobe.affine_paths`,
+    docs/schedules.md): linear (rectified flow), cosine, polynomial (``params.n``), vp (``params.beta_min``,
+    ``params.beta_max``) or linear_vp. ``sigma`` and ``schedule`` set the noise: sigma = 0 none; sigma > 0 adds
+    g(t) z with g = sigma (constant) or sigma sqrt(t (1 - t)) (bridge)."""
 
     sigma: float = option(0.0, ge=0, le=1e4)
     schedule: str = option("constant", choices=("constant", "bridge"))
+    kind: str = option("linear", choices=PATH_KINDS)
+    params: dict = option(default_factory=dict)
+
+    def __post_init__(self):
+        try:
+            check_path_params(self.kind, self.params)
+        except ValueError as e:
+            raise ConfigError(f"path.params: {e}") from None
 
 
 @dataclass
@@ -136,11 +197,23 @@ class ObjectiveConfig:
     u(t, x, h) over [t, t + h] (``meanflow``: a JVP of the net; ``splitmeanflow``: interval splitting), which
     gives the net a step input (``step_embed``) and samples in a few jumps with ``sample.solver: average``.
     ``jump_fraction``: share of samples with h > 0 (the rest train h = 0, the CFM loss); ``adaptive_power``:
-    MeanFlow's loss weight 1 / (loss + 1e-3)^p."""
+    MeanFlow's loss weight 1 / (loss + 1e-3)^p. ``time_sampling`` (uniform, logit_normal, mode, u_shaped) with
+    ``time_params``: the density of the training time t (:mod:`flowprobe.timesampling`, docs/schedules.md)."""
 
     kind: str = option("cfm", choices=OBJECTIVES)
     jump_fraction: float = option(0.25, ge=0, le=1)
     adaptive_power: float = option(0.0, ge=0)
+    time_sampling: str = option("uniform", choices=TIME_SAMPLERS,
+                                help="density of the training t (docs/schedules.md); few-step: both interval ends")
+    time_params: dict = option(default_factory=dict, help="logit_normal: m, s; mode: s; u_shaped: a")
+
+    def __post_init__(self):
+        try:
+            TimeSampler(self.time_sampling, **self.time_params)
+        except ValueError as e:
+            raise ConfigError(f"objective.time_params: {e}") from None
+        except TypeError:  # a non-string key
+            raise ConfigError(f"objective.time_params: keys must be names, got {self.time_params!r}") from None
 
 
 @dataclass
@@ -158,8 +231,17 @@ class SampleConfig:
 
 
 @dataclass
+class LogConfig:
+    """Where the metrics go besides ``metrics.jsonl`` (the record of the run; how often: the top-level
+    ``log_every``). ``tensorboard``: also write them as TensorBoard scalars into ``<run>/tensorboard/``
+    (:class:`flowprobe.train.tensorboard.TensorBoardLog`; needs the ``tensorboard`` package)."""
+
+    tensorboard: bool = False
+
+
+@dataclass
 class TrainConfig:
-    """A whole training run. Sections: data, model, path, coupling, optim, sample.
+    """A whole training run. Sections: data, model, path, coupling, optim, sample, objective, log.
 
     ``precision``: fp32, tf32, bf16 or auto (bf16 on CUDA, else fp32). ``compile``: false, true, a
     ``torch.compile`` mode ("reduce-overhead" = CUDA graphs), a backend name, or auto ("reduce-overhead"
@@ -172,6 +254,7 @@ class TrainConfig:
     optim: OptimConfig = option(default_factory=OptimConfig)
     sample: SampleConfig = option(default_factory=SampleConfig)
     objective: ObjectiveConfig = option(default_factory=ObjectiveConfig)
+    log: LogConfig = option(default_factory=LogConfig)
     reduction: str = option("mean", choices=("mean", "sum"))
     ema_decay: float | None = option(None, ge=0, lt=1)
     precision: str = option("fp32", choices=PRECISIONS + ("auto",))
@@ -198,18 +281,61 @@ class TrainConfig:
             parse_times(self.gradvar_times)
         except ValueError as e:
             raise ConfigError(f"gradvar_times: {e}") from None
-        if self.coupling.kind == "fixed_pairs" and self.data.n_train is None:
+        _data_checks(self)
+        _pairs_and_init_checks(self)
+        if self.coupling.kind == "fixed_pairs" and self.data.n_train is None and self.data.pairs is None and \
+                self.data.data_kind in ("toy", "images"):
             raise ConfigError("coupling.kind: fixed_pairs needs data.n_train (the number of fixed pairs)")
         if self.sample.solver == "average" and self.objective.kind == "cfm":
             raise ConfigError("sample.solver: average needs a few-step objective (objective.kind: meanflow or "
                               "splitmeanflow); a cfm net has no step input")
-        if self.model.arch == "unet" and self.data.dataset is None:
-            raise ConfigError("model.arch: unet needs image data (set data.dataset) or use arch: mlp")
+        if self.model.label_dropout is not None and not self.model.num_classes:
+            raise ConfigError("model.label_dropout: only read by a class-conditional net (set model.num_classes)")
+        if self.model.num_classes and self.data.data_kind not in ("array", "image_folder"):
+            raise ConfigError("model.num_classes: a class-conditional net needs labelled data (data.kind: array with "
+                              "data.labels, or image_folder)")
+        if self.model.arch in ("unet", "dit") and self.data.data_kind == "toy":
+            raise ConfigError(f"model.arch: {self.model.arch} needs image data (set data.dataset) or use arch: mlp")
         if self.compile != "auto":
             try:
                 compile_options(self.compile)
             except ValueError as e:
                 raise ConfigError(f"compile: {e}; or auto") from None
+
+
+def _data_checks(cfg: TrainConfig) -> None:
+    """The data keys that belong together: a kind's file, and the keys no other kind reads."""
+    d, kind = cfg.data, cfg.data.data_kind
+    if kind in ("array", "image_folder"):
+        if not (d.target_path or "").strip():
+            raise ConfigError(f"data.target_path: data.kind: {kind} needs the target's "
+                              f"{'file' if kind == 'array' else 'folder'}")
+        if d.dataset is not None:
+            raise ConfigError(f"data.dataset: not read with data.kind: {kind}; give the data as data.target_path")
+        if kind == "image_folder" and d.labels is not None:
+            raise ConfigError("data.labels: an image folder's labels are its sub-folder names; remove data.labels")
+        return
+    if kind == "toy" and d.dataset is not None:
+        raise ConfigError("data.kind: toy does not read data.dataset; set data.kind: images or remove data.dataset")
+    if kind == "images" and d.dataset is None:
+        raise ConfigError("data.dataset: data.kind: images needs a dataset name or path")
+    for name in ("target_path", "source_path", "labels", "heldout_fraction", "standardize"):
+        if getattr(d, name) not in (None, False):
+            raise ConfigError(f"data.{name}: only read with data.kind: array or image_folder (this run's kind is "
+                              f"{kind})")
+
+
+
+def _pairs_and_init_checks(cfg: TrainConfig) -> None:
+    """``data.pairs`` (a toy run's training set from a pairs file) and ``model.init`` (starting weights)."""
+    for key, value in (("data.pairs", cfg.data.pairs), ("model.init", cfg.model.init)):
+        if value is not None and not value.strip():
+            raise ConfigError(f"{key}: empty; give a file path or leave it unset")
+    if cfg.data.pairs is not None and cfg.data.data_kind != "toy":
+        raise ConfigError(f"data.pairs: a pairs file is the training set of a toy run; this run's data.kind is "
+                          f"{cfg.data.data_kind}")
+    if cfg.data.pairs is not None and cfg.data.n_train is not None:
+        raise ConfigError("data.pairs and data.n_train exclude each other: the pairs file is the training set")
 
 
 def resolve_auto(cfg: TrainConfig, device: torch.device) -> TrainConfig:

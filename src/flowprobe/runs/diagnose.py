@@ -9,12 +9,13 @@ For a flowprobe checkpoint the path, the source and, when no training data are g
 are rebuilt from the checkpoint (:func:`flowprobe.runs.load_run`): the finite pool of a toy run with
 ``data.n_train``, the images of an image run, the fixed pairs of a ``fixed_pairs`` run. Held-out samples are then
 fresh draws of a toy run's target, CIFAR-10's test split for a CIFAR-10 run, or the images after the first
-``n_train`` of an image run that used a subset.
+``n_train`` of an image run that used a subset, or the held-out split of a run on the user's own files
+(``data.kind: array | image_folder`` with ``data.heldout_fraction``, :mod:`flowprobe.runs.own_data`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,7 +29,8 @@ from ..diagnosis import diagnose as diagnose_net
 from ..paths import LinearPath, ProbabilityPath
 from ..probes.memorization import PairSet, load_pairs
 
-__all__ = ["diagnose", "resolve_model", "ResolvedModel", "resolve_data", "run_training_data", "ADAPTER_MODEL_OPTION"]
+__all__ = ["diagnose", "resolve_model", "ResolvedModel", "resolve_data", "run_training_data", "resolve_features",
+           "ADAPTER_MODEL_OPTION"]
 
 #: The adapter option that the positional MODEL argument fills, per adapter kind.
 ADAPTER_MODEL_OPTION = {"torchcfm": "checkpoint", "diffusers": "folder", "flow_matching": "weights",
@@ -78,12 +80,34 @@ def resolve_model(model, *, adapter: str | None = None, adapter_options: dict | 
     except ConfigError as e:  # no training config, or its data cannot be rebuilt here: the net and what is known
         net, ck = load_model(target, device, use_ema)
         resolved = ResolvedModel(net, LinearPath(), None, {"kind": "flowprobe", "checkpoint": str(ck.path),
-                                                           "step": ck.step, "note": f"run not rebuilt: {e}"})
+                                                           "step": ck.step, "note": f"run not rebuilt: {e}",
+                                                           "training_warnings": training_warnings(ck.losses)})
         _path_from_config(resolved, ck, device)
         return resolved
     ck = run.checkpoint
-    info = {"kind": "flowprobe", "checkpoint": str(ck.path), "step": ck.step, "weights": run.weights}
+    info = {"kind": "flowprobe", "checkpoint": str(ck.path), "step": ck.step, "weights": run.weights,
+            "training_warnings": training_warnings(ck.losses)}
     return ResolvedModel(run.net, run.objective.path, run.source, info, run)
+
+
+#: A warning (not a vote) when a checkpoint's mean training loss over its last tenth of steps is more than this
+#: fraction below the mean over the tenth before: the net was still learning when it was saved.
+LOSS_STILL_FALLING = 0.05
+
+
+def training_warnings(losses: list[float]) -> list[str]:
+    """Lines about a run's loss history worth reading beside the verdict: the loss still falling at the end
+    (:data:`LOSS_STILL_FALLING`), which makes 'generalises' provisional (a net that has not finished fitting its
+    training set may still come to copy it)."""
+    w = len(losses) // 10
+    if w < 10:
+        return []
+    before, last = sum(losses[-2 * w:-w]) / w, sum(losses[-w:]) / w
+    if not (before > 0 and last < (1 - LOSS_STILL_FALLING) * before):
+        return []
+    return [f"the training loss was still falling when the checkpoint was saved ({before:.4g} -> {last:.4g} over the "
+            f"last two tenths of its {len(losses)} steps, {1 - last / before:.0%} lower): the net may be undertrained, "
+            f"and a verdict other than memorises may change with more training"]
 
 
 def _path_from_config(resolved: ResolvedModel, ck, device) -> None:
@@ -96,7 +120,7 @@ def _path_from_config(resolved: ResolvedModel, ck, device) -> None:
     except ConfigError:
         return
     resolved.path = build_objective(cfg).path
-    if cfg.data.dataset is None:
+    if cfg.data.data_kind == "toy":
         resolved.source = make_sampler(cfg.data.source, cfg.data.source_params, "source", device)
 
 
@@ -126,13 +150,19 @@ def run_training_data(run, device) -> tuple[Tensor | None, PairSet | None, str]:
     if isinstance(target, ImageSampler):
         return to_unit(target.data).to(device), None, "run images"
     if isinstance(target, TensorSampler):
-        return target.data.to(device), None, "run pool (data.n_train)"
+        what = "the run's training rows (own data)" if hasattr(target, "split") else "run pool (data.n_train)"
+        return target.data.to(device), None, what
     return None, None, "the run draws fresh training samples every step (no data.n_train): pass --train"
 
 
 def _run_heldout(run, n: int, seed: int, device) -> tuple[Tensor | None, str]:
     """Held-out samples of a flowprobe run (module docstring), or (None, why not)."""
     cfg = run.config
+    if cfg.data.data_kind in ("array", "image_folder"):  # the run's seeded held-out split (runs.own_data)
+        from .own_data import heldout_of
+
+        x, why = heldout_of(run)
+        return (None, why) if x is None else (x.to(device, torch.float32), why)
     if cfg.data.dataset is None:
         if cfg.data.n_train is None:
             return None, "no finite training set"
@@ -175,7 +205,9 @@ def resolve_data(spec, *, role: str, device, resolution=None, limit=None, seed=0
     return samples.x.to(device), None, {"source": str(spec), **samples.info}
 
 
-def _features(features) -> Callable[[Tensor], Tensor] | None:
+def resolve_features(features) -> Callable[[Tensor], Tensor] | None:
+    """A feature map: None or a callable as it is, or ``"package.module:fn"`` imported (ConfigError when it cannot be
+    imported or is not callable)."""
     if features is None or callable(features):
         return features
     from ..adapters.weights import import_object
@@ -218,7 +250,9 @@ def diagnose(model, train=None, heldout=None, out: str | Path | None = None, *, 
     options = options or DiagnoseOptions()
     resolved = resolve_model(model, adapter=adapter, adapter_options=adapter_options, device=device, use_ema=use_ema)
     cfg = getattr(resolved.run, "config", None)
-    if resolution is None and cfg is not None and cfg.data.dataset is not None:
+    if cfg is not None and options.mirror == "auto":  # a flowprobe run says whether it trained with flips
+        options = replace(options, mirror="auto" if cfg.data.flip else "off")
+    if resolution is None and cfg is not None and cfg.data.data_kind in ("images", "image_folder"):
         resolution = cfg.data.resolution
     kw = {"device": device, "resolution": resolution, "limit": limit, "seed": options.seed, "root": root}
     x_train, train_pairs, train_info = resolve_data(train, role="train", **kw)
@@ -246,9 +280,10 @@ def diagnose(model, train=None, heldout=None, out: str | Path | None = None, *, 
                           f"{tuple(x_held.shape[1:])}, the training samples {tuple(probe.shape[1:])}")
     _check_shapes(resolved.net, probe, f"model {model if model is not None else adapter}")
     result = diagnose_net(resolved.net, x_train, x_held, pairs=train_pairs, path=path or resolved.path,
-                          source=resolved.source, features=_features(features), options=options, progress=progress,
-                          device=device, model_info=resolved.info, data_info={"train": train_info,
-                                                                              "heldout": held_info or None})
+                          source=resolved.source, features=resolve_features(features), options=options,
+                          progress=progress, device=device, model_info=resolved.info,
+                          data_info={"train": train_info, "heldout": held_info or None})
+    result.warnings.extend(resolved.info.get("training_warnings", []))
     if out is not None:
         write_diagnosis(result, out, figures=figures)
     return result

@@ -21,11 +21,13 @@ from ..report.images import save_image_grid
 from ..train import (Checkpointer, FitOptions, MetricsLog, TrainState, describe, describe_run, distributed_info,
                      fit)
 from ..train.step import configure_backends
+from ..train.tensorboard import TensorBoardLog
 from .build import build_data, build_objective, image_source, make_sampler, run_model_spec
 from .config import SAMPLE_SOLVERS, TrainConfig, resolve_auto
 from .hooks import GradVarHook
-from .load import checkpoint_config, load_model, weights_name
-from .sampling import generate, sample_grid, sde_options
+from .own_data import own_record, own_source, unstandardize, write_split
+from .load import checkpoint_config, initialise_from, load_model, weights_name
+from .sampling import generate, guided_net, sample_grid, sde_options
 
 __all__ = ["train_from_config", "sample_checkpoint", "fit_options", "TrainResult"]
 
@@ -70,7 +72,7 @@ def fit_options(cfg: TrainConfig, device: torch.device, progress: bool, resume_f
 
 
 #: Config keys a resume may change: they do not alter the training trajectory up to the checkpoint's step.
-RESUME_MAY_CHANGE = ("steps", "log_every", "ckpt_every", "ckpt_keep", "gradvar_every", "gradvar_times",
+RESUME_MAY_CHANGE = ("steps", "log_every", "log", "ckpt_every", "ckpt_keep", "gradvar_every", "gradvar_times",
                      "gradvar_samples", "sample", "data.root", "compile")
 
 
@@ -140,7 +142,8 @@ def _write_run_files(cfg, out, dev, world, objective, coupling, source, target, 
 def train_from_config(cfg: TrainConfig, out: str | Path, device: str | torch.device | None = None,
                       resume: bool = False, progress: bool = True) -> TrainResult:
     """Run ``cfg`` into folder ``out``: config.yaml, run.json, metrics.jsonl, checkpoints/ and samples.png
-    (2-D: samples and trajectories; images: a grid of ``sample.grid`` generated images).
+    (2-D: samples and trajectories; images: a grid of ``sample.grid`` generated images); with
+    ``log.tensorboard``, the metrics.jsonl records also as TensorBoard scalars in tensorboard/.
 
     After training, rank 0 draws ``cfg.sample.n`` samples with the configured solver and records in
     metrics.jsonl (event "eval") the energy distance to a fresh target draw, with the solver, steps and
@@ -159,6 +162,8 @@ def train_from_config(cfg: TrainConfig, out: str | Path, device: str | torch.dev
     coupling, source, target, shape = build_data(cfg, dev, progress=progress and rank == 0)
     spec = run_model_spec(cfg, shape)
     net = build_net(spec, cfg.seed).to(dev)
+    if cfg.model.init is not None and resume_from is None:  # start from another run's weights
+        initialise_from(net, cfg.model.init, dev)
     choose_threads(sum(p.numel() for p in net.parameters()), cfg.batch_size, dev)
     objective = build_objective(cfg)
     if dev.type == "cuda":
@@ -166,27 +171,42 @@ def train_from_config(cfg: TrainConfig, out: str | Path, device: str | torch.dev
     log = out / "metrics.jsonl"
     if rank == 0:
         _write_run_files(cfg, out, dev, world, objective, coupling, source, target, spec, shape, net)
-        if resume_from is None and log.exists():
-            log.unlink()
-        elif resume_from is not None:  # the log reads as one run: drop what came after the checkpoint
+        write_split(out, source, target)  # own data: the training / held-out rows (runs.own_data)
+        if resume_from is None:  # a new run: its log and TensorBoard folder hold only its own records
+            log.unlink(missing_ok=True)
+            for old in (out / "tensorboard").glob("events.out.tfevents.*"):
+                old.unlink()
+        else:  # the log reads as one run: drop what came after the checkpoint
             step = read_sidecar(resume_from)["step"]
             truncate_jsonl(log, lambda r: r.get("step", 0) <= step and r.get("event") != "eval")
     hooks = [MetricsLog(log)]
     if cfg.gradvar_every is not None:
         hooks.append(GradVarHook(log, objective, coupling, cfg.gradvar_every, cfg.gradvar_times, cfg.gradvar_samples,
                                  seed=cfg.seed))
+    board = TensorBoardLog(out / "tensorboard", log) if cfg.log.tensorboard and rank == 0 else None
+    hooks += [board] if board is not None else []
     hooks.append(Checkpointer(out / "checkpoints", every=cfg.ckpt_every, keep=cfg.ckpt_keep, config=cfg,
-                              extra={"model": spec, "shape": list(shape)}))
-    state = fit(net, coupling, objective, fit_options(cfg, dev, progress, resume_from), hooks=hooks)
-    evaluation = _evaluate(cfg, state, source, target, dev, out) if rank == 0 else None
+                              extra={"model": spec, "shape": list(shape), **own_record(target)}))
+    try:
+        state = fit(net, coupling, objective, fit_options(cfg, dev, progress, resume_from), hooks=hooks)
+        evaluation = _evaluate(cfg, state, source, target, dev, out) if rank == 0 else None
+    finally:
+        if board is not None:
+            board.close()  # copies the evaluation record too
     return TrainResult(state, evaluation, out, skipped)
+
+
+def _data_name(cfg: TrainConfig) -> str:
+    d = cfg.data
+    return f"{d.source} -> {d.target}" if d.data_kind == "toy" else f"{d.source_path or 'N(0, I)'} -> {d.target_path}"
 
 
 def _evaluate(cfg: TrainConfig, state: TrainState, source, target, dev, out: Path) -> dict:
     """Sample the trained model, record the energy distance to a fresh target draw in metrics.jsonl, plot."""
-    s, images = cfg.sample, cfg.data.dataset is not None
-    res = generate(state.model, source, s.n, s.solver, s.steps, cfg.seed + 2, dev, trajectory=s.plot and not images)
+    s = cfg.sample
     ref, _ = target.sample(s.n, torch.Generator(device=dev).manual_seed(cfg.seed + 3))
+    images, planar = ref.dim() == 4, tuple(ref.shape[1:]) == (2,)  # own vectors of other sizes are not plotted
+    res = generate(state.model, source, s.n, s.solver, s.steps, cfg.seed + 2, dev, trajectory=s.plot and planar)
     x0, _ = source.sample(s.n, torch.Generator(device=dev).manual_seed(cfg.seed + 2))  # the draws integrated
     record = {"event": "eval", "step": state.step, "model": "ema" if state.ema is not None else "net",
               "solver": s.solver, "steps": s.steps, "nfe": res.nfe, "n": s.n,
@@ -197,14 +217,15 @@ def _evaluate(cfg: TrainConfig, state: TrainState, source, target, dev, out: Pat
         save_image_grid(out / "samples.png", res.x[:s.grid])
     elif s.plot and res.trajectory is not None:
         plot_flow_2d(out / "samples.png", res.trajectory, target=ref, n_paths=s.trajectories,
-                     title=f"{cfg.data.source} -> {cfg.data.target}, {cfg.coupling.kind}, sigma={cfg.path.sigma}, "
+                     title=f"{_data_name(cfg)}, {cfg.coupling.kind}, sigma={cfg.path.sigma}, "
                            f"{s.solver} {s.steps} steps (nfe {res.nfe})")
     return record
 
 
 def sample_checkpoint(checkpoint: str | Path, n: int, steps: int, solver: str = "euler", seed: int = 0,
                       device: str | torch.device | None = None, use_ema: bool = True, trajectory: bool = False,
-                      diffusion: float = 0.0, diffusion_schedule: str = "decay", schedule: str = "uniform"):
+                      diffusion: float = 0.0, diffusion_schedule: str = "decay", schedule: str = "uniform",
+                      label: int | None = None, guidance: float = 0.0):
     """Load a checkpoint written by ``flowprobe train`` and integrate ``n`` source draws from t = 0 to 1.
 
     Returns (SolveResult, info dict with checkpoint, step, model, solver, steps, nfe, n, seed, config).
@@ -213,7 +234,9 @@ def sample_checkpoint(checkpoint: str | Path, n: int, steps: int, solver: str = 
     the ODE's marginals by Euler-Maruyama (``solver`` is then "euler_maruyama"), with eps(t) = diffusion
     (``"constant"``) or diffusion (1 - t) (``"decay"``) and the score derived from the velocity; this needs
     an independent coupling and a Gaussian source. ``schedule``: uniform, cosine or optimal (a Bellman-optimal
-    Euler grid fitted on other source draws; its cost is recorded as ``schedule_nfe``).
+    Euler grid fitted on other source draws; its cost is recorded as ``schedule_nfe``). ``label`` / ``guidance``
+    (class-conditional nets): integrate (1 + w) v(t, x | label) - w v(t, x | null) with w = ``guidance``
+    (:func:`flowprobe.runs.sampling.guided_net`); no label: the unconditional field.
     """
     dev = resolve_device(device)
     if not (1 <= n and 1 <= steps <= MAX_SOLVER_STEPS):
@@ -223,12 +246,16 @@ def sample_checkpoint(checkpoint: str | Path, n: int, steps: int, solver: str = 
         raise ConfigError(f"solver: {solver!r} is not allowed; choose from {', '.join(SAMPLE_SOLVERS)}")
     net, ck = load_model(checkpoint, dev, use_ema)
     cfg = checkpoint_config(ck)
+    net, guide_info = guided_net(net, label, guidance)
     if solver == "average" and cfg.objective.kind == "cfm":
         raise ConfigError(f"--solver average: {ck.path} holds a velocity net without a step input; train with "
                           f"objective.kind: meanflow or splitmeanflow")
     if solver == "average" and diffusion:
         raise ConfigError("--sde and --solver average exclude each other")
-    if cfg.data.dataset is not None:
+    if cfg.data.data_kind in ("array", "image_folder"):
+        shape = (ck.extra or {}).get("shape") or ()
+        source = own_source(cfg, shape, dev)
+    elif cfg.data.dataset is not None:
         shape = (ck.extra or {}).get("shape")
         if not shape:
             raise ConfigError(f"{ck.path}: image checkpoint without the sample shape in its sidecar")
@@ -242,11 +269,14 @@ def sample_checkpoint(checkpoint: str | Path, n: int, steps: int, solver: str = 
                           f"(limit {MAX_SAMPLE_BYTES / 2**30:.0f} GiB); draw them in several calls with other --seed")
     sde = sde_options(cfg, diffusion, diffusion_schedule) if diffusion else None
     grid, grid_info = sample_grid(net, source, schedule, steps, "euler_maruyama" if sde else solver, seed, dev)
-    res = generate(net, source, n, solver, steps, seed, dev, trajectory=trajectory and cfg.data.dataset is None,
+    res = generate(net, source, n, solver, steps, seed, dev, trajectory=trajectory and len(shape) == 1,
                    sde=sde, grid=grid)
     info = {"checkpoint": str(ck.path), "step": ck.step, "model": weights_name(ck, use_ema), "solver": res.method,
             "steps": steps, "nfe": res.nfe, "n": n, "seed": seed, "version": __version__}
-    info.update(grid_info)
+    info.update(grid_info, **guide_info)
+    res.x, mapped = unstandardize(res.x, ck.extra)
+    if mapped:  # data.standardize: samples back in data units, x = z * std + mean (runs.own_data)
+        info["unstandardized"] = "x = z * std + mean, the training rows' statistics in the sidecar"
     if sde is not None:
         info.update(diffusion=sde["diffusion"], diffusion_schedule=sde["schedule"], source_std=sde["source_std"],
                     score="from the velocity (independent Gaussian source)")

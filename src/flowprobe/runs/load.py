@@ -15,7 +15,8 @@ from ..objectives import CFMObjective
 from .build import build_data, build_objective, run_model_spec
 from .config import TrainConfig
 
-__all__ = ["load_model", "load_run", "LoadedRun", "checkpoint_config", "weights_name", "sample_shape"]
+__all__ = ["load_model", "load_run", "LoadedRun", "checkpoint_config", "weights_name", "sample_shape",
+           "initialise_from"]
 
 
 def weights_name(ck, use_ema: bool) -> str:
@@ -100,3 +101,15 @@ def sample_shape(ck) -> tuple[int, ...] | None:
     if not spec and isinstance(ck.config, dict) and not (ck.config.get("data") or {}).get("dataset"):
         return (2,)
     return None
+
+
+def initialise_from(net: nn.Module, checkpoint, device) -> None:
+    """Load into ``net`` the weights of ``checkpoint`` (file, checkpoints/ folder or run folder; its EMA copy when
+    it has one): ``model.init``. A ConfigError naming ``model.init`` when they do not fit ``net``."""
+    try:
+        previous, ck = load_model(checkpoint, device, use_ema=True)
+        state = previous.state_dict()
+        check_weights(net, state, ck.path)
+    except (CheckpointError, ConfigError, FileNotFoundError) as e:
+        raise ConfigError(f"model.init: {e}") from None
+    net.load_state_dict(state)

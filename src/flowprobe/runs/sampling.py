@@ -11,7 +11,7 @@ from torch import Tensor
 from ..config import ConfigError
 from .config import TrainConfig
 
-__all__ = ["generate", "sample_grid", "sde_options", "SAMPLE_SCHEDULES"]
+__all__ = ["generate", "sample_grid", "sde_options", "guided_net", "SAMPLE_SCHEDULES"]
 
 
 def generate(model, source, n: int, solver: str, steps: int, seed: int, device, trajectory: bool = False,
@@ -67,8 +67,8 @@ def sample_grid(model, source, schedule: str, steps: int, solver: str, seed: int
 def sde_options(cfg: TrainConfig, diffusion: float, schedule: str) -> dict:
     """What :func:`generate` needs to sample a run with an SDE, after checking that the velocity-derived score
     applies: independent coupling and a Gaussian source N(0, s^2 I) (images, or the 2-D ``gaussian`` toy)."""
-    from ..paths import make_path
     from ..solvers import DIFFUSION_SCHEDULES
+    from .build import build_path
 
     if schedule not in DIFFUSION_SCHEDULES:
         raise ConfigError(f"--sde-schedule: {schedule!r} is not allowed; choose from {', '.join(DIFFUSION_SCHEDULES)}")
@@ -79,12 +79,36 @@ def sde_options(cfg: TrainConfig, diffusion: float, schedule: str) -> dict:
                 else "weighted pairs (coupling.weight_epsilon)")
         raise ConfigError(f"--sde: the score is derived from the velocity, which needs the source drawn independently "
                           f"of the target; this run used {used}")
-    if cfg.data.dataset is not None:
+    if cfg.data.data_kind == "images" or (cfg.data.data_kind in ("array", "image_folder")
+                                          and cfg.data.source_path is None):  # N(0, I) sources
         source_std = 1.0
     elif cfg.data.source == "gaussian":
         source_std = float(cfg.data.source_params.get("std", 1.0))
     else:
         raise ConfigError(f"--sde: the score is derived from the velocity, which needs a Gaussian source; this run's "
                           f"source is {cfg.data.source!r}")
-    return {"diffusion": float(diffusion), "schedule": schedule, "path": make_path(cfg.path.sigma, cfg.path.schedule),
+    return {"diffusion": float(diffusion), "schedule": schedule, "path": build_path(cfg),
             "source_std": source_std}
+
+
+def guided_net(net, label: int | None, guidance: float = 0.0):
+    """(field, record) for ``--label`` / ``--guidance``: ``net`` itself without a label (the unconditional field of
+    a class-conditional net), else :class:`flowprobe.guidance.GuidedField` (1 + w) v(c) - w v(null), w =
+    ``guidance`` (diffusers' guidance_scale 1 + w). ConfigError for a label the net does not know."""
+    from ..guidance import GuidedField, diffusers_guidance_scale
+
+    k = int(getattr(net, "num_classes", 0) or getattr(getattr(net, "mlp", None), "num_classes", 0) or 0)
+    if label is None:
+        if guidance:
+            raise ConfigError("--guidance: needs --label (the class to guide towards)")
+        return net, {}
+    if not k:
+        raise ConfigError("--label: this model is not class-conditional (train it with model.num_classes)")
+    if not 0 <= label < k:
+        raise ConfigError(f"--label: {label} is not a class of this model (0..{k - 1})")
+    if not (math.isfinite(guidance) and guidance >= 0):
+        raise ConfigError(f"--guidance: must be a finite number >= 0, got {guidance!r}")
+    record = {"label": int(label), "guidance": float(guidance),
+              "guidance_rule": "(1 + w) v(t, x | label) - w v(t, x | null); diffusers guidance_scale = 1 + w",
+              "diffusers_guidance_scale": diffusers_guidance_scale(guidance)}
+    return GuidedField(net, label, guidance, k).eval(), record

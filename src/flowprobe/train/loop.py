@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import load_checkpoint
+from ..guidance import conditioned
 from ..objectives import AverageVelocityObjective, CFMObjective
 from .distributed import distributed_info, mean_over_ranks
 from .hooks import DivergenceError, first_nonfinite
@@ -128,7 +129,7 @@ def describe(obj: Any) -> dict | None:
 def describe_run(coupling, objective) -> dict:
     """``{"path", "coupling", "objective"}``: the descriptions a run records (metrics, checkpoints, run.json)."""
     if isinstance(objective, CFMObjective):
-        obj = {"objective": "cfm", "reduction": objective.reduction}
+        obj = objective.describe()
     else:
         obj = describe(objective) if hasattr(objective, "describe") else {"objective": type(objective).__name__}
     return {"path": describe(getattr(objective, "path", None)), "coupling": describe(coupling), "objective": obj}
@@ -192,6 +193,7 @@ def batch_functions(objective, coupling, generator, batch_size: int, rank: int, 
     per = batch_size // world
     sl = slice(rank * per, (rank + 1) * per)
     weighted = bool(getattr(coupling, "weighted", False))
+    labelled = bool(getattr(coupling, "labelled", False))  # class labels ride last (flowprobe.guidance)
 
     def next_batch():
         pairing = coupling.sample(batch_size, generator)
@@ -199,6 +201,8 @@ def batch_functions(objective, coupling, generator, batch_size: int, rank: int, 
         if weighted:  # w_i B / sum w: the rank means of w_i l_i average to sum_i w_i l_i / sum_i w_i
             w = pairing.weights
             batch = (*batch, w * (w.shape[0] / w.sum()))
+        if labelled:
+            batch = (*batch, pairing.y)
         if world > 1:
             batch = tuple(v[sl] for v in batch)
         if channels_last:
@@ -206,11 +210,14 @@ def batch_functions(objective, coupling, generator, batch_size: int, rank: int, 
         return batch
 
     if weighted:
-        def cfm_loss(model, *batch):
+        def plain_loss(model, *batch):
             return (batch[-1] * objective.losses(model, *batch[:-1])).mean()
     else:
-        def cfm_loss(model, *batch):
+        def plain_loss(model, *batch):
             return objective.losses(model, *batch).mean()
+
+    def cfm_loss(model, *batch):
+        return plain_loss(conditioned(model, batch[-1]), *batch[:-1]) if labelled else plain_loss(model, *batch)
 
     return next_batch, cfm_loss
 

@@ -1,0 +1,139 @@
+"""``flowprobe reflow``: each round's pairs are the previous flow's push-forward of seeded sources, the rounds train on
+them (``data.pairs``), rectification straightens an independent-coupling flow, and bad input exits 2 with one
+line. Also ``data.pairs`` and ``model.init`` as config keys, and ``couplings.MappedCoupling``."""
+
+import json
+
+import numpy as np
+import ot
+import pytest
+import torch
+
+from flowprobe.cli import main
+from flowprobe.config import ConfigError, from_dict
+from flowprobe.couplings import MappedCoupling
+from flowprobe.data.toy import make_toy
+from flowprobe.probes.memorization import load_pairs, save_pairs
+from flowprobe.runs.config import TrainConfig
+from flowprobe.runs.jobs import train_from_config
+from flowprobe.runs.load import checkpoint_config, load_model
+from flowprobe.runs.reflow import pairs_seed_stream
+from flowprobe.seeds import seeded_generator
+from flowprobe.solvers import push_forward
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: N(0, I) -> eight Gaussians with the independent coupling: the first flow's paths bend (they average over
+#: partners); a flow trained on its own deterministic pairs has (nearly) straight paths.
+BASE = {"data": {"source": "gaussian", "target": "eight_gaussians"},
+        "model": {"width": 32, "depth": 2, "time_embed_dim": 8}, "coupling": {"kind": "independent"},
+        "optim": {"lr": 3e-3}, "steps": 300, "batch_size": 128, "log_every": 100,
+        "sample": {"n": 256, "steps": 8, "solver": "euler", "plot": False}}
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reflow") / "base"
+    train_from_config(from_dict(TrainConfig, BASE), out, device="cpu", progress=False)
+    return out
+
+
+def test_reflow_command_rounds(base_run, tmp_path, capsys):
+    out = tmp_path / "reflow"
+    code = main(["reflow", str(base_run), "--pairs", "256", "--rounds", "2", "--out", str(out), "--set", "steps=300",
+                 "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 0 and "| 2 |" in captured.out and "round 2: trained 300 steps" in captured.err
+    results = json.loads((out / "results.json").read_text())
+    rows = results["per_round"]
+    assert [r["round"] for r in rows] == [0, 1, 2] and (out / "report.md").is_file()
+    source = make_toy("gaussian")
+    previous = base_run
+    for k in (1, 2):
+        pairs = load_pairs(out / f"round-{k}" / "pairs.safetensors")
+        # the sources: the seeded draw of the run's source law; the targets: the previous flow's push-forward
+        x0, _ = source.sample(256, seeded_generator(0, pairs_seed_stream(k)))
+        assert torch.equal(pairs.x0, x0)
+        net, ck = load_model(previous)
+        cfg = checkpoint_config(ck)
+        assert torch.equal(pairs.x1, push_forward(net, x0, method=cfg.sample.solver, steps=cfg.sample.steps))
+        # the pairing probe: the OT partner, checked against POT's exact solver
+        cost = torch.cdist(x0.double(), pairs.x1.double()).pow(2).numpy()
+        plan = ot.emd(np.full(256, 1 / 256), np.full(256, 1 / 256), cost)
+        assert torch.equal(pairs.partners["ot"], torch.from_numpy(plan.argmax(1)))
+        assert rows[k]["pairs_ot_recall"] == (pairs.partners["ot"] == torch.arange(256)).double().mean().item()
+        # the round trained on exactly these pairs with the run's config
+        run_cfg = checkpoint_config(load_model(out / f"round-{k}")[1])
+        assert run_cfg.data.pairs == str((out / f"round-{k}" / "pairs.safetensors").resolve())
+        assert run_cfg.coupling.kind == "fixed_pairs" and run_cfg.model == cfg.model and run_cfg.model.init is None
+        previous = out / f"round-{k}"
+    # rectification straightens: the independent-coupling flow bends, its 1-rectified flow much less
+    assert rows[1]["straightness"] < rows[0]["straightness"] / 4
+    assert all(r["energy_distance"] < r["energy_distance_source"] / 4 for r in rows)  # every round still samples
+
+
+def test_init_previous_starts_from_the_previous_weights(base_run, tmp_path):
+    out = tmp_path / "reflow"
+    assert main(["reflow", str(base_run), "--pairs", "64", "--rounds", "1", "--out", str(out), "--init", "previous",
+                 "--set", "steps=1", "--set", "optim.lr=1e-12", "--device", "cpu", "--eval-n", "64"]) == 0
+    previous, _ = load_model(base_run)
+    trained, ck = load_model(out / "round-1")
+    assert checkpoint_config(ck).model.init == str(load_model(base_run)[1].path.resolve())
+    assert all(torch.allclose(a, b, atol=1e-9) for a, b in zip(previous.state_dict().values(),
+                                                                 trained.state_dict().values()))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--pairs", "1", "--rounds", "1"], "--pairs: need at least 2 pairs"),
+    (["--pairs", "8", "--rounds", "0"], "--rounds: need 1 to 100 rounds"),
+    (["--pairs", "8", "--rounds", "1", "--set", "nonsense=3"], "nonsense"),
+    (["--pairs", "8", "--rounds", "1", "--set", "data.pairs=x.safetensors"], "set by reflow"),
+])
+def test_bad_input_exits_2_with_one_line(base_run, tmp_path, capsys, args, message):
+    assert main(["reflow", str(base_run), "--out", str(tmp_path / "o"), "--device", "cpu", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flowprobe: error:") and message in err and err.count("\n") == 1
+    assert not any((tmp_path / "o").glob("round-*"))
+
+
+def test_missing_checkpoint_and_used_out_exit_2(base_run, tmp_path, capsys):
+    assert main(["reflow", str(tmp_path / "nothing"), "--pairs", "8", "--rounds", "1", "--out", str(tmp_path / "o")]) \
+        == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    (tmp_path / "o" / "round-1").mkdir(parents=True)
+    assert main(["reflow", str(base_run), "--pairs", "8", "--rounds", "1", "--out", str(tmp_path / "o")]) == 2
+    assert "already holds reflow rounds" in capsys.readouterr().err
+
+
+def test_data_pairs_is_a_toy_runs_training_set(tmp_path):
+    x0, x1 = torch.randn(16, 2), torch.randn(16, 2) + 3
+    save_pairs(tmp_path / "p.safetensors", x0, x1)
+    cfg = from_dict(TrainConfig, {**BASE, "data": {**BASE["data"], "pairs": str(tmp_path / "p.safetensors")},
+                                  "coupling": {"kind": "fixed_pairs"}, "steps": 2})
+    from flowprobe.runs.build import build_data
+
+    coupling, _, _, _ = build_data(cfg)
+    assert torch.equal(coupling.x0, x0) and torch.equal(coupling.x1, x1)
+    save_pairs(tmp_path / "q.safetensors", torch.randn(16, 3), torch.randn(16, 3))
+    for name, match in (("q.safetensors", r"data.pairs: .* shape \(3,\)"),
+                        ("none.safetensors", "data.pairs: .*not found")):
+        bad = from_dict(TrainConfig, {**BASE, "data": {**BASE["data"], "pairs": str(tmp_path / name)}})
+        with pytest.raises(ConfigError, match=match):
+            build_data(bad)
+    with pytest.raises(ConfigError, match="data.pairs and data.n_train exclude each other"):
+        from_dict(TrainConfig, {"data": {"pairs": "p.safetensors", "n_train": 4}})
+    from_dict(TrainConfig, {"data": {"pairs": "p.safetensors"}, "coupling": {"kind": "fixed_pairs"}})  # no n_train
+
+
+def test_model_init_that_does_not_fit_is_one_config_error(base_run, tmp_path):
+    model = {"width": 16, "depth": 2, "time_embed_dim": 8, "init": str(base_run)}
+    cfg = from_dict(TrainConfig, {**BASE, "model": model})
+    with pytest.raises(ConfigError, match="model.init: .*do not fit"):
+        train_from_config(cfg, tmp_path / "run", device="cpu", progress=False)
+
+
+def test_mapped_coupling_pairs_fresh_sources_with_their_image():
+    coupling = MappedCoupling(make_toy("gaussian"), lambda x: 5 - x)
+    p = coupling.sample(32, torch.Generator().manual_seed(0))
+    x0, _ = make_toy("gaussian").sample(32, torch.Generator().manual_seed(0))
+    assert torch.equal(p.x0, x0) and torch.equal(p.x1, 5 - x0) and torch.equal(p.i0, p.i1)
