@@ -92,11 +92,32 @@ def test_fires_on_a_memorising_run_and_logs(tmp_path):
     with pytest.warns(MemorizationWarning, match=r"memorisation watch fired at step \d+"):
         fit(net, coupling, CFMObjective(path), steps=400, batch_size=8, lr=3e-3, hooks=[watch])
     assert watch.fired_at is not None and watch.fired_at <= 400
-    assert watch.readings[-1].fired and watch.readings[-1].signals
+    first = next(r for r in watch.readings if r.fired)
+    assert first.step == watch.fired_at and {"membership", "gradvar"} <= set(first.signals)
+    assert "gradvar" in watch.readings[-1].signals  # the collapse persists (membership's interval may not, on 8 pairs)
     records = [json.loads(line) for line in (tmp_path / "watch.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(50, 401, 50))
     assert all(r["event"] == "watch" and math.isfinite(r["auc"]) for r in records)
-    assert records[-1]["fired"] and records[-1]["message"].startswith("memorisation watch fired")
+    fired = [r for r in records if r["fired"]]
+    assert fired[0]["step"] == watch.fired_at and fired[0]["message"].startswith("memorisation watch fired")
+
+
+def test_both_supporting_signals_must_agree():
+    """With WATCH_BOTH_SUPPORTING a reading fires on membership and gradient-variance collapse together (or on
+    copies); membership alone fires only where no gradient variance was measured."""
+    from flowprobe.watch import WATCH_BOTH_SUPPORTING, WatchReading
+
+    assert WATCH_BOTH_SUPPORTING
+    net, coupling, x0, x1, heldout = memorising_problem()
+    rows = [{"t": 0.5, "auc": 1.0, "auc_lower": 0.9, "auc_upper": 1.0}]
+    for gv_upper, expected in ((0.1, True), (0.9, False), (None, True)):
+        watch = MemorizationWatch(x1, heldout, LinearPath(), every=50, train_sources=x0)
+        r = WatchReading(step=50, auc=1.0, auc_lower=0.9, auc_t=0.5, rows=rows, gradvar_ratio=gv_upper,
+                         gradvar_upper=gv_upper)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", MemorizationWarning)
+            watch.judge(r)
+        assert r.fired is expected and "membership" in r.signals
 
 
 def test_stays_quiet_on_a_gaussian_run():
@@ -366,8 +387,10 @@ def test_a_resumed_fit_logs_each_reading_once_and_judges_as_before(tmp_path):
         return [{**r.to_dict(), "seconds": 0} for r in watch.readings]
 
     first = run()
-    # the membership signal holds at steps 75 and 100, so the detector fires at 100 (two readings in a row)
-    assert [r["signals"] for r in first] == [[], [], [], ["membership"]] and first[-1]["fired"]
+    # the membership signal holds at steps 75 and 100 (no gradient variance here: membership decides alone); the
+    # reading at 100 says "for 2 readings", which a resume must restore
+    assert [r["signals"] for r in first] == [[], [], ["membership"], ["membership"]] and first[-1]["fired"]
+    assert "for 2 readings" in first[-1]["message"]
     resumed = run(resume_from=list_checkpoints(tmp_path / "ckpt")[2])  # step 75: only the reading at 100 again
     assert resumed == first[3:]  # the same reading and the same judgement: the run of signals was restored
     records = [json.loads(line) for line in (tmp_path / "watch.jsonl").read_text().splitlines()]

@@ -18,9 +18,11 @@ diagnosis functions return on the same net with the same probe set and seed (``t
 The detector (thresholds are the module constants below) fires at a reading when
 
 1. the membership AUC has, at some t, its lower interval bound above :data:`WATCH_AUC_LOWER` and its value above
-   :data:`WATCH_AUC` for :data:`WATCH_CONSECUTIVE` consecutive readings; or
+   :data:`WATCH_AUC` for :data:`WATCH_CONSECUTIVE` consecutive readings, and (:data:`WATCH_BOTH_SUPPORTING`) at
+   the same time
 2. the upper interval bound of GV(train) / GV(held-out) lies below :data:`WATCH_GRADVAR_RATIO` for
-   :data:`WATCH_CONSECUTIVE` consecutive readings; or
+   :data:`WATCH_CONSECUTIVE` consecutive readings (membership alone when the gradient variance could not be
+   measured); or
 3. the copy check's excess copy fraction (generated over held-out) has its lower bound above
    :data:`WATCH_COPY_EXCESS` (one reading suffices: a copy is direct evidence).
 
@@ -49,7 +51,7 @@ from torch import Tensor, nn
 from .couplings import GaussianSampler
 from .diagnosis.copies import copies_check
 from .diagnosis.membership import gradvar_check, membership_check
-from .diagnosis.verdict import COPY_EXCESS_MARGIN, GRADVAR_COLLAPSE_RATIO
+from .diagnosis.verdict import COPY_EXCESS_MARGIN, GRADVAR_COLLAPSE_RATIO, MEMBERSHIP_AUC_MARGIN
 from .io import append_jsonl, truncate_jsonl
 from .paths import ProbabilityPath
 from .solvers import push_forward
@@ -57,13 +59,12 @@ from .solvers import push_forward
 __all__ = ["MemorizationWatch", "WatchReading", "MemorizationDetected", "MemorizationWarning", "lightning_callback",
            "lightning_callback_bases", "LIGHTNING_PACKAGES",
            "WATCH_AUC", "WATCH_AUC_LOWER", "WATCH_FAR_FACTOR", "WATCH_GRADVAR_RATIO", "WATCH_COPY_EXCESS",
-           "WATCH_CONSECUTIVE", "DEFAULT_EVERY", "DEFAULT_TIMES"]
+           "WATCH_CONSECUTIVE", "WATCH_BOTH_SUPPORTING", "DEFAULT_EVERY", "DEFAULT_TIMES"]
 
 logger = logging.getLogger(__name__)
 
-#: Membership fires when max_t AUC exceeds this ... (0.9: chosen on the tune half of benchmarks/detector.py from the
-#: grid fixed there, up from the diagnosis margin 0.6 it started at; docs/detector.md)
-WATCH_AUC = 0.9
+#: Membership holds when max_t AUC exceeds this (the diagnosis margin) ...
+WATCH_AUC = MEMBERSHIP_AUC_MARGIN
 #: ... with its Bonferroni lower bound above chance at that t.
 WATCH_AUC_LOWER = 0.5
 #: Gradient variance fires when the upper bound of GV(train) / GV(held-out) is below this (the diagnosis collapse).
@@ -72,9 +73,12 @@ WATCH_GRADVAR_RATIO = GRADVAR_COLLAPSE_RATIO
 WATCH_COPY_EXCESS = COPY_EXCESS_MARGIN
 #: Generated samples with a norm above this many times the largest training norm are left out of the copy check.
 WATCH_FAR_FACTOR = 10.0
-#: Readings in a row a supporting signal (membership, gradient variance) must hold before the detector fires (1, from
-#: the same tuning; it started at 2).
+#: Readings in a row a supporting signal (membership, gradient variance) must hold (1; it started at 2) ...
 WATCH_CONSECUTIVE = 1
+#: ... and both supporting signals must hold together (True; it started as either one): the rule chosen on the tune
+#: half of benchmarks/detector.py from the grid fixed there (docs/detector.md). When the gradient variance could not
+#: be measured (a net torch.func cannot map), membership alone decides.
+WATCH_BOTH_SUPPORTING = True
 #: Default steps between readings (keeps the overhead under 5% on the CPU benchmarks: benchmarks/watch_overhead.py).
 DEFAULT_EVERY = 1000
 #: Default probe times.
@@ -302,7 +306,9 @@ class MemorizationWatch:
             r.signals.append("copies")
             said.append(f"{r.copy_fraction:.0%} of generated samples copy training samples vs "
                         f"{r.copy_reference_fraction:.0%} of held-out samples")
-        r.fired = bool(r.signals)
+        supporting = [s for s in ("membership", "gradvar") if s in r.signals]
+        both_needed = WATCH_BOTH_SUPPORTING and _finite(r.gradvar_upper)
+        r.fired = "copies" in r.signals or (len(supporting) == 2 if both_needed else bool(supporting))
         r.stop = r.fired and self.on_fire == "stop"
         if r.fired:
             r.message = f"memorisation watch fired at step {r.step}: " + "; ".join(said)
