@@ -197,3 +197,29 @@ def test_stale_temp_files_are_cleaned_at_start(trained):
         p.write_bytes(b"half a file")
     assert _train(trained, "--set", "steps=60", "--resume") == 0
     assert not any(p.exists() for p in stale)
+
+
+@pytest.mark.parametrize("preset, override, needle", [
+    ("cifar10", "model.model_channels=8", "GroupNorm"),   # 8 channels cannot be split into the preset's 32 groups
+    ("tiny", "model.num_res_blocks=1", None),             # a buildable change trains
+])
+def test_an_architecture_the_settings_cannot_build_is_one_line(tmp_path, capsys, preset, override, needle):
+    from PIL import Image
+
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(4):
+        pixels = torch.randint(0, 256, (8, 8, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    args = ["train", "--set", f"data.dataset={folder}", "--set", "model.arch=unet", "--set", f"model.preset={preset}",
+            "--set", override, "--set", "steps=1", "--set", "batch_size=2", "--set", "sample.n=2",
+            "--set", "sample.steps=1", "--out", str(tmp_path / "run"), "--device", "cpu"]
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    if needle is None:
+        assert code == 0
+        return
+    assert code == 2 and len(err) == 1 and err[0].startswith("flowprobe: error: model:") and needle in err[0]
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert not ckpts.exists() or not list_checkpoints(ckpts)

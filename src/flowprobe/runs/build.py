@@ -9,8 +9,8 @@ from ..nets.factory import build_net, model_spec
 from ..objectives import make_objective
 from .config import TrainConfig
 
-__all__ = ["build_data", "build_objective", "build_path", "build_run", "run_model_spec", "make_sampler",
-           "image_source"]
+__all__ = ["build_data", "build_objective", "build_path", "build_run", "build_config_net", "run_model_spec",
+           "make_sampler", "image_source"]
 
 
 def make_sampler(name: str, params: dict, key: str, device, dtype=torch.float32):
@@ -121,9 +121,20 @@ def build_objective(cfg: TrainConfig):
     return make_objective(o.kind, build_path(cfg), cfg.reduction, time_sampler=sampler, **options)
 
 
+def build_config_net(cfg: TrainConfig, spec: dict) -> torch.nn.Module:
+    """``build_net(spec, cfg.seed)``, with an architecture the settings cannot build (channels that GroupNorm or the
+    attention heads cannot divide, a patch size that does not tile the image, ...) as a one-line ConfigError."""
+    try:
+        return build_net(spec, cfg.seed)
+    except (ValueError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"model: the {spec.get('class', 'net')} cannot be built from these settings: "
+                          f"{first}") from None
+
+
 def build_run(cfg: TrainConfig, device: str | torch.device = "cpu"):
     """(net, coupling, objective, source, target) for a config, on ``device``; the net is
     ``build_net(model_spec(cfg.model, shape), cfg.seed)`` (see :func:`build_data` for the data)."""
     coupling, source, target, shape = build_data(cfg, device)
-    net = build_net(run_model_spec(cfg, shape), cfg.seed).to(device)
+    net = build_config_net(cfg, run_model_spec(cfg, shape)).to(device)
     return net, coupling, build_objective(cfg), source, target

@@ -15,14 +15,13 @@ from ..config import ConfigError, to_dict
 from ..device import choose_threads, resolve_device
 from ..metrics import energy_distance
 from ..io import append_jsonl, atomic_write, machine_info, remove_stale_temp_files, truncate_jsonl, write_json
-from ..nets.factory import build_net
 from ..report.flows import plot_flow_2d
 from ..report.images import save_image_grid
 from ..train import (Checkpointer, FitOptions, MetricsLog, TrainState, describe, describe_run, distributed_info,
                      fit)
 from ..train.step import configure_backends
 from ..train.tensorboard import TensorBoardLog
-from .build import build_data, build_objective, image_source, make_sampler, run_model_spec
+from .build import build_config_net, build_data, build_objective, image_source, make_sampler, run_model_spec
 from .config import SAMPLE_SOLVERS, TrainConfig, resolve_auto
 from .hooks import GradVarHook
 from .own_data import own_record, own_source, unstandardize, write_split
@@ -161,7 +160,7 @@ def train_from_config(cfg: TrainConfig, out: str | Path, device: str | torch.dev
     resume_from, skipped = _start_folder(cfg, out, resume)
     coupling, source, target, shape = build_data(cfg, dev, progress=progress and rank == 0)
     spec = run_model_spec(cfg, shape)
-    net = build_net(spec, cfg.seed).to(dev)
+    net = build_config_net(cfg, spec).to(dev)
     if cfg.model.init is not None and resume_from is None:  # start from another run's weights
         initialise_from(net, cfg.model.init, dev)
     choose_threads(sum(p.numel() for p in net.parameters()), cfg.batch_size, dev)
