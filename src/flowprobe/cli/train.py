@@ -106,7 +106,9 @@ def _report_training(result, out: Path, cfg: TrainConfig) -> None:
               f"{ev['energy_distance_source']:.4g}), {ev['n']} samples, {ev['solver']} {ev['steps']} steps, "
               f"{ev['model']} weights")
     plotted = cfg.sample.plot and (out / "samples.png").is_file()  # vectors of other than 2 dims are not plotted
-    print(f"wrote {out}/metrics.jsonl, {out}/checkpoints/" + (f", {out}/samples.png" if plotted else ""))
+    extra = [f"{out}/{name}" for name, ok in (("samples.png", plotted), ("tensorboard/", cfg.log.tensorboard),
+                                               ("split.json", (out / "split.json").is_file())) if ok]
+    print(f"wrote {out}/metrics.jsonl, {out}/checkpoints/" + "".join(f", {e}" for e in extra))
 
 
 def run_sample(args) -> int:
