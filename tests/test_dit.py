@@ -307,3 +307,92 @@ def test_cli_trains_and_samples_a_few_step_dit(tmp_path, monkeypatch, one_thread
     assert (out / "samples.png").exists()
     code = main(["train", "--set", "model.arch=dit", "--out", str(tmp_path / "toy"), "--no-progress"])
     assert code == 2  # dit on 2-D toys is a one-line config error
+
+
+def test_class_conditional_dit_starts_at_zero_and_its_labels_matter(one_thread):
+    from flowprobe.guidance import LabelledCoupling
+
+    torch.manual_seed(0)
+    net = DiT(**TINY, num_classes=3)
+    x, t = torch.randn(4, 3, 8, 8), torch.rand(4)
+    zeros, ones = torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.long)
+    assert bool((net(t, x, y=ones) == 0).all()) and net.y_embedder.weight.shape == (4, 32)  # adaLN-Zero still holds
+    with pytest.raises(ValueError, match="not class-conditional"):
+        DiT(**TINY)(t, x, y=zeros)
+    # a few training steps on labelled pairs (label dropout 0.5: both the labels and the null row are trained)
+    data = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    coupling = LabelledCoupling(IndependentCoupling(GaussianSampler((3, 8, 8)), TensorSampler(data)),
+                                torch.arange(16) % 3, 3, dropout=0.5)
+    table = net.y_embedder.weight.detach().clone()
+    fit(net, coupling, make_objective("cfm", StochasticPath(0.0), reduction="mean"), steps=4, batch_size=8, lr=1e-2)
+    assert (net.y_embedder.weight - table).abs().max() > 1e-4  # the label table got gradients
+    for moved in (net, _tiny(num_classes=3)):  # trained, and every parameter perturbed
+        assert torch.equal(moved(t, x), moved(t, x, y=torch.full((4,), 3)))  # y=None is the null label 3
+        assert (moved(t, x, y=zeros) - moved(t, x, y=ones)).abs().max() > 1e-4
+        assert (moved(t, x, y=zeros) - moved(t, x)).abs().max() > 1e-4
+    few = _tiny(num_classes=2, step_embed=True)
+    h = torch.full((4,), 0.5)
+    assert torch.equal(few(t, x, h), few(t, x, h, y=torch.full((4,), 2)))
+    assert (few(t, x, h, y=zeros) - few(t, x, h, y=ones)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("w", [0.0, 2.5])
+def test_guided_field_on_a_dit_is_one_plus_w_conditional_minus_w_null(one_thread, w):
+    from flowprobe.guidance import GuidedField
+
+    for step_embed in (False, True):
+        net = _tiny(num_classes=3, step_embed=step_embed).double()
+        t, x = torch.rand(5, dtype=torch.float64), torch.randn(5, 3, 8, 8, dtype=torch.float64)
+        extra = (torch.rand(5, dtype=torch.float64),) if step_embed else ()
+        cond, null = net(t, x, *extra, y=torch.full((5,), 1)), net(t, x, *extra)
+        assert (cond - null).abs().max() > 1e-4
+        guided = GuidedField(net, 1, w, 3)(t, x, *extra)  # one pass on the doubled batch [x, x] with [1, null]
+        torch.testing.assert_close(guided, (1 + w) * cond - w * null, rtol=1e-12, atol=1e-12)
+
+
+def test_ghost_norms_of_a_class_conditional_dit_equal_exact(one_thread):
+    # the probes call net(t, x) (no labels), so a class-conditional net is probed as its null-label field; the
+    # label table (an nn.Embedding) is not a ghost type and goes through the exact torch.func fallback
+    net = _tiny(num_classes=2).double()
+    params = list(net.named_parameters())
+    covered, fallback, types = ghost_plan(net, params)
+    assert fallback == ["y_embedder.weight"] and types == ["Embedding"]
+    assert sum(len(names) for _, names in covered) == len(params) - 1
+    torch.manual_seed(1)
+    t, x = torch.rand(4, dtype=torch.float64), torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    u = torch.randn_like(x)
+    exact = per_sample_grad_stats(net, t, x, u, "exact")
+    with pytest.warns(UserWarning, match="Embedding"):
+        ghost = per_sample_grad_stats(net, t, x, u, "ghost", chunk_size=4, ghost_conv="unfold")
+    assert exact.sq_norms.min() > 1e-8
+    torch.testing.assert_close(ghost.sq_norms, exact.sq_norms, rtol=1e-9, atol=1e-12)
+    k = [n for n, _ in params].index("y_embedder.weight")
+    assert float(exact.sq_norms[:, k].min()) > 0  # the null row gets a per-sample gradient, and it matches
+
+
+def test_cli_trains_a_class_conditional_dit_on_a_labelled_folder_and_samples_guided(tmp_path, one_thread, capsys):
+    from flowprobe.cli import main
+    from flowprobe.runs.load import load_model
+
+    rng = np.random.default_rng(0)
+    for name in ("cats", "dogs"):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)).save(tmp_path / "imgs" / name / f"{i}.png")
+    out = tmp_path / "run"
+    sets = ["data.kind=image_folder", f"data.target_path={tmp_path / 'imgs'}", "data.resolution=4", "model.arch=dit",
+            "model.preset=tiny", "model.hidden_size=32", "model.num_blocks=1", "model.num_classes=2",
+            "coupling.kind=independent", "steps=3", "batch_size=4", "log_every=1", "sample.n=4", "sample.steps=2",
+            "sample.plot=false", "optim.warmup=0"]
+    code = main(["train", *[a for s in sets for a in ("--set", s)], "--out", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    net, ck = load_model(out)
+    assert ck.extra["model"]["class"] == "DiT" and ck.extra["model"]["kwargs"]["num_classes"] == 2
+    assert isinstance(net, DiT) and net.y_embedder.weight.shape == (3, 32)
+    samples = tmp_path / "s.npy"
+    code = main(["sample", str(out), "--n", "4", "--steps", "2", "--label", "1", "--guidance", "1",
+                 "--out", str(samples)])
+    assert code == 0, capsys.readouterr().err
+    assert np.load(samples).shape == (4, 3, 4, 4) and np.isfinite(np.load(samples)).all()
+    code = main(["sample", str(out), "--n", "4", "--label", "2", "--out", str(tmp_path / "e.npy")])
+    assert code == 2  # a class the net does not know

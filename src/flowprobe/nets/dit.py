@@ -1,10 +1,13 @@
 """A DiT velocity network for images (Peebles & Xie, "Scalable Diffusion Models with Transformers", 2023):
-``net(t, x)`` with x of shape (B, C, H, H).
+``net(t, x)`` with x of shape (B, C, H, H) (``net(t, x, y=labels)`` when class-conditional).
 
 - patchify: a ``patch_size`` x ``patch_size`` convolution with stride ``patch_size`` (one token per patch,
   T = (H / p)^2 tokens of width ``hidden_size``), plus a fixed 2-D sin-cos positional embedding (a buffer);
 - conditioning: c = MLP(sinusoidal(time_scale * t)) (256 frequencies -> hidden -> hidden, SiLU), plus the same
-  embedding of the step h for few-step nets (its last layer starts at zero);
+  embedding of the step h for few-step nets (its last layer starts at zero), plus, for a class-conditional net
+  (``num_classes`` = K > 0), a label embedding: an ``nn.Embedding(K + 1, hidden_size)`` row (DiT's
+  c = t_emb + y_emb; the row K, or ``y=None``, is the null label of :mod:`flowprobe.guidance`), N(0, 0.02) as in
+  the DiT code; c only enters through the zero-initialised adaLN modulations, so the new net still outputs 0;
 - ``depth`` adaLN-Zero blocks: (shift, scale, gate) x 2 = Linear(SiLU(c)) (zero-initialised), then
   x = x + gate_1 * Attn(LN(x) (1 + scale_1) + shift_1) and x = x + gate_2 * MLP(LN(x) (1 + scale_2) + shift_2),
   LayerNorm without affine parameters, multi-head softmax attention through ``scaled_dot_product_attention``,
@@ -12,7 +15,8 @@
 - final layer: LN(x) (1 + scale) + shift (adaLN, zero-initialised), a zero-initialised Linear to p * p * C
   values per token, unpatchified to (B, C, H, H). The initial net outputs 0.
 
-Every parameter belongs to an nn.Linear or the patch nn.Conv2d, so the ghost-norm probe covers all of them.
+Every parameter belongs to an nn.Linear or the patch nn.Conv2d, so the ghost-norm probe covers all of them
+(the label table of a class-conditional net, an nn.Embedding, goes through its exact per-sample fallback).
 The attention takes the explicit softmax(q k^T / sqrt(d)) v path under torch.func transforms (vmap, jvp,
 grad) and under forward-mode AD: the fused CPU kernel has no forward-mode derivative (torch 2.13) and no vmap
 batching rule. The forward pass has no data-dependent control flow, so it runs under ``torch.compile``.
@@ -26,7 +30,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from .embedding import TIME_SCALE, timestep_embedding
+from .embedding import TIME_SCALE, label_embedding, timestep_embedding
 from .unet import attention as _fused_or_explicit
 
 __all__ = ["DiT", "DIT_PRESETS", "dit_preset", "sincos_pos_embed_2d", "attention"]
@@ -137,11 +141,14 @@ class DiT(nn.Module):
         step_embed: also take a step h (``net(t, x, h)``, the average velocity over [t, t + h] of few-step
             objectives such as MeanFlow): a second embedding of h added to c, its last layer zero-initialised,
             so the new net starts as a velocity field; h = 0 (or None) is the instantaneous velocity.
+        num_classes: K > 0 makes the net class-conditional, ``net(t, x, y=labels)``: an ``nn.Embedding(K + 1,
+            hidden_size)`` of the label is added to c; index K (or ``y=None``) is the null label, the
+            unconditional field of classifier-free guidance (:mod:`flowprobe.guidance`).
     """
 
     def __init__(self, image_size: int = 32, in_channels: int = 3, patch_size: int = 2, hidden_size: int = 384,
                  depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, out_channels: int | None = None,
-                 time_scale: float = TIME_SCALE, step_embed: bool = False):
+                 time_scale: float = TIME_SCALE, step_embed: bool = False, num_classes: int = 0):
         super().__init__()
         if min(image_size, in_channels, patch_size, hidden_size, depth, num_heads) < 1 or mlp_ratio <= 0:
             raise ValueError("image_size, in_channels, patch_size, hidden_size, depth, num_heads and mlp_ratio "
@@ -158,13 +165,15 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid), persistent=False)
         self.t_embedder = TimestepEmbedder(hidden_size, time_scale)
         self.h_embedder = TimestepEmbedder(hidden_size, time_scale, zero_out=True) if step_embed else None
+        self.num_classes = int(num_classes)
+        self.y_embedder = nn.Embedding(num_classes + 1, hidden_size) if num_classes > 0 else None
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self._init_weights()
 
     def _init_weights(self) -> None:
         """DiT's initialisation: Xavier-uniform Linear layers and patch projection, zero biases, zero adaLN
-        modulations and output layer (the time embedders initialise themselves)."""
+        modulations and output layer, N(0, 0.02) label table (the time embedders initialise themselves)."""
         for name, mod in self.named_modules():
             if isinstance(mod, nn.Linear) and "embedder" not in name:
                 nn.init.xavier_uniform_(mod.weight)
@@ -173,6 +182,8 @@ class DiT(nn.Module):
         w = self.patch_embed.weight
         bound = math.sqrt(6.0 / (w.shape[0] + w[0].numel()))  # Xavier on the weight as a (hidden, C p p) matrix
         nn.init.uniform_(w, -bound, bound)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.weight, std=0.02)
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
         for mod in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
@@ -184,10 +195,12 @@ class DiT(nn.Module):
         b, g, p, c = x.shape[0], self.grid, self.patch_size, self.out_channels
         return x.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)
 
-    def forward(self, t: Tensor | float, x: Tensor, h: Tensor | float | None = None) -> Tensor:
+    def forward(self, t: Tensor | float, x: Tensor, h: Tensor | float | None = None, y: Tensor | None = None) -> Tensor:
         """v(t, x): t of shape (B,) (or a scalar, broadcast to the batch), x of shape (B, C, H, H); with
-        ``step_embed``, u(t, x, h), the average velocity over [t, t + h] (h = None means 0)."""
+        ``step_embed``, u(t, x, h), the average velocity over [t, t + h] (h = None means 0); with ``num_classes``,
+        v(t, x | y) for labels y (B,) (None: the null label, :mod:`flowprobe.guidance`)."""
         c = self.t_embedder(t, x)
+        c = c + label_embedding(self.y_embedder, self.num_classes, y, c)
         if self.h_embedder is not None:
             c = c + self.h_embedder(0.0 if h is None else h, x)
         elif h is not None:

@@ -42,8 +42,6 @@ def model_spec(model, shape: tuple[int, ...] | list[int], step_embed: bool = Fal
     shape = tuple(int(s) for s in shape)
     extra = {"step_embed": True} if step_embed else {}
     if getattr(model, "num_classes", None):  # class-conditional (flowprobe.guidance); left out when unconditional
-        if model.arch not in ("mlp", "unet"):
-            raise ConfigError(f"model.num_classes: only the mlp and unet nets are class-conditional, not {model.arch}")
         extra["num_classes"] = int(model.num_classes)
     time_scale = getattr(model, "time_scale", TIME_SCALE)
     if model.arch == "mlp":
