@@ -137,3 +137,116 @@ def test_mapped_coupling_pairs_fresh_sources_with_their_image():
     p = coupling.sample(32, torch.Generator().manual_seed(0))
     x0, _ = make_toy("gaussian").sample(32, torch.Generator().manual_seed(0))
     assert torch.equal(p.x0, x0) and torch.equal(p.x1, 5 - x0) and torch.equal(p.i0, p.i1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# image runs: data.pairs for images, reflow of an image run
+
+def _image_tar(path, n: int = 24, side: int = 8, seed: int = 0):
+    """A tar of n random side x side RGB PNGs (sorted names), and their pixels (N, H, W, 3) uint8."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+    with tarfile.open(path, "w") as tf:
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(pixels[i]).save(buf, format="PNG")
+            info = tarfile.TarInfo(f"{i:06d}.png")
+            info.size = len(buf.getvalue())
+            tf.addfile(info, io.BytesIO(buf.getvalue()))
+    return path, pixels
+
+
+def _image_base(tar) -> dict:
+    """A tiny FlatMLP image run on the first 16 images of ``tar`` (the other 8 are held out)."""
+    return {"data": {"dataset": str(tar), "n_train": 16, "flip": False},
+            "model": {"arch": "mlp", "width": 32, "depth": 2, "time_embed_dim": 8},
+            "coupling": {"kind": "independent"}, "steps": 20, "batch_size": 8, "log_every": 10,
+            "sample": {"n": 16, "steps": 4, "solver": "euler", "plot": False}}
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reflow_images")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLOWPROBE_CACHE", str(root / "cache"))
+        tar, pixels = _image_tar(root / "images.tar")
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            train_from_config(from_dict(TrainConfig, _image_base(tar)), root / "base", device="cpu", progress=False)
+        finally:
+            torch.set_num_threads(before)
+        yield root / "base", tar, pixels
+
+
+def _euler(net, x0, steps):
+    """Our own Euler loop for dx/dt = net(t, x) from t = 0 to 1."""
+    x = x0.clone()
+    with torch.no_grad():
+        for i in range(steps):
+            x = x + net(torch.full((x.shape[0],), i / steps), x) / steps
+    return x
+
+
+def test_reflow_of_an_image_run(image_run, tmp_path, capsys):
+    base_run, tar, pixels = image_run
+    out = tmp_path / "reflow"
+    assert main(["reflow", str(base_run), "--pairs", "16", "--rounds", "2", "--out", str(out), "--set", "steps=10",
+                 "--init", "previous", "--device", "cpu"]) == 0
+    assert "| 2 |" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    rows = results["per_round"]
+    assert [r["round"] for r in rows] == [0, 1, 2] and results["data_kind"] == "images"
+    assert results["energy_distance_reference"].startswith("8 held-out real images")
+    # round 0's quality number, recomputed: our Euler endpoints of the seeded evaluation noises against the 8
+    # held-out images (rows 16..23 of the tar, from their pixels; the energy distance ignores their order)
+    net0, _ = load_model(base_run)
+    x1_eval = _euler(net0, torch.randn(16, 3, 8, 8, generator=seeded_generator(0, 1)), 4).reshape(16, -1).double()
+    held = torch.from_numpy(pixels[16:]).permute(0, 3, 1, 2).reshape(8, -1).double() / 127.5 - 1
+    ed = 2 * torch.cdist(x1_eval, held).mean() - torch.cdist(x1_eval, x1_eval).mean() - torch.cdist(held, held).mean()
+    assert rows[0]["energy_distance"] == pytest.approx(ed.item(), rel=1e-5)
+    previous = base_run
+    for k in (1, 2):
+        pairs = load_pairs(out / f"round-{k}" / "pairs.safetensors")
+        x0 = torch.randn(16, 3, 8, 8, generator=seeded_generator(0, pairs_seed_stream(k)))
+        assert torch.equal(pairs.x0, x0)
+        net, ck = load_model(previous)
+        torch.testing.assert_close(pairs.x1, _euler(net, x0, 4), rtol=1e-5, atol=1e-5)
+        cost = torch.cdist(x0.reshape(16, -1).double(), pairs.x1.reshape(16, -1).double()).pow(2).numpy()
+        plan = ot.emd(np.full(16, 1 / 16), np.full(16, 1 / 16), cost)
+        assert torch.equal(pairs.partners["ot"], torch.from_numpy(plan.argmax(1)))
+        assert rows[k]["pairs_ot_recall"] == (pairs.partners["ot"] == torch.arange(16)).double().mean().item()
+        # the round is the base run's config on these pairs, from the previous round's weights
+        run_cfg = checkpoint_config(load_model(out / f"round-{k}")[1])
+        assert run_cfg.data.pairs == str((out / f"round-{k}" / "pairs.safetensors").resolve())
+        assert run_cfg.coupling.kind == "fixed_pairs" and run_cfg.data.dataset == str(tar)
+        assert run_cfg.model.arch == "mlp" and run_cfg.model.width == 32
+        assert run_cfg.model.init == str(ck.path.resolve())
+        from flowprobe.runs.build import build_data
+
+        coupling, _, target, shape = build_data(run_cfg)
+        assert torch.equal(coupling.x0, pairs.x0) and torch.equal(coupling.x1, pairs.x1)
+        assert shape == (3, 8, 8) and len(target) == 24  # the whole dataset is the evaluation's target
+        previous = out / f"round-{k}"
+
+
+def test_image_pairs_of_the_wrong_shape_exit_2(image_run, tmp_path, capsys):
+    import yaml
+
+    base_run, tar, _ = image_run
+    save_pairs(tmp_path / "p.safetensors", torch.randn(16, 3, 4, 4), torch.rand(16, 3, 4, 4) * 2 - 1)
+    cfg = _image_base(tar)
+    cfg["data"] = {"dataset": str(tar), "pairs": str(tmp_path / "p.safetensors")}
+    cfg["coupling"] = {"kind": "fixed_pairs"}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run"), "--device", "cpu",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flowprobe: error: data.pairs:") and "(3, 4, 4)" in err and "(3, 8, 8)" in err
+    assert err.count("\n") == 1
+    with pytest.raises(ConfigError, match="data.pairs: a pairs file is the training set of a toy or image"):
+        from_dict(TrainConfig, {"data": {"kind": "array", "target_path": "x.npy", "pairs": "p.safetensors"}})

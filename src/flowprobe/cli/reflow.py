@@ -1,4 +1,4 @@
-"""``flowprobe reflow CHECKPOINT --pairs N --rounds K --out DIR``: rectify a trained toy flow K times.
+"""``flowprobe reflow CHECKPOINT --pairs N --rounds K --out DIR``: rectify a trained toy or image flow K times.
 
 Each round generates N pairs (x0, Phi(x0)) with the current flow, trains the next flow on them with the run's own
 config (into DIR/round-k/), and measures straightness, the pairing probe and sample quality; DIR/results.json and
@@ -17,12 +17,14 @@ __all__ = ["register", "run_reflow"]
 def register(subparsers) -> None:
     """Add ``flowprobe reflow``."""
     p = subparsers.add_parser(
-        "reflow", help="rectify a trained toy flow: generate pairs, retrain on them, measure, K rounds",
-        description="Rectified flow (reflow) from a trained toy run: round k generates N pairs (x0, Phi_{k-1}(x0)) "
-                    "with the run's sampler, trains Phi_k on them with the run's config into OUT/round-k/, and "
-                    "reports straightness, the pairing probe (OT recall of the generated pairs; how the new flow "
-                    "reproduces them) and the energy distance to held-out target samples.")
-    p.add_argument("checkpoint", help="a flowprobe toy run: checkpoint file, checkpoints/ folder or run folder")
+        "reflow", help="rectify a trained toy or image flow: generate pairs, retrain on them, measure, K rounds",
+        description="Rectified flow (reflow) from a trained toy or image run: round k generates N pairs "
+                    "(x0, Phi_{k-1}(x0)) with the run's sampler, trains Phi_k on them with the run's config into "
+                    "OUT/round-k/, and reports straightness, the pairing probe (OT recall of the generated pairs; how "
+                    "the new flow reproduces them) and the energy distance to held-out target samples (images: the "
+                    "real images the run held out, else its training images).")
+    p.add_argument("checkpoint", help="a flowprobe toy or image run: checkpoint file, checkpoints/ folder or run "
+                                      "folder")
     p.add_argument("--pairs", type=int, required=True, metavar="N", help="generated pairs per round")
     p.add_argument("--rounds", type=int, required=True, metavar="K", help="reflow rounds")
     p.add_argument("--out", required=True, help="output folder (round-k/ runs, results.json, report.md)")

@@ -43,7 +43,9 @@ def build_data(cfg: TrainConfig, device: str | torch.device = "cpu", progress: b
     Toys: with ``data.n_train`` the finite pools are drawn once from a generator seeded with seed + 1; with
     ``data.pairs`` they are the rows of that pairs file.
     Images: the dataset is decoded (cached) to uint8 on ``device``; fixed pairs use noises x0_i fixed per
-    index (:func:`flowprobe.data.images.fixed_noise`, seed + 1) paired with image i.
+    index (:func:`flowprobe.data.images.fixed_noise`, seed + 1) paired with image i; with ``data.pairs`` the
+    training set is that file's (x0, x1) (:func:`flowprobe.runs.reuse.pairs_coupling`) and the dataset is only
+    the target that evaluation compares with.
     Own files (``data.kind: array | image_folder``): :func:`flowprobe.runs.own_data.build_own_data`.
     """
     from ..couplings import FixedPairs, IndependentCoupling, MinibatchOTCoupling, TensorSampler
@@ -66,6 +68,11 @@ def build_data(cfg: TrainConfig, device: str | torch.device = "cpu", progress: b
         images = to_tensor(data.images, device)
         shape = tuple(images.shape[1:])
         source, target = image_source(shape, device), ImageSampler(images, flip=cfg.data.flip)
+        if cfg.data.pairs is not None:  # a pairs file is the training set; the dataset stays the reference
+            from .reuse import pairs_coupling
+
+            coupling = pairs_coupling(cfg.data.pairs, source, kind, cfg.coupling.method, cfg.coupling.reg, device)
+            return _weighted(coupling, cfg), source, target, shape
         if kind == "independent":
             coupling = IndependentCoupling(source, target)
         elif kind == "minibatch_ot":

@@ -75,10 +75,12 @@ class DataConfig:
     feature with the training rows' mean and std (``flowprobe sample`` maps samples back). ``kind`` unset: toy,
     or images when ``dataset`` is set.
 
-    ``pairs`` (toys): a pairs file (:func:`flowprobe.probes.memorization.save_pairs`) as the training set instead
-    of ``n_train`` draws: its ``x0`` and ``x1`` are the source and target pools (with ``fixed_pairs`` row i is a
-    pair, e.g. the (x0, Phi(x0)) pairs of ``flowprobe reflow``); ``source`` and ``target`` still name the laws
-    that evaluation and sampling draw from, so the rows must have their sample shape."""
+    ``pairs`` (toys, images): a pairs file (:func:`flowprobe.probes.memorization.save_pairs`) as the training
+    set instead of ``n_train`` draws: its ``x0`` and ``x1`` are the source and target pools (with ``fixed_pairs``
+    row i is a pair, e.g. the (x0, Phi(x0)) pairs of ``flowprobe reflow``); ``source`` and ``target`` still name
+    the laws that evaluation and sampling draw from, so the rows must have their sample shape. Images (``dataset``
+    set): x0 noises and x1 images (floats in [-1, 1]) of the run's image shape (after ``resolution``); the
+    dataset is still decoded, as the target that evaluation compares with."""
 
     source: str = option("eight_gaussians", choices=_toy_names())
     target: str = option("moons", choices=_toy_names())
@@ -89,7 +91,7 @@ class DataConfig:
     root: str | None = option(None, help="data root for dataset names (default $FLOWPROBE_DATA or ../shared/data)")
     resolution: int | None = option(None, ge=1, help="image side after downsampling (default: native)")
     flip: bool = option(True, help="random horizontal flips of training images")
-    pairs: str | None = option(None, help="toys: a pairs file (x0, x1) as the training set")
+    pairs: str | None = option(None, help="toys, images: a pairs file (x0, x1) as the training set")
     kind: str | None = option(None, choices=DATA_KINDS, help="toy, images, array or image_folder (default: toy, or "
                                                              "images when dataset is set)")
     target_path: str | None = option(None, help="kind array / image_folder: the target's file or folder")
@@ -119,7 +121,7 @@ class ModelConfig:
     ``hidden_size``, ``num_blocks`` (its depth) and ``num_heads`` (docs/dit.md). ``init``: a checkpoint (file,
     checkpoints/ folder or run folder) of the same architecture whose weights, the EMA copy when it has one,
     training starts from instead of the seeded initialisation (e.g. ``flowprobe reflow --init previous``).
-    ``num_classes`` = K: a class-conditional net (mlp, unet) trained on the data's labels (``data.labels`` or an
+    ``num_classes`` = K: a class-conditional net (mlp, unet, dit) trained on the data's labels (``data.labels`` or an
     image folder's sub-folders), each label replaced by the null label with probability ``label_dropout`` (default
     0.1), so that ``flowprobe sample --label K --guidance W`` draws with classifier-free guidance
     (:mod:`flowprobe.guidance`)."""
@@ -327,13 +329,14 @@ def _data_checks(cfg: TrainConfig) -> None:
 
 
 def _pairs_and_init_checks(cfg: TrainConfig) -> None:
-    """``data.pairs`` (a toy run's training set from a pairs file) and ``model.init`` (starting weights)."""
+    """``data.pairs`` (a toy or image run's training set from a pairs file) and ``model.init`` (starting
+    weights)."""
     for key, value in (("data.pairs", cfg.data.pairs), ("model.init", cfg.model.init)):
         if value is not None and not value.strip():
             raise ConfigError(f"{key}: empty; give a file path or leave it unset")
-    if cfg.data.pairs is not None and cfg.data.data_kind != "toy":
-        raise ConfigError(f"data.pairs: a pairs file is the training set of a toy run; this run's data.kind is "
-                          f"{cfg.data.data_kind}")
+    if cfg.data.pairs is not None and cfg.data.data_kind not in ("toy", "images"):
+        raise ConfigError(f"data.pairs: a pairs file is the training set of a toy or image (data.dataset) run; this "
+                          f"run's data.kind is {cfg.data.data_kind}")
     if cfg.data.pairs is not None and cfg.data.n_train is not None:
         raise ConfigError("data.pairs and data.n_train exclude each other: the pairs file is the training set")
 

@@ -1,5 +1,7 @@
-"""A toy run's training set from a pairs file (``data.pairs``): the pools x0 and x1, row i paired with row i.
-(A checkpoint's weights as the starting point, ``model.init``: :func:`flowprobe.runs.load.initialise_from`.)"""
+"""A run's training set from a pairs file (``data.pairs``): the pools x0 and x1, row i paired with row i.
+Toy runs and image runs (``data.dataset``: x0 noises and x1 images, floats of the run's image shape, e.g. the
+(x0, Phi(x0)) pairs of ``flowprobe reflow``). (A checkpoint's weights as the starting point, ``model.init``:
+:func:`flowprobe.runs.load.initialise_from`.)"""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import torch
 
 from ..config import ConfigError
 
-__all__ = ["pairs_pools"]
+__all__ = ["pairs_pools", "pairs_coupling"]
 
 
 def pairs_pools(path: str | Path, source, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,3 +29,17 @@ def pairs_pools(path: str | Path, source, device) -> tuple[torch.Tensor, torch.T
                           f"source draws shape {tuple(probe.shape[1:])}")
     return pairs.x0.to(device, torch.float32), pairs.x1.to(device, torch.float32)
 
+
+def pairs_coupling(path: str | Path, source, kind: str, method: str = "exact", reg: float = 0.05, device="cpu"):
+    """The coupling ``kind`` (``coupling.kind``) over the pools of the pairs file ``path``
+    (:func:`pairs_pools`): ``fixed_pairs`` keeps row i with row i (:class:`~flowprobe.couplings.FixedPairs`);
+    ``independent`` and ``minibatch_ot`` draw the two pools separately."""
+    from ..couplings import FixedPairs, IndependentCoupling, MinibatchOTCoupling, TensorSampler
+
+    x0, x1 = pairs_pools(path, source, device)
+    if kind == "fixed_pairs":
+        return FixedPairs(x0, x1)
+    src, tgt = TensorSampler(x0), TensorSampler(x1)
+    if kind == "minibatch_ot":
+        return MinibatchOTCoupling(src, tgt, method, reg)
+    return IndependentCoupling(src, tgt)
