@@ -70,6 +70,14 @@ def test_reflow_command_rounds(base_run, tmp_path, capsys):
     # rectification straightens: the independent-coupling flow bends, its 1-rectified flow much less
     assert rows[1]["straightness"] < rows[0]["straightness"] / 4
     assert all(r["energy_distance"] < r["energy_distance_source"] / 4 for r in rows)  # every round still samples
+    # diagnosing a round: its pairs are the training set; nothing here is held out from the law of its targets
+    from flowprobe.diagnosis import DiagnoseOptions
+    from flowprobe.runs.diagnose import diagnose as diagnose_run
+
+    d = diagnose_run(out / "round-1", device="cpu", options=DiagnoseOptions(
+        n_generate=64, steps=8, membership_samples=32, gradvar_samples=8, pairs_max=64, transport_samples=16))
+    assert "pairs file" in d.data["heldout"]["source"] and "--heldout" in d.data["heldout"]["source"]
+    assert d.checks["pairing"].ran and not d.checks["membership"].ran and d.data["pairs"] == 256
 
 
 def test_init_previous_starts_from_the_previous_weights(base_run, tmp_path):

@@ -158,6 +158,9 @@ def run_training_data(run, device) -> tuple[Tensor | None, PairSet | None, str]:
 def _run_heldout(run, n: int, seed: int, device) -> tuple[Tensor | None, str]:
     """Held-out samples of a flowprobe run (module docstring), or (None, why not)."""
     cfg = run.config
+    if cfg.data.pairs is not None:  # a reflow round or the user's own pairs: the targets are the file's
+        return None, (f"the run trained on a pairs file ({cfg.data.pairs}); samples of the law its targets come from "
+                      f"are not known here: give them with --heldout")
     if cfg.data.data_kind in ("array", "image_folder"):  # the run's seeded held-out split (runs.own_data)
         from .own_data import heldout_of
 
