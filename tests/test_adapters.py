@@ -8,10 +8,10 @@ downloads). Tests of a library are skipped when it is not installed.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import pickle
-import textwrap
 
 import pytest
 import torch
@@ -357,20 +357,9 @@ def test_noise_and_data_conversions_equal_flow_matching_path(scheduler):
 
 
 def _write_user_module(tmp_path, monkeypatch, name):
-    (tmp_path / f"{name}.py").write_text(textwrap.dedent('''
-        import torch
-        from torch import nn
-
-        class Net(nn.Module):
-            def __init__(self, dim=2, hidden=32):
-                super().__init__()
-                self.main = nn.Sequential(nn.Linear(dim + 2, hidden), nn.SiLU(), nn.Linear(hidden, dim))
-
-            def forward(self, x, t, cond=None):
-                t = t.reshape(-1, 1).expand(x.shape[0], 1).to(x.dtype)
-                c = torch.zeros_like(t) if cond is None else cond.reshape(-1, 1).to(x.dtype)
-                return self.main(torch.cat([x, t, c], dim=1))
-    '''))
+    """A user's module on the path: ``Net`` is :class:`_FMNet`'s source under the name a user would give it."""
+    source = inspect.getsource(_FMNet).replace("class _FMNet(", "class Net(")
+    (tmp_path / f"{name}.py").write_text("import torch\nfrom torch import nn\n\n\n" + source)
     monkeypatch.syspath_prepend(str(tmp_path))
 
 

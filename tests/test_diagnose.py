@@ -269,15 +269,9 @@ def test_array_conventions(tmp_path):
 
 
 def _main(argv):
-    from flowprobe import cli
-    from flowprobe.cli import diagnose as diagnose_cli
+    from flowprobe.cli import main
 
-    groups = cli.COMMAND_GROUPS if diagnose_cli in cli.COMMAND_GROUPS else cli.COMMAND_GROUPS + (diagnose_cli,)
-    old, cli.COMMAND_GROUPS = cli.COMMAND_GROUPS, groups
-    try:
-        return cli.main(argv)
-    finally:
-        cli.COMMAND_GROUPS = old
+    return main(argv)
 
 
 @pytest.fixture

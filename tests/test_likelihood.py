@@ -197,15 +197,9 @@ def test_bits_per_dim_matches_the_exact_probability_of_the_pixels(scale):
 
 
 def _main(argv):
-    from flowprobe import cli
-    from flowprobe.cli import likelihood as likelihood_cli
+    from flowprobe.cli import main
 
-    groups = cli.COMMAND_GROUPS if likelihood_cli in cli.COMMAND_GROUPS else cli.COMMAND_GROUPS + (likelihood_cli,)
-    old, cli.COMMAND_GROUPS = cli.COMMAND_GROUPS, groups
-    try:
-        return cli.main(argv)
-    finally:
-        cli.COMMAND_GROUPS = old
+    return main(argv)
 
 
 @pytest.fixture(scope="module")

@@ -91,15 +91,16 @@ def copies_check(generated: Tensor, train: Tensor, reference: Tensor, baseline: 
     reference = reference.to(gen.device)
     if mirror and train.dim() != 4:
         raise ValueError(f"mirror needs images (N, C, H, W), got samples of shape {tuple(train.shape[1:])}")
-    flip = (lambda x: x.flip(-1)) if mirror else (lambda x: None)
-    gen_stats = copy_statistics(gen, train, chunk_size, mirrored=flip(train))
-    ref_stats = copy_statistics(reference, pool, chunk_size, mirrored=flip(pool))
+    train_m, pool_m = (train.flip(-1), pool.flip(-1)) if mirror else (None, None)
+    gen_stats = copy_statistics(gen, train, chunk_size, mirrored=train_m)
+    ref_stats = copy_statistics(reference, pool, chunk_size, mirrored=pool_m)
     spaces = {"pixels": _compare(gen_stats, ref_stats)}
     if features is not None:
         f_gen, f_train, f_ref, f_pool = (apply_features(features, x) for x in (gen, train, reference, pool))
-        f_mirror = (lambda x: apply_features(features, x.flip(-1))) if mirror else (lambda x: None)
-        spaces["features"] = _compare(copy_statistics(f_gen, f_train, chunk_size, mirrored=f_mirror(train)),
-                                      copy_statistics(f_ref, f_pool, chunk_size, mirrored=f_mirror(pool)))
+        f_train_m, f_pool_m = ((apply_features(features, train_m), apply_features(features, pool_m)) if mirror
+                               else (None, None))
+        spaces["features"] = _compare(copy_statistics(f_gen, f_train, chunk_size, mirrored=f_train_m),
+                                      copy_statistics(f_ref, f_pool, chunk_size, mirrored=f_pool_m))
     votes = [ev["vote"] for ev in spaces.values()]
     vote = MEMORISES if MEMORISES in votes else (GENERALISES if all(v == GENERALISES for v in votes) else None)
     main = spaces["pixels"]

@@ -223,8 +223,6 @@ def _copies(net, train, heldout, source, features, options, run, checks, artifac
                                                    "training samples to split for a baseline")
             return
         mirror = options.mirror == "on" or (options.mirror == "auto" and train.dim() == 4)
-        if mirror and train.dim() != 4:
-            raise ValueError(f"mirror: on needs images (N, C, H, W), got samples of shape {tuple(train.shape[1:])}")
         check, arrays = copies_check(generated, train, reference, baseline, features=features, pool=pool,
                                      mirror=mirror)
     if baseline == "training-split":

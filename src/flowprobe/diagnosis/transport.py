@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..couplings import ot_permutation
 from ..probes.consistency import endpoint_distance, parse_solver
-from ..probes.memorization import PairSet, evaluate_pairs, limit_pairs, nearest_neighbours
+from ..probes.memorization import PairSet, evaluate_pairs, limit_pairs
 from ..probes.straightness import straightness_from_trajectory
 from ..solvers import integrate
 from .result import CheckResult
@@ -51,8 +51,9 @@ def pairing_check(net, pairs: PairSet, *, n_max: int = 1000, method: str = "eule
         ot = ot_permutation(pairs.x0.reshape(n, -1), pairs.x1.reshape(n, -1), "lsa")
         pairs = PairSet(pairs.x0, pairs.x1, {**pairs.partners, "ot": ot.to(pairs.x0.device)}, pairs.metadata)
         notes.append("OT partners solved here (exact assignment, squared Euclidean cost)")
-    metrics, endpoints = evaluate_pairs(net, pairs, method=method, steps=steps, batch_size=batch_size, device=device)
-    nearest = nearest_neighbours(endpoints, pairs.x1.to(endpoints.device), 1)[1][:, 0].cpu()
+    metrics, endpoints, nearest = evaluate_pairs(net, pairs, method=method, steps=steps, batch_size=batch_size,
+                                                 device=device, return_nearest=True)
+    nearest = nearest.cpu()
     assigned_idx = pairs.partners["assigned"].cpu()
     contested = torch.ones(n, dtype=torch.bool)
     ot_rec, same = None, None

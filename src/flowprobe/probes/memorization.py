@@ -39,7 +39,7 @@ from ..io import atomic_write
 from ..solvers import push_forward
 from .neighbours import nearest_neighbours
 
-__all__ = ["nearest_neighbours", "pairing_metrics", "copy_statistics", "copy_metrics", "save_pairs",
+__all__ = ["nearest_neighbours", "nearest_targets", "pairing_metrics", "copy_statistics", "copy_metrics", "save_pairs",
            "load_pairs", "PairSet", "evaluate_pairs", "limit_pairs", "PAIRS_FORMAT",
            "COPY_THRESHOLD"]
 
@@ -53,15 +53,21 @@ def _flat(x: Tensor) -> Tensor:
     return x if x.is_floating_point() else x.float()
 
 
-def pairing_metrics(outputs: Tensor, targets: Tensor, partners: dict[str, Tensor], chunk_size: int = 4096) -> dict:
+def nearest_targets(outputs: Tensor, targets: Tensor, chunk_size: int = 4096) -> Tensor:
+    """The index in ``targets`` of each output's nearest target, shape (N,)."""
+    return nearest_neighbours(outputs, targets, 1, chunk_size)[1][:, 0]
+
+
+def pairing_metrics(outputs: Tensor, targets: Tensor, partners: dict[str, Tensor], chunk_size: int = 4096,
+                    nearest: Tensor | None = None) -> dict:
     """Distances of outputs to named partners among ``targets``.
 
     ``outputs[i]`` is the integrated endpoint of training source i; ``partners[name][i]`` is the index
-    in ``targets`` of its partner under pairing ``name`` (e.g. "assigned", "ot"). Returns, for each
-    name, ``l2_{name}_mean``, ``l2_{name}_std`` and ``nn_acc_{name}``, plus ``chance`` = 1/N.
+    in ``targets`` of its partner under pairing ``name`` (e.g. "assigned", "ot"); ``nearest``: the outputs'
+    nearest targets when already known (:func:`nearest_targets`). Returns, for each name, ``l2_{name}_mean``,
+    ``l2_{name}_std`` and ``nn_acc_{name}``, plus ``chance`` = 1/N.
     """
-    _, nn_idx = nearest_neighbours(outputs, targets, 1, chunk_size)
-    nn_idx = nn_idx[:, 0]
+    nn_idx = nearest_targets(outputs, targets, chunk_size) if nearest is None else nearest.to(outputs.device)
     flat_out = _flat(outputs)
     flat_tgt = _flat(targets).to(flat_out.device, flat_out.dtype)
     res = {"chance": 1.0 / targets.shape[0]}
@@ -229,19 +235,20 @@ def _autocast_dtype(precision: str) -> torch.dtype | None:
 
 
 def evaluate_pairs(model, pairs: PairSet, *, method: str = "euler", steps: int = 100, batch_size: int = 500,
-                   device: str | torch.device | None = None, precision: str = "fp32") -> tuple[dict, Tensor]:
+                   device: str | torch.device | None = None, precision: str = "fp32", return_nearest: bool = False):
     """Integrate every training source of ``pairs`` on ``device`` (default the sources' device; with
     :func:`flowprobe.solvers.push_forward`, ``precision="bf16"`` meaning bf16 autocast on CUDA) and compare the
-    endpoints with each named partner (:func:`pairing_metrics`). Returns (metrics, endpoints on ``device``);
-    metrics also record the solver."""
+    endpoints with each named partner (:func:`pairing_metrics`). Returns (metrics, endpoints on ``device``), and
+    with ``return_nearest`` also each endpoint's nearest target; metrics also record the solver."""
     x0 = pairs.x0 if device is None else pairs.x0.to(device)
     outputs = push_forward(model, x0, method=method, steps=steps, batch_size=batch_size,
                            autocast_dtype=_autocast_dtype(precision))
     targets = pairs.x1.to(outputs.device)
     partners = {k: v.to(outputs.device) for k, v in pairs.partners.items()}
-    metrics = pairing_metrics(outputs, targets, partners)
+    nearest = nearest_targets(outputs, targets)
+    metrics = pairing_metrics(outputs, targets, partners, nearest=nearest)
     metrics.update({"n": int(pairs.x0.shape[0]), "solver": method, "steps": steps})
-    return metrics, outputs
+    return (metrics, outputs, nearest) if return_nearest else (metrics, outputs)
 
 
 def limit_pairs(pairs: PairSet, n: int) -> tuple[PairSet, list[str]]:
