@@ -57,8 +57,9 @@ from flowprobe.paths import make_path
 from flowprobe.probes.memorization import PairSet
 from flowprobe.solvers import push_forward
 from flowprobe.train import fit
-from flowprobe.watch import (WATCH_AUC, WATCH_AUC_LOWER, WATCH_BOTH_SUPPORTING, WATCH_CONSECUTIVE, WATCH_COPY_EXCESS,
-                             WATCH_GRADVAR_RATIO, MemorizationWatch)
+from flowprobe.watch import (WATCH_COPY_EXCESS, WATCH_SCORE_THRESHOLD, WATCH_SCORE_THRESHOLD_MEMBERSHIP,
+                             WATCH_SCORE_WEIGHTS, WATCH_SCORE_WEIGHTS_MEMBERSHIP, MemorizationWatch, WatchReading,
+                             detect)
 
 SIZES = (8, 16, 24, 32, 128, 1024)
 COUPLINGS = ("independent", "paired")
@@ -151,7 +152,7 @@ def one_run(cfg: dict) -> dict:
         fit(net, coupling, CFMObjective(path), steps=steps, batch_size=min(64, 4 * n), lr=2e-3, seed=seed,
             hooks=[watch])
     seconds = time.perf_counter() - t0
-    return {**cfg, "seconds": seconds, "fired_at": watch.fired_at, "rule": SHIPPED_RULE,
+    return {**cfg, "seconds": seconds, "fired_at": watch.fired_at, "detector": SHIPPED,
             "label": label(net, train, x0_pairs, seed, reference), "readings": [r.to_dict() for r in watch.readings]}
 
 
@@ -202,25 +203,45 @@ def write(out: Path, r: dict, start: float) -> None:
 # ------------------------------------------------------------------------------------------------ report
 
 
-def latest(readings: list, step: int, key: str):
+def latest(readings: list, step: float, key: str):
     vals = [r[key] for r in readings if r["step"] <= step and r.get(key) is not None]
     return vals[-1] if vals else None
 
 
+def reading_of(x: dict) -> WatchReading:
+    """A stored reading as the watch's WatchReading (to replay the detector on it)."""
+    return WatchReading(**{k: v for k, v in x.items() if k in WatchReading.__dataclass_fields__})
+
+
+def replay(r: dict, constants: dict | None = None) -> tuple[list, list]:
+    """(score, copies held) of each stored reading of run ``r`` under the detector's ``constants`` (keyword arguments
+    of flowprobe.watch.detect; default: the shipped ones)."""
+    out = [reading_of(x) for x in r["readings"]]
+    for x in out:
+        detect(x, **(constants or {}))
+    return [x.score for x in out], ["copies" in x.signals for x in out]
+
+
+def fired_at(r: dict, constants: dict | None = None, threshold: float | None = None) -> int | None:
+    """The step at which the detector first fires on run ``r``'s stored readings (the watch's own judgement,
+    replayed), with the shipped constants or those given; ``threshold``: the score threshold instead of the one in
+    ``constants``."""
+    constants = constants or SHIPPED
+    bar = constants["threshold"] if threshold is None else threshold
+    scores, copies = replay(r, constants)
+    return next((x["step"] for x, s, c in zip(r["readings"], scores, copies) if c or (math.isfinite(s) and s >= bar)),
+                None)
+
+
 def signals_at(r: dict, fraction: float) -> dict:
-    """The detector as shipped (SHIPPED_RULE replayed on the readings) and each of its conditions alone, fired by
-    this fraction of training or not; and the latest continuous signals."""
+    """At this fraction of training: the shipped detector fired or not, its score (the largest reading's score so far:
+    the detector fires once any reading's score reaches the threshold), and the latest continuous signals."""
     step = fraction * r["steps"]
     gv = latest(r["readings"], step, "gradvar_ratio")
-    alone = {"membership": {**SHIPPED_RULE, "gradvar": None, "copies": math.inf, "combine": "or"},
-             "gradvar": {**SHIPPED_RULE, "auc": 2.0, "copies": math.inf, "combine": "or"},
-             "copies": {**SHIPPED_RULE, "auc": 2.0, "gradvar": None, "combine": "or"}}
-
-    def fired(rule):
-        at = simulate(r["readings"], rule)
-        return float(at is not None and at <= step)
-
-    return {"fired": fired(SHIPPED_RULE), **{f"fired:{k}": fired(rule) for k, rule in alone.items()},
+    scores, _ = replay(r)
+    so_far = [s for x, s in zip(r["readings"], scores) if x["step"] <= step and math.isfinite(s)]
+    at = fired_at(r)
+    return {"fired": float(at is not None and at <= step), "score": max(so_far) if so_far else None,
             "membership": latest(r["readings"], step, "auc"),
             "gradvar": -math.log(gv) if gv and gv > 0 else None,
             "copies": latest(r["readings"], step, "copy_excess")}
@@ -246,94 +267,186 @@ def roc_curve(runs: list, fraction: float, signal: str):
     return fpr + [1.0], tpr + [1.0]
 
 
-#: the rule the suite's runs were recorded with (the watch's first constants, taken from the diagnosis)
-DEFAULT_RULE = {"auc": 0.6, "lower": 0.5, "consecutive": 2, "gradvar": 0.25, "combine": "or", "copies": 0.05}
-#: the rule flowprobe.watch ships now (its module constants)
-SHIPPED_RULE = {"auc": WATCH_AUC, "lower": WATCH_AUC_LOWER, "consecutive": WATCH_CONSECUTIVE,
-                "gradvar": WATCH_GRADVAR_RATIO, "combine": "and" if WATCH_BOTH_SUPPORTING else "or",
-                "copies": WATCH_COPY_EXCESS}
-#: the grid searched on the tune half only
-RULE_GRID = {"auc": (0.6, 0.7, 0.8, 0.9), "lower": (0.5, 0.6, 0.7, 0.8), "consecutive": (1, 2, 3),
-             "gradvar": (None, 0.1, 0.25, 0.5), "combine": ("or", "and"), "copies": (0.05,)}
+# ---------------------------------------------------------------- choosing the score (tune half only)
+
+#: the candidate scores: which reading features enter the logistic regression (weights of the others are 0)
+SCORE_CANDIDATES = {"membership and gradient variance": ("auc", "gradvar"), "gradient variance": ("gradvar",),
+                    "membership": ("auc",)}
+#: L2 penalty on the standardised weights of the logistic regression (keeps a separable tune half finite)
+L2 = 0.01
+#: the detector's constants as flowprobe.watch ships them
+SHIPPED = {"weights": WATCH_SCORE_WEIGHTS, "weights_membership": WATCH_SCORE_WEIGHTS_MEMBERSHIP,
+           "threshold": WATCH_SCORE_THRESHOLD, "threshold_membership": WATCH_SCORE_THRESHOLD_MEMBERSHIP}
+
+
+def features(x: dict) -> dict:
+    ratio = x.get("gradvar_ratio")
+    return {"auc": x["auc"], "gradvar": -math.log(ratio) if ratio else float("nan")}
+
+
+def fit_score(runs: list, names: tuple) -> tuple[float, float, float]:
+    """Logistic regression of the label on the features ``names`` of the latest reading at each of FRACTIONS (the
+    three pooled), on standardised features with an L2 penalty; returned as raw weights (b, w_auc, w_gv) of
+    flowprobe.watch.memorisation_score (0 for a feature not used)."""
+    import numpy as np
+    from scipy.optimize import minimize
+
+    rows, ys = [], []
+    for r in runs:
+        for f in FRACTIONS:
+            x = [x for x in r["readings"] if x["step"] <= f * r["steps"]][-1]
+            rows.append([features(x)[k] for k in names])
+            ys.append(float(r["label"]["memorises"]))
+    xs, ys = np.array(rows), np.array(ys)
+    keep = np.isfinite(xs).all(1)
+    xs, ys = xs[keep], ys[keep]
+    mu, sd = xs.mean(0), xs.std(0)
+    z = (xs - mu) / sd
+
+    def loss(w):
+        logit = w[0] + z @ w[1:]
+        p = 1 / (1 + np.exp(-logit))
+        grad = np.concatenate([[np.sum(p - ys)], z.T @ (p - ys) + 2 * L2 * w[1:]])
+        return np.sum(np.logaddexp(0, logit) - ys * logit) + L2 * np.sum(w[1:] ** 2), grad
+
+    w = minimize(loss, np.zeros(len(names) + 1), jac=True, method="BFGS").x
+    raw = dict(zip(names, w[1:] / sd))
+    b = w[0] - float(np.sum(w[1:] * mu / sd))
+    return round(float(b), 4), round(float(raw.get("auc", 0.0)), 4), round(float(raw.get("gradvar", 0.0)), 4)
+
+
+def choose_threshold(runs: list, constants: dict) -> float:
+    """The score threshold with the best balanced accuracy of 'fired by then' (score or copies) on ``runs``, averaged
+    over FRACTIONS; among equals the largest (fewest false alarms)."""
+    per_run = [(r, replay(r, constants)) for r in runs]
+    candidates = sorted({round(s, 4) for _, (scores, _) in per_run for s in scores if math.isfinite(s)})
+    best, best_value = None, -1.0
+    for thr in candidates:
+        value = 0.0
+        for f in FRACTIONS:
+            hits = {True: [], False: []}
+            for r, (scores, copies) in per_run:
+                early = [(s, c) for x, s, c in zip(r["readings"], scores, copies) if x["step"] <= f * r["steps"]]
+                hits[r["label"]["memorises"]].append(any(c or s >= thr for s, c in early))
+            value += (sum(hits[True]) / len(hits[True]) + 1 - sum(hits[False]) / len(hits[False])) / 2
+        if value >= best_value - 1e-12:
+            best, best_value = thr, value
+    return float(best)
+
+
+def tune_score(runs: list) -> tuple[str, dict]:
+    """The candidate of SCORE_CANDIDATES whose fitted score has the best mean ROC AUC over FRACTIONS on ``runs`` (the
+    tune half), with its threshold and the membership-only fallback: the constants flowprobe.watch ships."""
+    import numpy as np
+
+    fitted = {}
+    for name, names in SCORE_CANDIDATES.items():
+        constants = {**SHIPPED, "weights": fit_score(runs, names)}
+        cells = []
+        for f in FRACTIONS:
+            y, v = [], []
+            for r in runs:
+                scores, _ = replay(r, constants)
+                so_far = [s for x, s in zip(r["readings"], scores) if x["step"] <= f * r["steps"]]
+                y.append(r["label"]["memorises"])
+                v.append(max(so_far))
+            y, v = np.array(y), np.array(v)
+            cells.append(auc(torch.tensor(v[y]), torch.tensor(v[~y]))[0])
+        fitted[name] = (sum(cells) / len(cells), constants)
+        print(f"candidate score '{name}': weights (b, w_auc, w_gv) {constants['weights']}, tune-half AUC "
+              + " / ".join(f"{c:.3f}" for c in cells))
+    name = max(fitted, key=lambda k: fitted[k][0])
+    constants = fitted[name][1]
+    b, w_auc, _ = fit_score(runs, ("auc",))
+    constants["weights_membership"] = (b, w_auc)
+    constants["threshold"] = choose_threshold(runs, constants)
+    no_gv = [{**r, "readings": [{**x, "gradvar_ratio": None} for x in r["readings"]]} for r in runs]
+    constants["threshold_membership"] = choose_threshold(no_gv, constants)
+    return name, constants
+
+
+#: the threshold rule session 6 shipped (membership AUC > 0.6 with lower bound > 0.5, and GV(train) / GV(held-out)
+#: upper bound < 0.25, one reading; or copies), and the first rule (either, two readings), replayed for comparison
+OLD_RULES = {"threshold rule (membership and GV collapse)": {"auc": 0.6, "lower": 0.5, "consecutive": 1,
+                                                              "gradvar": 0.25, "combine": "and"},
+             "first threshold rule (either, two readings)": {"auc": 0.6, "lower": 0.5, "consecutive": 2,
+                                                              "gradvar": 0.25, "combine": "or"}}
 
 
 def simulate(readings: list, rule: dict) -> int | None:
-    """The step at which a detector with ``rule``'s thresholds first fires on stored readings (the watch's logic,
-    flowprobe.watch.MemorizationWatch._detect, replayed offline), or None."""
+    """The step at which one of the OLD_RULES first fires on stored readings, or None."""
     streak = {"membership": 0, "gradvar": 0}
     for x in readings:
         member = x["auc_lower"] > rule["lower"] and any(
             row["auc"] > rule["auc"] and row["auc_lower"] > rule["lower"] for row in x["rows"])
         upper = x.get("gradvar_upper")
-        collapse = rule["gradvar"] is not None and upper is not None and math.isfinite(upper) and \
-            upper < rule["gradvar"]
+        measured = upper is not None and math.isfinite(upper)
         streak["membership"] = streak["membership"] + 1 if member else 0
-        streak["gradvar"] = streak["gradvar"] + 1 if collapse else 0
-        measured = upper is not None and math.isfinite(upper)  # without a GV reading membership decides alone
-        both = rule["combine"] == "and" and rule["gradvar"] is not None and measured
+        streak["gradvar"] = streak["gradvar"] + 1 if measured and upper < rule["gradvar"] else 0
+        both = rule["combine"] == "and" and measured  # without a GV reading membership decides alone
         held = (min if both else max)(streak.values()) >= rule["consecutive"]
         copy = x.get("copy_excess_lower")
-        if held or (copy is not None and copy > rule["copies"]):
+        if held or (copy is not None and copy > WATCH_COPY_EXCESS):
             return x["step"]
     return None
 
 
-def rule_auc(runs: list, rule: dict, fraction: float) -> float:
-    """ROC AUC (= balanced accuracy) of 'fired by this fraction of training' under ``rule``."""
-    fired = [(simulate(r["readings"], rule), r) for r in runs]
+def binary_auc(runs: list, at_of, fraction: float) -> float:
+    """ROC AUC (= balanced accuracy) of 'fired by this fraction of training', ``at_of(run)`` the firing step."""
+    fired = [(at_of(r), r) for r in runs]
     pos = [float(f is not None and f <= fraction * r["steps"]) for f, r in fired if r["label"]["memorises"]]
     neg = [float(f is not None and f <= fraction * r["steps"]) for f, r in fired if not r["label"]["memorises"]]
     return auc(torch.tensor(pos), torch.tensor(neg))[0] if pos and neg else float("nan")
 
 
-def tune(runs: list) -> dict:
-    """The rule of RULE_GRID with the best mean AUC over FRACTIONS on ``runs`` (the tune half); ties go to the
-    rule nearest the shipped one (fewest changed constants)."""
-    best, best_key = None, None
-    for values in itertools.product(*RULE_GRID.values()):
-        rule = dict(zip(RULE_GRID, values))
-        score = sum(rule_auc(runs, rule, f) for f in FRACTIONS) / len(FRACTIONS)
-        key = (round(score, 9), -sum(rule[k] != DEFAULT_RULE[k] for k in rule))
-        if best_key is None or key > best_key:
-            best, best_key = rule, key
-    return best
-
-
 def rules_table(halves: dict) -> None:
-    runs = halves["all"]
-    same = sum(simulate(r["readings"], r.get("rule", DEFAULT_RULE)) == r["fired_at"] for r in runs)
-    print(f"\nreplay check: the rule each run was recorded with, replayed offline, fires at the recorded step in "
-          f"{same} of {len(runs)} runs")
-    tuned = tune(halves["tune (seed 0)"])
-    print(f"\n## detector rules (thresholds tuned on the tune half only): recorded with {DEFAULT_RULE}, tuned "
-          f"{tuned}, shipped {SHIPPED_RULE}")
+    print("\n## the old threshold rules, replayed (binary: AUC = balanced accuracy)")
     print("| rule | half | AUC at 25% | AUC at 50% | AUC at 100% |\n|---|---|---|---|---|")
-    rules = (("recorded with", DEFAULT_RULE), ("tuned on seed 0", tuned), ("shipped", SHIPPED_RULE),
-             ("shipped, membership only", {**SHIPPED_RULE, "gradvar": None, "combine": "or"}),
-             ("shipped, gradient variance only", {**SHIPPED_RULE, "auc": 2.0, "combine": "or"}),
-             ("shipped, membership or gradient variance", {**SHIPPED_RULE, "combine": "or"}))
-    for name, rule in rules:
+    for name, rule in OLD_RULES.items():
         for half, rs in halves.items():
-            print(f"| {name} | {half} | " + " | ".join(f"{rule_auc(rs, rule, f):.3f}" for f in FRACTIONS) + " |")
+            cells = [binary_auc(rs, lambda r, rule=rule: simulate(r["readings"], rule), f) for f in FRACTIONS]
+            print(f"| {name} | {half} | " + " | ".join(f"{a:.3f}" for a in cells) + " |")
+
+
+def replay_check(runs: list) -> None:
+    """Replaying the detector each run was recorded with must reproduce its recorded firing step."""
+    same = 0
+    for r in runs:
+        if "detector" in r:
+            constants = {k: tuple(v) if isinstance(v, list) else v for k, v in r["detector"].items()}
+            same += fired_at(r, constants) == r["fired_at"]
+        else:  # recorded with a threshold rule (the first runs: the first rule, unnamed in the record)
+            rule = r.get("rule", OLD_RULES["first threshold rule (either, two readings)"])
+            same += simulate(r["readings"], rule) == r["fired_at"]
+    print(f"replay check: the detector each run was recorded with, replayed offline, fires at the recorded step in "
+          f"{same} of {len(runs)} runs")
 
 
 def report(args) -> None:
     runs = [json.loads(line) for line in Path(args.runs).read_text().splitlines()]
     halves = {"tune (seed 0)": [r for r in runs if r["seed"] == 0],
-              "report (seeds >= 1)": [r for r in runs if r["seed"] >= 1], "all": runs}
+              "report (seed 1)": [r for r in runs if r["seed"] == 1],
+              "fresh (seeds >= 2, run after the detector was fixed)": [r for r in runs if r["seed"] >= 2],
+              "all": runs}
+    halves = {k: v for k, v in halves.items() if v}
     print(f"{len(runs)} runs, {sum(r['seconds'] for r in runs):.0f} s of training+watch, "
           f"{sum(r['label']['memorises'] for r in runs)} memorise")
-    for name, rs in halves.items():
+    replay_check(runs)
+    name, tuned = tune_score(halves["tune (seed 0)"])
+    print(f"chosen on the tune half: '{name}', {tuned}")
+    print(f"shipped in flowprobe.watch: {SHIPPED} -- " + ("the same" if tuned == SHIPPED else "DIFFERENT"))
+    for half, rs in halves.items():
         m = sum(r["label"]["memorises"] for r in rs)
-        print(f"\n## {name}: {len(rs)} runs, {m} memorise, {len(rs) - m} do not")
+        print(f"\n## {half}: {len(rs)} runs, {m} memorise, {len(rs) - m} do not")
         print("| signal | AUC at 25% | AUC at 50% | AUC at 100% |\n|---|---|---|---|")
-        for sig in ("fired", "fired:membership", "fired:gradvar", "fired:copies", "membership", "gradvar", "copies"):
+        for sig in ("score", "fired", "membership", "gradvar", "copies"):
             cells = [roc_auc(rs, f, sig) for f in FRACTIONS]
             print(f"| {sig} | " + " | ".join(f"{a:.3f} (n={k})" for a, k in cells) + " |")
-        fired = [simulate(r["readings"], SHIPPED_RULE) is not None for r in rs]
-        tp = sum(r["label"]["memorises"] and f for r, f in zip(rs, fired))
-        fp = sum((not r["label"]["memorises"]) and f for r, f in zip(rs, fired))
-        print(f"detector at 100%: {tp}/{m} memorising runs flagged, {fp}/{len(rs) - m} others flagged")
+        for f in FRACTIONS:
+            fired = [(at := fired_at(r)) is not None and at <= f * r["steps"] for r in rs]
+            tp = sum(r["label"]["memorises"] and x for r, x in zip(rs, fired))
+            fp = sum((not r["label"]["memorises"]) and x for r, x in zip(rs, fired))
+            print(f"detector by {f:.0%}: {tp}/{m} memorising runs flagged, {fp}/{len(rs) - m} others flagged")
     rules_table(halves)
     timing(runs)
     figures(runs, Path(args.figures))
@@ -347,7 +460,7 @@ def timing(runs: list) -> None:
         if not r["label"]["memorises"]:
             continue
         first_copy = next((x["step"] for x in r["readings"] if "copies" in x["signals"]), None)
-        at = simulate(r["readings"], SHIPPED_RULE)
+        at = fired_at(r)
         if at is not None:
             fractions.append(at / r["steps"])
         name = f"d={r.get('dim', 2)} n={r['n']} {r['coupling']} sigma={r['sigma']} steps={r['steps']} seed={r['seed']}"
@@ -359,38 +472,42 @@ def timing(runs: list) -> None:
 
 
 def figures(runs: list, folder: Path) -> None:
+    """ROC curves on the runs the detector was not fitted on (seeds >= 1), and one memorising and one generalising
+    run's readings over training."""
     from flowprobe.report import plt, save_figure
 
+    held = [r for r in runs if r["seed"] >= 1]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for ax, f in zip(axes, FRACTIONS):
-        for sig in ("membership", "gradvar", "copies"):
-            fpr, tpr = roc_curve(runs, f, sig)
-            a, _ = roc_auc(runs, f, sig)
-            ax.plot(fpr, tpr, label=f"{sig} (AUC {a:.2f})")
-        fired = roc_curve(runs, f, "fired")
-        ax.plot(fired[0], fired[1], "k--", label=f"detector (AUC {roc_auc(runs, f, 'fired')[0]:.2f})")
+        for sig, style in (("score", "k-"), ("membership", "-"), ("gradvar", "-"), ("copies", "-")):
+            fpr, tpr = roc_curve(held, f, sig)
+            ax.plot(fpr, tpr, style, label=f"{sig} (AUC {roc_auc(held, f, sig)[0]:.2f})")
+        fpr, tpr = roc_curve(held, f, "fired")
+        ax.plot(fpr[1], tpr[1], "ro", label="the detector's flag")
         ax.plot([0, 1], [0, 1], color="0.8", lw=0.8)
-        ax.set(title=f"{f:.0%} of training", xlabel="false positive rate", ylabel="true positive rate")
+        ax.set(title=f"{f:.0%} of training ({len(held)} runs, seeds >= 1)", xlabel="false positive rate",
+               ylabel="true positive rate")
         ax.legend(fontsize=7, loc="lower right")
     save_figure(fig, folder / "detector_roc.png")
-    mem = next((r for r in runs if r["label"]["memorises"] and simulate(r["readings"], SHIPPED_RULE) is not None
-                and r["steps"] == 2000), None)
-    gen = next((r for r in runs if not r["label"]["memorises"] and r["steps"] == 2000), None)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    mem = next((r for r in held if r["label"]["memorises"] and fired_at(r) is not None and r["steps"] == 2000), None)
+    gen = next((r for r in held if not r["label"]["memorises"] and r["steps"] == 2000), None)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     for r, name in ((mem, "memorising"), (gen, "generalising")):
         if r is None:
             continue
         steps = [x["step"] for x in r["readings"]]
-        axes[0].plot(steps, [x["auc"] for x in r["readings"]], label=f"{name}: n={r['n']} {r['coupling']}")
+        axes[0].plot(steps, [x["auc"] for x in r["readings"]], label=f"{name}: d={r.get('dim', 2)} n={r['n']} "
+                     f"{r['coupling']} sigma={r['sigma']}")
         axes[1].plot(steps, [x["gradvar_ratio"] for x in r["readings"]], label=name)
-        at = simulate(r["readings"], SHIPPED_RULE)
+        axes[2].plot(steps, replay(r)[0], label=name)
+        at = fired_at(r)
         if at:
             for ax in axes:
                 ax.axvline(at, ls=":", color="r")
-    axes[0].axhline(SHIPPED_RULE["auc"], color="0.6", lw=0.8)
-    axes[1].axhline(SHIPPED_RULE["gradvar"], color="0.6", lw=0.8)
+    axes[2].axhline(SHIPPED["threshold"], color="0.6", lw=0.8)
     axes[0].set(xlabel="step", ylabel="max_t membership AUC")
     axes[1].set(xlabel="step", ylabel="GV(train) / GV(held-out)", yscale="log")
+    axes[2].set(xlabel="step", ylabel="memorisation score (log-odds)")
     axes[0].legend(fontsize=7)
     save_figure(fig, folder / "detector_readings.png")
 

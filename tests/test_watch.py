@@ -19,7 +19,8 @@ from flowprobe.objectives import CFMObjective
 from flowprobe.paths import LinearPath, StochasticPath
 from flowprobe.solvers import push_forward
 from flowprobe.train import Checkpointer, fit
-from flowprobe.watch import MemorizationDetected, MemorizationWarning, MemorizationWatch, lightning_callback
+from flowprobe.watch import (WATCH_SCORE_THRESHOLD, MemorizationDetected, MemorizationWarning, MemorizationWatch,
+                             lightning_callback)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -90,34 +91,47 @@ def test_fires_on_a_memorising_run_and_logs(tmp_path):
     watch = MemorizationWatch(x1, heldout, path, every=50, train_sources=x0, log_path=tmp_path / "watch.jsonl",
                               tensorboard_dir=tmp_path / "tb")
     with pytest.warns(MemorizationWarning, match=r"memorisation watch fired at step \d+"):
-        fit(net, coupling, CFMObjective(path), steps=400, batch_size=8, lr=3e-3, hooks=[watch])
-    assert watch.fired_at is not None and watch.fired_at <= 400
+        fit(net, coupling, CFMObjective(path), steps=1000, batch_size=8, lr=3e-3, hooks=[watch])
+    assert watch.fired_at is not None and watch.fired_at <= 1000
     first = next(r for r in watch.readings if r.fired)
-    assert first.step == watch.fired_at and {"membership", "gradvar"} <= set(first.signals)
-    assert "gradvar" in watch.readings[-1].signals  # the collapse persists (membership's interval may not, on 8 pairs)
+    assert first.step == watch.fired_at and first.signals == ["score"] and first.score >= WATCH_SCORE_THRESHOLD
+    assert first.gradvar_ratio < 0.25 and first.auc > 0.6  # both signals say memorises (diagnosis thresholds)
+    assert all(r.fired for r in watch.readings if r.step >= watch.fired_at)  # the collapse persists
     records = [json.loads(line) for line in (tmp_path / "watch.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(50, 401, 50))
+    assert [r["step"] for r in records] == list(range(50, 1001, 50))
     assert all(r["event"] == "watch" and math.isfinite(r["auc"]) for r in records)
     fired = [r for r in records if r["fired"]]
     assert fired[0]["step"] == watch.fired_at and fired[0]["message"].startswith("memorisation watch fired")
 
 
-def test_both_supporting_signals_must_agree():
-    """With WATCH_BOTH_SUPPORTING a reading fires on membership and gradient-variance collapse together (or on
-    copies); membership alone fires only where no gradient variance was measured."""
-    from flowprobe.watch import WATCH_BOTH_SUPPORTING, WatchReading
+def test_the_score_is_the_fitted_log_odds_and_the_detector_thresholds_it():
+    """The score is b + w_auc auc - w_gv log(ratio) (membership weights without a ratio), the fitted weights have the
+    signs the paper predicts (a higher membership AUC and a lower GV(train)/GV(held-out) mean memorisation), and a
+    reading fires exactly when its score reaches the threshold of its kind (or on copies)."""
+    from flowprobe.watch import (WATCH_SCORE_THRESHOLD_MEMBERSHIP, WATCH_SCORE_WEIGHTS,
+                                 WATCH_SCORE_WEIGHTS_MEMBERSHIP, WatchReading, memorisation_score)
 
-    assert WATCH_BOTH_SUPPORTING
+    b, w_auc, w_gv = WATCH_SCORE_WEIGHTS
+    assert w_auc > 0 and w_gv > 0 and WATCH_SCORE_WEIGHTS_MEMBERSHIP[1] > 0
+    assert memorisation_score(0.8, 0.1) == pytest.approx(b + 0.8 * w_auc + w_gv * math.log(10))
+    assert memorisation_score(0.8, None) == pytest.approx(WATCH_SCORE_WEIGHTS_MEMBERSHIP[0]
+                                                          + 0.8 * WATCH_SCORE_WEIGHTS_MEMBERSHIP[1])
+    assert math.isnan(memorisation_score(float("nan"), 0.1))
     net, coupling, x0, x1, heldout = memorising_problem()
-    rows = [{"t": 0.5, "auc": 1.0, "auc_lower": 0.9, "auc_upper": 1.0}]
-    for gv_upper, expected in ((0.1, True), (0.9, False), (None, True)):
-        watch = MemorizationWatch(x1, heldout, LinearPath(), every=50, train_sources=x0)
-        r = WatchReading(step=50, auc=1.0, auc_lower=0.9, auc_t=0.5, rows=rows, gradvar_ratio=gv_upper,
-                         gradvar_upper=gv_upper)
+    watch = MemorizationWatch(x1, heldout, LinearPath(), every=50, train_sources=x0)
+    # the ratio at which a reading with membership AUC 0.7 crosses the threshold, and readings either side of it
+    crossing = math.exp((b + 0.7 * w_auc - WATCH_SCORE_THRESHOLD) / w_gv)
+    b_m, w_m = WATCH_SCORE_WEIGHTS_MEMBERSHIP
+    auc_crossing = (WATCH_SCORE_THRESHOLD_MEMBERSHIP - b_m) / w_m
+    cases = ((0.7, crossing * 0.99, True), (0.7, crossing * 1.01, False), (auc_crossing + 1e-3, None, True),
+             (auc_crossing - 1e-3, None, False), (1.0, 1.0, 1.0 * w_auc + b >= WATCH_SCORE_THRESHOLD))
+    for auc_value, ratio, expected in cases:
+        r = WatchReading(step=50, auc=auc_value, auc_lower=0.5, auc_t=0.5, gradvar_ratio=ratio)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", MemorizationWarning)
             watch.judge(r)
-        assert r.fired is expected and "membership" in r.signals
+        assert r.fired is expected and r.signals == (["score"] if expected else [])
+        assert not expected or r.message.startswith("memorisation watch fired at step 50: memorisation score")
 
 
 def test_stays_quiet_on_a_gaussian_run():
@@ -221,7 +235,8 @@ def test_tensorboard_scalars_equal_the_jsonl_readings(tmp_path):
     assert [r["step"] for r in records] == [20, 40, 60, 80]
     want = {}
     for r in records:  # what the watch says it writes, from the JSONL reading
-        scalars = {"watch/auc": r["auc"], "watch/auc_lower": r["auc_lower"], "watch/gradvar_ratio": r["gradvar_ratio"],
+        scalars = {"watch/score": r["score"], "watch/auc": r["auc"],
+                   "watch/auc_lower": r["auc_lower"], "watch/gradvar_ratio": r["gradvar_ratio"],
                    "watch/copy_excess": r["copy_excess"], "watch/fired": float(r["fired"]),
                    **{f"watch/auc_t{row['t']:g}": row["auc"] for row in r["rows"]}}
         for tag, v in scalars.items():
@@ -378,23 +393,26 @@ def test_a_resumed_fit_logs_each_reading_once_and_judges_as_before(tmp_path):
 
     def run(resume_from=None):
         net, coupling, x0, x1, heldout = memorising_problem()
-        watch = MemorizationWatch(x1, heldout, LinearPath(), every=25, n_probe=8, train_sources=x0, copy_every=0,
-                                  gradvar=False, log_path=tmp_path / "watch.jsonl", tensorboard_dir=tmp_path / "tb")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", MemorizationWarning)
-            fit(net, coupling, CFMObjective(LinearPath()), steps=100, batch_size=8, lr=3e-3, resume_from=resume_from,
-                hooks=[Checkpointer(tmp_path / "ckpt", every=25), watch])
-        return [{**r.to_dict(), "seconds": 0} for r in watch.readings]
+        watch = MemorizationWatch(x1, heldout, LinearPath(), every=100, train_sources=x0, copy_every=0,
+                                  log_path=tmp_path / "watch.jsonl", tensorboard_dir=tmp_path / "tb")
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always", MemorizationWarning)
+            fit(net, coupling, CFMObjective(LinearPath()), steps=800, batch_size=8, lr=3e-3, resume_from=resume_from,
+                hooks=[Checkpointer(tmp_path / "ckpt", every=100), watch])
+        warned = [w for w in said if issubclass(w.category, MemorizationWarning)]
+        return [{**r.to_dict(), "seconds": 0} for r in watch.readings], watch.fired_at, len(warned)
 
-    first = run()
-    # the membership signal holds at steps 75 and 100 (no gradient variance here: membership decides alone); the
-    # reading at 100 says "for 2 readings", which a resume must restore
-    assert [r["signals"] for r in first] == [[], [], ["membership"], ["membership"]] and first[-1]["fired"]
-    assert "for 2 readings" in first[-1]["message"]
-    resumed = run(resume_from=list_checkpoints(tmp_path / "ckpt")[2])  # step 75: only the reading at 100 again
-    assert resumed == first[3:]  # the same reading and the same judgement: the run of signals was restored
+    first, fired, warned = run()
+    steps = [r["step"] for r in first]
+    assert steps == list(range(100, 801, 100)) and fired is not None and fired < 800 and warned == 1
+    k = steps.index(fired)
+    assert first[k]["fired"] and not any(r["fired"] for r in first[:k])
+    # resumed from the checkpoint at the step the watch first fired: the later readings again, the same judgement,
+    # and no second warning (the resumed watch knows from its log that it has fired)
+    resumed, fired_again, warned_again = run(resume_from=list_checkpoints(tmp_path / "ckpt")[k])
+    assert resumed == first[k + 1:] and fired_again == fired and warned_again == 0
     records = [json.loads(line) for line in (tmp_path / "watch.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [25, 50, 75, 100]
+    assert [r["step"] for r in records] == steps
     acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
-    assert [e.step for e in acc.Scalars("watch/auc")] == [25, 50, 75, 100]
+    assert [e.step for e in acc.Scalars("watch/auc")] == steps

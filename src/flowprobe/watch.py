@@ -15,15 +15,13 @@ z and the times are the same at every reading (the readings are comparable along
 random state to checkpoint, and the training generators are never touched. The readings are exactly what the
 diagnosis functions return on the same net with the same probe set and seed (``tests/test_watch.py``).
 
-The detector (thresholds are the module constants below) fires at a reading when
+The detector (its constants are module constants below) fires at a reading when
 
-1. the membership AUC has, at some t, its lower interval bound above :data:`WATCH_AUC_LOWER` and its value above
-   :data:`WATCH_AUC` for :data:`WATCH_CONSECUTIVE` consecutive readings, and (:data:`WATCH_BOTH_SUPPORTING`) at
-   the same time
-2. the upper interval bound of GV(train) / GV(held-out) lies below :data:`WATCH_GRADVAR_RATIO` for
-   :data:`WATCH_CONSECUTIVE` consecutive readings (membership alone when the gradient variance could not be
-   measured); or
-3. the copy check's excess copy fraction (generated over held-out) has its lower bound above
+1. the reading's memorisation score :func:`memorisation_score` reaches :data:`WATCH_SCORE_THRESHOLD`: the log-odds,
+   fitted by logistic regression on the tune half of ``benchmarks/detector.py``, that the run memorises, from the
+   max_t membership AUC and -log GV(train) / GV(held-out) (from the membership AUC alone, with its own weights and
+   threshold, when no gradient variance could be measured); or
+2. the copy check's excess copy fraction (generated over held-out) has its lower bound above
    :data:`WATCH_COPY_EXCESS` (one reading suffices: a copy is direct evidence).
 
 When it first fires it warns once (``warnings.warn`` with :class:`MemorizationWarning`, one line: what it saw
@@ -51,34 +49,35 @@ from torch import Tensor, nn
 from .couplings import GaussianSampler
 from .diagnosis.copies import copies_check
 from .diagnosis.membership import gradvar_check, membership_check
-from .diagnosis.verdict import COPY_EXCESS_MARGIN, GRADVAR_COLLAPSE_RATIO, MEMBERSHIP_AUC_MARGIN
+from .diagnosis.verdict import COPY_EXCESS_MARGIN
 from .io import append_jsonl, truncate_jsonl
 from .paths import ProbabilityPath
 from .solvers import push_forward
 
 __all__ = ["MemorizationWatch", "WatchReading", "MemorizationDetected", "MemorizationWarning", "lightning_callback",
            "lightning_callback_bases", "LIGHTNING_PACKAGES",
-           "WATCH_AUC", "WATCH_AUC_LOWER", "WATCH_FAR_FACTOR", "WATCH_GRADVAR_RATIO", "WATCH_COPY_EXCESS",
-           "WATCH_CONSECUTIVE", "WATCH_BOTH_SUPPORTING", "DEFAULT_EVERY", "DEFAULT_TIMES"]
+           "memorisation_score", "detect", "WATCH_SCORE_WEIGHTS", "WATCH_SCORE_WEIGHTS_MEMBERSHIP",
+           "WATCH_SCORE_THRESHOLD", "WATCH_SCORE_THRESHOLD_MEMBERSHIP", "WATCH_FAR_FACTOR", "WATCH_COPY_EXCESS",
+           "DEFAULT_EVERY", "DEFAULT_TIMES"]
 
 logger = logging.getLogger(__name__)
 
-#: Membership holds when max_t AUC exceeds this (the diagnosis margin) ...
-WATCH_AUC = MEMBERSHIP_AUC_MARGIN
-#: ... with its Bonferroni lower bound above chance at that t.
-WATCH_AUC_LOWER = 0.5
-#: Gradient variance fires when the upper bound of GV(train) / GV(held-out) is below this (the diagnosis collapse).
-WATCH_GRADVAR_RATIO = GRADVAR_COLLAPSE_RATIO
+#: The memorisation score of a reading, score = b + w_auc * (max_t membership AUC) + w_gv * (-log GV(train) /
+#: GV(held-out)): (b, w_auc, w_gv), the log-odds that a run memorises fitted by logistic regression on the tune half
+#: (seed 0) of benchmarks/detector.py (``report`` refits and prints them; docs/detector.md).
+WATCH_SCORE_WEIGHTS = (-8.519, 6.6952, 1.4785)
+#: ... and (b, w_auc) from the membership AUC alone, for readings without gradient variance (a net torch.func cannot
+#: map, or ``gradvar=False``), fitted the same way.
+WATCH_SCORE_WEIGHTS_MEMBERSHIP = (-12.946, 14.2338)
+#: The detector fires when a reading's score reaches this (the threshold with the best balanced accuracy on the tune
+#: half, averaged over 25, 50 and 100% of training) ...
+WATCH_SCORE_THRESHOLD = 0.8472
+#: ... or, for a membership-only score, this.
+WATCH_SCORE_THRESHOLD_MEMBERSHIP = 0.497
 #: Copies fire when the lower bound of the excess copy fraction is above this (the diagnosis margin).
 WATCH_COPY_EXCESS = COPY_EXCESS_MARGIN
 #: Generated samples with a norm above this many times the largest training norm are left out of the copy check.
 WATCH_FAR_FACTOR = 10.0
-#: Readings in a row a supporting signal (membership, gradient variance) must hold (1; it started at 2) ...
-WATCH_CONSECUTIVE = 1
-#: ... and both supporting signals must hold together (True; it started as either one): the rule chosen on the tune
-#: half of benchmarks/detector.py from the grid fixed there (docs/detector.md). When the gradient variance could not
-#: be measured (a net torch.func cannot map), membership alone decides.
-WATCH_BOTH_SUPPORTING = True
 #: Default steps between readings (keeps the overhead under 5% on the CPU benchmarks: benchmarks/watch_overhead.py).
 DEFAULT_EVERY = 1000
 #: Default probe times.
@@ -106,8 +105,9 @@ class WatchReading:
     time ``auc_t`` (the t with the largest lower bound), ``rows`` (per t: auc, bounds, losses). Gradient variance:
     ``gradvar_ratio`` and its interval (None when it was not measured). Copies (only every ``copy_every``
     steps, else None): ``copy_fraction``, ``copy_reference_fraction``, ``copy_excess`` and its lower bound,
-    ``copy_left_out`` (generated samples non-finite or far from the data, left out).
-    ``signals``: which detector conditions held at this reading; ``fired``: the detector fires; ``stop``: a stop
+    ``copy_left_out`` (generated samples non-finite or far from the data, left out). ``score``: the memorisation
+    score (:func:`memorisation_score`). ``signals``: which detector conditions held at this reading ("score",
+    "copies"); ``fired``: the detector fires; ``stop``: a stop
     is requested (``on_fire="stop"``); ``message``: the one line saying why."""
 
     step: int
@@ -124,6 +124,7 @@ class WatchReading:
     copy_excess: float | None = None
     copy_excess_lower: float | None = None
     copy_left_out: int | None = None
+    score: float = float("nan")
     signals: list = field(default_factory=list)
     fired: bool = False
     stop: bool = False
@@ -136,6 +137,43 @@ class WatchReading:
 
 def _finite(v) -> bool:
     return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def memorisation_score(auc: float, gradvar_ratio: float | None, weights: Sequence[float] = WATCH_SCORE_WEIGHTS,
+                       weights_membership: Sequence[float] = WATCH_SCORE_WEIGHTS_MEMBERSHIP) -> float:
+    """The memorisation score of a reading: ``b + w_auc * auc + w_gv * (-log gradvar_ratio)`` with ``weights`` =
+    (b, w_auc, w_gv), or ``b + w_auc * auc`` with ``weights_membership`` when the ratio is missing (None or not a
+    positive finite number); nan when ``auc`` is not finite."""
+    if not _finite(auc):
+        return float("nan")
+    if _finite(gradvar_ratio) and gradvar_ratio > 0:
+        b, w_auc, w_gv = weights
+        return b + w_auc * auc - w_gv * math.log(gradvar_ratio)
+    b, w_auc = weights_membership
+    return b + w_auc * auc
+
+
+def detect(r: "WatchReading", weights: Sequence[float] = WATCH_SCORE_WEIGHTS,
+           weights_membership: Sequence[float] = WATCH_SCORE_WEIGHTS_MEMBERSHIP,
+           threshold: float = WATCH_SCORE_THRESHOLD, threshold_membership: float = WATCH_SCORE_THRESHOLD_MEMBERSHIP,
+           copy_excess: float = WATCH_COPY_EXCESS) -> list[str]:
+    """The detector on one reading (module docstring): sets ``r.score`` and ``r.signals`` (which conditions hold,
+    "score" and "copies") and returns what it saw, a phrase per condition that holds. The benchmark replays stored
+    readings through it with other constants."""
+    r.score = memorisation_score(r.auc, r.gradvar_ratio, weights, weights_membership)
+    with_gv = _finite(r.gradvar_ratio) and r.gradvar_ratio > 0
+    bar = threshold if with_gv else threshold_membership
+    r.signals, said = [], []
+    if _finite(r.score) and r.score >= bar:
+        r.signals.append("score")
+        gv = f", GV(train)/GV(held-out) {r.gradvar_ratio:.3g}" if with_gv else " (no gradient variance measured)"
+        said.append(f"memorisation score {r.score:.2f} >= {bar:.2f}: membership AUC {r.auc:.3f} (lower bound "
+                    f"{r.auc_lower:.3f} at t = {r.auc_t:.2g}){gv}")
+    if _finite(r.copy_excess_lower) and r.copy_excess_lower > copy_excess:
+        r.signals.append("copies")
+        said.append(f"{r.copy_fraction:.0%} of generated samples copy training samples vs "
+                    f"{r.copy_reference_fraction:.0%} of held-out samples")
+    return said
 
 
 class MemorizationWatch:
@@ -186,7 +224,6 @@ class MemorizationWatch:
         self.tensorboard_dir = tensorboard_dir
         self.readings: list[WatchReading] = []
         self.fired_at: int | None = None
-        self._streak = {"membership": 0, "gradvar": 0}
         self._writer = None
         self._purge_step: int | None = None
 
@@ -291,24 +328,9 @@ class MemorizationWatch:
         return reading
 
     def judge(self, r: WatchReading) -> None:
-        """Apply the detector (module docstring) to reading ``r`` given the readings before it."""
-        self.count_streaks(r)
-        said = []
-        if self._streak["membership"] >= WATCH_CONSECUTIVE:
-            r.signals.append("membership")
-            said.append(f"membership AUC {r.auc:.3f} (lower bound {r.auc_lower:.3f} at t = {r.auc_t:.2g}) above "
-                        f"{WATCH_AUC} for {self._streak['membership']} readings")
-        if self._streak["gradvar"] >= WATCH_CONSECUTIVE:
-            r.signals.append("gradvar")
-            said.append(f"GV(train)/GV(held-out) {r.gradvar_ratio:.3g} (upper bound {r.gradvar_upper:.3g}) below "
-                        f"{WATCH_GRADVAR_RATIO} for {self._streak['gradvar']} readings")
-        if _finite(r.copy_excess_lower) and r.copy_excess_lower > WATCH_COPY_EXCESS:
-            r.signals.append("copies")
-            said.append(f"{r.copy_fraction:.0%} of generated samples copy training samples vs "
-                        f"{r.copy_reference_fraction:.0%} of held-out samples")
-        supporting = [s for s in ("membership", "gradvar") if s in r.signals]
-        both_needed = WATCH_BOTH_SUPPORTING and _finite(r.gradvar_upper)
-        r.fired = "copies" in r.signals or (len(supporting) == 2 if both_needed else bool(supporting))
+        """Apply the detector (:func:`detect`) to reading ``r``; warn the first time it fires."""
+        said = detect(r)
+        r.fired = bool(r.signals)
         r.stop = r.fired and self.on_fire == "stop"
         if r.fired:
             r.message = f"memorisation watch fired at step {r.step}: " + "; ".join(said)
@@ -318,14 +340,6 @@ class MemorizationWatch:
             else:
                 logger.info(r.message)
 
-    def count_streaks(self, r: WatchReading) -> None:
-        """Extend (or end) the runs of consecutive readings with the membership and gradient-variance signals."""
-        member = r.auc_lower > WATCH_AUC_LOWER and any(
-            row["auc"] > WATCH_AUC and row["auc_lower"] > WATCH_AUC_LOWER for row in r.rows)
-        collapse = _finite(r.gradvar_upper) and r.gradvar_upper < WATCH_GRADVAR_RATIO
-        self._streak["membership"] = self._streak["membership"] + 1 if member else 0
-        self._streak["gradvar"] = self._streak["gradvar"] + 1 if collapse else 0
-
     def record(self, r: WatchReading) -> None:
         """The reading as a JSON line in ``log_path`` and as TensorBoard scalars (when installed)."""
         if self.log_path is not None:
@@ -333,7 +347,8 @@ class MemorizationWatch:
         writer = self.tensorboard()
         if writer is None:
             return
-        scalars = {"watch/auc": r.auc, "watch/auc_lower": r.auc_lower, "watch/gradvar_ratio": r.gradvar_ratio,
+        scalars = {"watch/score": r.score, "watch/auc": r.auc, "watch/auc_lower": r.auc_lower,
+                   "watch/gradvar_ratio": r.gradvar_ratio,
                    "watch/copy_excess": r.copy_excess, "watch/fired": float(r.fired)}
         for row in r.rows:
             scalars[f"watch/auc_t{row['t']:g}"] = row["auc"]
@@ -374,19 +389,14 @@ class MemorizationWatch:
     def resume_at(self, step: int) -> None:
         """Training continues after optimiser step ``step`` (a resume): readings of later steps that an interrupted
         run logged are dropped from ``log_path`` and purged from TensorBoard, so that no step is logged twice; the
-        readings up to ``step`` kept in ``log_path`` restore the detector's state (its runs of consecutive signals
-        and whether it has fired), so the resumed watch judges as the uninterrupted one would."""
+        readings up to ``step`` kept in ``log_path`` restore whether the detector has fired (its only state: each
+        reading is judged on its own), so the resumed watch warns as the uninterrupted one would."""
         if self.log_path is not None and self.log_path.is_file():
             truncate_jsonl(self.log_path, lambda r: r.get("event") != "watch" or r.get("step", 0) <= step)
-            self._streak = {"membership": 0, "gradvar": 0}
-            names = set(WatchReading.__dataclass_fields__)
             for line in self.log_path.read_text().splitlines():
                 record = json.loads(line)
-                if record.get("event") == "watch":
-                    previous = WatchReading(**{k: v for k, v in record.items() if k in names})
-                    self.count_streaks(previous)
-                    if previous.fired and self.fired_at is None:
-                        self.fired_at = previous.step
+                if record.get("event") == "watch" and record.get("fired") and self.fired_at is None:
+                    self.fired_at = record["step"]
         self.close()
         self._purge_step = step + 1
 
