@@ -485,11 +485,12 @@ def figures(runs: list, folder: Path) -> None:
         fpr, tpr = roc_curve(held, f, "fired")
         ax.plot(fpr[1], tpr[1], "ro", label="the detector's flag")
         ax.plot([0, 1], [0, 1], color="0.8", lw=0.8)
-        ax.set(title=f"{f:.0%} of training ({len(held)} runs, seeds >= 1)", xlabel="false positive rate",
-               ylabel="true positive rate")
+        ax.set(title=f"{f:.0%} of training", xlabel="false positive rate", ylabel="true positive rate")
         ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"ROC on the {len(held)} runs the detector was not fitted on (seeds >= 1)", fontsize=10)
     save_figure(fig, folder / "detector_roc.png")
-    mem = next((r for r in held if r["label"]["memorises"] and fired_at(r) is not None and r["steps"] == 2000), None)
+    mem = next((r for r in held if r["label"]["memorises"] and r["steps"] == 2000  # fired on its score, not at once
+                and max(replay(r)[0]) >= SHIPPED["threshold"] and fired_at(r) > r["readings"][1]["step"]), None)
     gen = next((r for r in held if not r["label"]["memorises"] and r["steps"] == 2000), None)
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     for r, name in ((mem, "memorising"), (gen, "generalising")):
