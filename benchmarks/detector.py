@@ -455,20 +455,28 @@ def report(args) -> None:
 def timing(runs: list) -> None:
     print("\n## when the shipped detector fires vs when the watch's copy check first sees copies (memorising runs)")
     print("| run | fired at | copies first seen | fraction of training |\n|---|---|---|---|")
-    fractions = []
+    fractions, order = [], {"earlier": 0, "same reading": 0, "later": 0, "never": 0}
     for r in runs:
         if not r["label"]["memorises"]:
             continue
-        first_copy = next((x["step"] for x in r["readings"] if "copies" in x["signals"]), None)
+        first_copy = next((x["step"] for x in r["readings"]
+                           if x.get("copy_excess_lower") is not None and x["copy_excess_lower"] > WATCH_COPY_EXCESS),
+                          None)
         at = fired_at(r)
         if at is not None:
             fractions.append(at / r["steps"])
+        if first_copy is not None:  # the score alone (the copy check is part of the detector) against the copies
+            by_score = fired_at(r, {**SHIPPED, "copy_excess": math.inf})
+            order["never" if by_score is None else "earlier" if by_score < first_copy else
+                  "same reading" if by_score == first_copy else "later"] += 1
         name = f"d={r.get('dim', 2)} n={r['n']} {r['coupling']} sigma={r['sigma']} steps={r['steps']} seed={r['seed']}"
         print(f"| {name} | {at} | {first_copy} | {'-' if at is None else round(at / r['steps'], 3)} |")
     if fractions:
         fractions.sort()
         print(f"\nfired on {len(fractions)} of {sum(r['label']['memorises'] for r in runs)} memorising runs; median at "
               f"{fractions[len(fractions) // 2]:.3f} of training")
+    print(f"memorising runs where the watch's copy check saw copies: {sum(order.values())}; the score alone fired "
+          + ", ".join(f"{k}: {v}" for k, v in order.items()))
 
 
 def figures(runs: list, folder: Path) -> None:
