@@ -7,7 +7,7 @@ One module per command group (``train`` and ``sample``: :mod:`.train`; ``reprodu
 ``register(subparsers)`` that adds its parsers and sets ``func`` (called with the parsed namespace, returning an
 exit code). A user error (:class:`~flowprobe.config.ConfigError`, or an OS error on a path the user named) is
 printed as one line with exit code 2; a diverged training run exits with 3; ``diagnose --fail-on`` exits with 4
-when it fires.
+when it fires, and so does ``train`` when its memorisation watch stops it (``watch.on_fire: stop``).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from ..runs.sampling import SAMPLE_SCHEDULES
 from ..train.distributed import distributed_info, init_distributed
 from ..train.hooks import DivergenceError
 from ..train.step import PRECISIONS
+from ..watch import MemorizationDetected
 
 __all__ = ["register", "run_train", "run_sample"]
 
@@ -83,6 +84,10 @@ def run_train(args) -> int:
         last = f"the last good checkpoint is {e.last_good}" if e.last_good else "no checkpoint was written before it"
         print(f"flowprobe: error: {e}; {last}", file=sys.stderr)
         return 3
+    except MemorizationDetected as e:  # watch.on_fire: stop
+        print(f"flowprobe: stopped: {e}; the checkpoints written so far are in {out / 'checkpoints'}",
+              file=sys.stderr)
+        return 4
     finally:
         if started:
             import torch.distributed as dist

@@ -21,8 +21,8 @@ from ..train.schedule import LR_SCHEDULES
 from ..train.step import PRECISIONS, auto_precision_compile, compile_options
 
 __all__ = ["TrainConfig", "DataConfig", "ModelConfig", "PathConfig", "CouplingConfig", "OptimConfig",
-           "ObjectiveConfig", "SampleConfig", "LogConfig", "resolve_auto", "default_config_path", "SAMPLE_SOLVERS",
-           "GRADVAR_TIMES"]
+           "ObjectiveConfig", "SampleConfig", "LogConfig", "WatchConfig", "resolve_auto", "default_config_path",
+           "SAMPLE_SOLVERS", "GRADVAR_TIMES"]
 
 #: what ``sample.solver`` / ``--solver`` accept: the ODE methods, and "average" (jumps of a few-step net)
 SAMPLE_SOLVERS = METHODS + ("average",)
@@ -242,8 +242,25 @@ class LogConfig:
 
 
 @dataclass
+class WatchConfig:
+    """The memorisation watch (:class:`flowprobe.watch.MemorizationWatch`, ``docs/detector.md``) on the run:
+    off unless ``every`` is set (steps between readings). Its readings go to metrics.jsonl (event "watch") and,
+    with ``log.tensorboard``, to TensorBoard. ``on_fire``: warn, or stop training (the command exits with 4, the
+    checkpoints written so far kept). ``n_probe`` training and held-out samples a group; ``copy_every`` steps
+    between copy checks (default 4 ``every``; 0: none); ``n_heldout`` held-out samples drawn or loaded (the probes
+    and the copy check's baseline). The training samples are the run's (its pool, images or fixed pairs); the
+    held-out ones are those ``flowprobe diagnose`` would use for the run."""
+
+    every: int | None = option(None, ge=1)
+    on_fire: str = option("warn", choices=("warn", "stop"))
+    n_probe: int = option(64, ge=2, le=100_000)
+    copy_every: int | None = option(None, ge=0)
+    n_heldout: int = option(512, ge=2, le=1_000_000)
+
+
+@dataclass
 class TrainConfig:
-    """A whole training run. Sections: data, model, path, coupling, optim, sample, objective, log.
+    """A whole training run. Sections: data, model, path, coupling, optim, sample, objective, log, watch.
 
     ``precision``: fp32, tf32, bf16 or auto (bf16 on CUDA, else fp32). ``compile``: false, true, a
     ``torch.compile`` mode ("reduce-overhead" = CUDA graphs), a backend name, or auto ("reduce-overhead"
@@ -257,6 +274,7 @@ class TrainConfig:
     sample: SampleConfig = option(default_factory=SampleConfig)
     objective: ObjectiveConfig = option(default_factory=ObjectiveConfig)
     log: LogConfig = option(default_factory=LogConfig)
+    watch: WatchConfig = option(default_factory=WatchConfig)
     reduction: str = option("mean", choices=("mean", "sum"))
     ema_decay: float | None = option(None, ge=0, lt=1)
     precision: str = option("fp32", choices=PRECISIONS + ("auto",))

@@ -29,7 +29,8 @@ from ..diagnosis import diagnose as diagnose_net
 from ..paths import LinearPath, ProbabilityPath
 from ..probes.memorization import PairSet, load_pairs
 
-__all__ = ["diagnose", "resolve_model", "ResolvedModel", "resolve_data", "run_training_data", "resolve_features",
+__all__ = ["diagnose", "resolve_model", "ResolvedModel", "resolve_data", "run_training_data", "training_data_of",
+           "heldout_data_of", "resolve_features",
            "ADAPTER_MODEL_OPTION"]
 
 #: The adapter option that the positional MODEL argument fills, per adapter kind.
@@ -131,12 +132,18 @@ def _unwrap(coupling):
 
 
 def run_training_data(run, device) -> tuple[Tensor | None, PairSet | None, str]:
-    """(training samples, training pairs, description) of a rebuilt flowprobe run: fixed pairs (toy
+    """(training samples, training pairs, description) of a rebuilt flowprobe run (:func:`training_data_of` its
+    coupling)."""
+    return training_data_of(run.coupling, device)
+
+
+def training_data_of(coupling, device) -> tuple[Tensor | None, PairSet | None, str]:
+    """(training samples, training pairs, description) of a flowprobe run's coupling: fixed pairs (toy
     ``FixedPairs`` or image ``IndexedPairs``), else the target pool (images or a toy's ``n_train`` points).
-    (None, None, why) when the run trained on fresh draws."""
+    (None, None, why) when the run trains on fresh draws."""
     from ..data.images import ImageSampler, IndexedPairs, to_unit
 
-    coupling = _unwrap(run.coupling)
+    coupling = _unwrap(coupling)
     n = None
     if isinstance(coupling, IndexedPairs):
         x1 = to_unit(coupling.images[coupling.partner.to(coupling.images.device)]).to(device)
@@ -156,22 +163,27 @@ def run_training_data(run, device) -> tuple[Tensor | None, PairSet | None, str]:
 
 
 def _run_heldout(run, n: int, seed: int, device) -> tuple[Tensor | None, str]:
-    """Held-out samples of a flowprobe run (module docstring), or (None, why not)."""
-    cfg = run.config
+    """Held-out samples of a rebuilt flowprobe run (:func:`heldout_data_of`), or (None, why not)."""
+    return heldout_data_of(run.config, run.target, n, seed, device, run.checkpoint.extra)
+
+
+def heldout_data_of(cfg, target, n: int, seed: int, device, extra: dict | None = None) -> tuple[Tensor | None, str]:
+    """Held-out samples of a flowprobe run with config ``cfg`` and target sampler ``target`` (module docstring), or
+    (None, why not); ``extra``: its checkpoint's sidecar extra (own data: the target file's SHA-256 to check)."""
     if cfg.data.pairs is not None:  # a reflow round or the user's own pairs: the targets are the file's
         return None, (f"the run trained on a pairs file ({cfg.data.pairs}); samples of the law its targets come from "
                       f"are not known here: give them with --heldout")
     if cfg.data.data_kind in ("array", "image_folder"):  # the run's seeded held-out split (runs.own_data)
-        from .own_data import heldout_of
+        from .own_data import heldout_rows
 
-        x, why = heldout_of(run)
+        x, why = heldout_rows(target, extra)
         return (None, why) if x is None else (x.to(device, torch.float32), why)
     if cfg.data.dataset is None:
         if cfg.data.n_train is None:
             return None, "no finite training set"
         from ..seeds import seeded_generator
 
-        x, _ = run.target.sample(n, seeded_generator(seed, 200, device))
+        x, _ = target.sample(n, seeded_generator(seed, 200, device))
         return x.to(device, torch.float32), f"fresh draws of the run's target ({cfg.data.target})"
     from ..data.images import load_images_for, to_tensor, to_unit
 

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import torch
 
+from ..config import ConfigError
 from ..io import append_jsonl
 from ..probes.gradvar import gradient_variance, parse_times
 from ..train.hooks import Hook
+from ..watch import MemorizationWatch
 
-__all__ = ["GradVarHook", "GRADVAR_SEED_OFFSET"]
+__all__ = ["GradVarHook", "GRADVAR_SEED_OFFSET", "config_watch"]
 
 #: The gradient-variance probe draws from its own generator, seeded with seed + GRADVAR_SEED_OFFSET.
 GRADVAR_SEED_OFFSET = 7919
@@ -44,3 +46,30 @@ class GradVarHook(Hook):
                                    reduction="sum")
         state.net.train()
         append_jsonl(self.path, {"event": "gradvar", "step": state.step, **result.to_dict()})
+
+
+def config_watch(cfg, coupling, source, target, path, log: str | Path, device, world: int = 1) -> MemorizationWatch:
+    """The memorisation watch of a run's ``watch:`` section (:class:`~flowprobe.runs.config.WatchConfig`), writing
+    its readings to the run's JSONL ``log``: its training samples are the run's (pool, images or fixed pairs, with
+    their sources), its held-out samples those ``flowprobe diagnose`` uses for the run. A run with nothing to
+    memorise or nothing held out, or ``on_fire: stop`` under several processes, is a ConfigError naming ``watch``."""
+    from .diagnose import heldout_data_of, training_data_of
+
+    w = cfg.watch
+    if w.on_fire == "stop" and world > 1:
+        raise ConfigError(f"watch.on_fire: stop is not supported with {world} processes (only rank 0 reads the "
+                          f"watch); use warn")
+    x_train, pairs, why = training_data_of(coupling, device)
+    if x_train is None and pairs is None:
+        raise ConfigError(f"watch: {why.replace(': pass --train', '')}; there is no training set to memorise")
+    x_held, why_held = heldout_data_of(cfg, target, w.n_heldout, cfg.seed, device)
+    if x_held is None:
+        why_held = why_held.replace(": give them with --heldout", "")
+        raise ConfigError(f"watch: no held-out samples for this run ({why_held})")
+    sources = None
+    if pairs is not None:
+        x_train, sources = pairs.x1, pairs.x0
+    return MemorizationWatch(x_train, x_held.to(x_train.device, x_train.dtype), path, every=w.every,
+                             n_probe=w.n_probe, seed=cfg.seed, source=source if hasattr(source, "sample") else None,
+                             train_sources=sources, copy_every=w.copy_every, log_path=log, on_fire=w.on_fire,
+                             use_ema=cfg.ema_decay is not None)

@@ -23,7 +23,7 @@ from ..train.step import configure_backends
 from ..train.tensorboard import TensorBoardLog
 from .build import build_config_net, build_data, build_objective, image_source, make_sampler, run_model_spec
 from .config import SAMPLE_SOLVERS, TrainConfig, resolve_auto
-from .hooks import GradVarHook
+from .hooks import GradVarHook, config_watch
 from .own_data import own_record, own_source, unstandardize, write_split
 from .load import checkpoint_config, initialise_from, load_model, weights_name
 from .sampling import generate, guided_net, sample_grid, sde_options
@@ -71,7 +71,7 @@ def fit_options(cfg: TrainConfig, device: torch.device, progress: bool, resume_f
 
 
 #: Config keys a resume may change: they do not alter the training trajectory up to the checkpoint's step.
-RESUME_MAY_CHANGE = ("steps", "log_every", "log", "ckpt_every", "ckpt_keep", "gradvar_every", "gradvar_times",
+RESUME_MAY_CHANGE = ("steps", "log_every", "log", "watch", "ckpt_every", "ckpt_keep", "gradvar_every", "gradvar_times",
                      "gradvar_samples", "sample", "data.root", "compile")
 
 
@@ -186,6 +186,9 @@ def train_from_config(cfg: TrainConfig, out: str | Path, device: str | torch.dev
     hooks += [board] if board is not None else []
     hooks.append(Checkpointer(out / "checkpoints", every=cfg.ckpt_every, keep=cfg.ckpt_keep, config=cfg,
                               extra={"model": spec, "shape": list(shape), **own_record(target)}))
+    if cfg.watch.every is not None:  # built on every rank (the same errors everywhere), read on rank 0, after the
+        watch = config_watch(cfg, coupling, source, target, objective.path, log, dev, world)  # checkpoint
+        hooks += [watch] if rank == 0 else []
     try:
         state = fit(net, coupling, objective, fit_options(cfg, dev, progress, resume_from), hooks=hooks)
         evaluation = _evaluate(cfg, state, source, target, dev, out) if rank == 0 else None

@@ -30,7 +30,7 @@ from ..data.own import (SPLIT_STREAM, OwnData, Standardizer, fit_standardizer, l
 from .config import TrainConfig
 
 __all__ = ["OWN_KINDS", "OwnSplit", "OwnTensorSampler", "OwnImageSampler", "build_own_data", "own_record",
-           "own_source", "unstandardize", "heldout_of", "write_split", "with_labels"]
+           "own_source", "unstandardize", "heldout_of", "heldout_rows", "write_split", "with_labels"]
 
 #: ``data.kind`` values read from the user's files.
 OWN_KINDS = ("array", "image_folder")
@@ -204,14 +204,20 @@ def write_split(out: Path, source, target) -> Path | None:
 
 
 def heldout_of(run) -> tuple[Tensor | None, str]:
-    """(held-out target rows in model space, description) of a rebuilt own-data run, or (None, why not): no
-    held-out split, or a target file that changed since training (its SHA-256 differs from the sidecar's)."""
-    split = getattr(run.target, "split", None)
+    """(held-out target rows in model space, description) of a rebuilt own-data run (:func:`heldout_rows`)."""
+    return heldout_rows(run.target, run.checkpoint.extra)
+
+
+def heldout_rows(target, extra: dict | None = None) -> tuple[Tensor | None, str]:
+    """(held-out target rows in model space, description) of an own-data run's target sampler, or (None, why not):
+    no held-out split, or a target file that changed since training (its SHA-256 differs from the one in the
+    checkpoint sidecar's ``extra``, when given)."""
+    split = getattr(target, "split", None)
     if not isinstance(split, OwnSplit):
         return None, "not an own-data run"
     if len(split.heldout) == 0:
         return None, "the run kept no held-out rows (set data.heldout_fraction)"
-    saved = ((run.checkpoint.extra or {}).get("data") or {}).get("target_sha256")
+    saved = ((extra or {}).get("data") or {}).get("target_sha256")
     path = Path(split.info.get("file") or "")
     if saved and path.is_file():
         from ..io import sha256_file
