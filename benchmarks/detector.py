@@ -52,6 +52,7 @@ from flowprobe.diagnosis.stats import auc
 from flowprobe.diagnosis.transport import pairing_check
 from flowprobe.diagnosis.verdict import PAIRING_EXCESS_MARGIN
 from flowprobe.nets import MLP
+from flowprobe.nets.unet import UNet
 from flowprobe.objectives import CFMObjective
 from flowprobe.paths import make_path
 from flowprobe.probes.memorization import PairSet
@@ -78,6 +79,9 @@ def mixture(n: int, generator: torch.Generator, dim: int = 2) -> torch.Tensor:
     return centres + 0.3 * torch.randn(n, dim, generator=generator)
 
 
+#: the UNet of the image runs with --archs unet (16 channels, two levels, no attention; 0.1M parameters)
+UNET_8X8 = dict(image_size=8, in_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                attention_resolutions=(), dropout=0.0, num_heads=1, num_head_channels=None, num_groups=8)
 #: CelebA 8x8 (RGB, flattened to 192 values in [-1, 1]): the first images train, the next IMAGE_POOL are held out by
 #: the watch, the next IMAGE_POOL are the label's copy reference (the image part needs ../shared/data or
 #: $FLOWPROBE_DATA)
@@ -102,7 +106,7 @@ def label(net, train, x0_pairs, seed: int, reference: torch.Tensor | None = None
     g = torch.Generator().manual_seed(10_000 + seed)
     dim = train.shape[1]
     reference = mixture(512, g, dim) if reference is None else reference
-    x0 = torch.randn(512, dim, generator=g)
+    x0 = torch.randn(512, *train.shape[1:], generator=g)
     generated = push_forward(net, x0, method="rk4", steps=32)
     copies, _ = copies_check(generated, train, reference, "held-out")
     out = {"copy_excess": copies.evidence["excess"], "copy_excess_lower": copies.evidence["excess_interval"][0],
@@ -132,16 +136,19 @@ def one_run(cfg: dict) -> dict:
     n, coupling_kind, sigma, steps, seed = cfg["n"], cfg["coupling"], cfg["sigma"], cfg["steps"], cfg["seed"]
     dim = cfg.get("dim", 2)
     g = torch.Generator().manual_seed(seed * 1_000_003 + n + (0 if dim == 2 else 7919 * dim))
-    reference = None
+    reference, arch = None, cfg.get("arch", "mlp")
     if dim == IMAGE_DIM:
         train, heldout, reference = celeba8(n)
+        if arch == "unet":  # the images as images, (3, 8, 8)
+            train, heldout, reference = (x.reshape(-1, 3, 8, 8) for x in (train, heldout, reference))
     else:
         train, heldout = mixture(n, g, dim), mixture(512, g, dim)
-    x0_pairs = torch.randn(n, dim, generator=g) if coupling_kind == "paired" else None
+    shape = tuple(train.shape[1:])
+    x0_pairs = torch.randn(n, *shape, generator=g) if coupling_kind == "paired" else None
     coupling = (FixedPairs(x0_pairs, train) if x0_pairs is not None
-                else IndependentCoupling(GaussianSampler((dim,)), TensorSampler(train)))
+                else IndependentCoupling(GaussianSampler(shape), TensorSampler(train)))
     torch.manual_seed(seed)
-    net = MLP(dim, width=128, depth=3)
+    net = MLP(dim, width=128, depth=3) if arch == "mlp" else UNet(**UNET_8X8)
     path = make_path(sigma)
     every = steps // 16
     watch = MemorizationWatch(train, heldout, path, every=every, copy_every=2 * every, train_sources=x0_pairs,
@@ -156,16 +163,19 @@ def one_run(cfg: dict) -> dict:
             "label": label(net, train, x0_pairs, seed, reference), "readings": [r.to_dict() for r in watch.readings]}
 
 
-KEYS = ("n", "coupling", "sigma", "steps", "seed", "dim")
+KEYS = ("n", "coupling", "sigma", "steps", "seed", "dim", "arch")
+DEFAULTS = {"dim": 2, "arch": "mlp"}
 
 
-def configs(seeds, sizes=SIZES, couplings=COUPLINGS, sigmas=SIGMAS, lengths=LENGTHS, dims=(2,)) -> list[dict]:
-    return [{"n": n, "coupling": c, "sigma": s, "steps": k, "seed": seed, "dim": d}
-            for seed, d, n, c, s, k in itertools.product(seeds, dims, sizes, couplings, sigmas, lengths)]
+def configs(seeds, sizes=SIZES, couplings=COUPLINGS, sigmas=SIGMAS, lengths=LENGTHS, dims=(2,),
+            archs=("mlp",)) -> list[dict]:
+    return [{"n": n, "coupling": c, "sigma": s, "steps": k, "seed": seed, "dim": d, "arch": a}
+            for seed, d, a, n, c, s, k in itertools.product(seeds, dims, archs, sizes, couplings, sigmas, lengths)
+            if a == "mlp" or d == IMAGE_DIM]
 
 
 def run_key(r: dict) -> str:
-    return json.dumps({k: r.get(k, 2 if k == "dim" else None) for k in KEYS}, sort_keys=True)
+    return json.dumps({k: r.get(k, DEFAULTS.get(k)) for k in KEYS}, sort_keys=True)
 
 
 def run(args) -> None:
@@ -175,7 +185,8 @@ def run(args) -> None:
         done = {run_key(r) for r in map(json.loads, out.read_text().splitlines())}
     grid = configs([int(s) for s in args.seeds.split(",")], [int(v) for v in args.sizes.split(",")],
                    args.couplings.split(","), [float(v) for v in args.sigmas.split(",")],
-                   [int(v) for v in args.lengths.split(",")], [int(v) for v in args.dims.split(",")])
+                   [int(v) for v in args.lengths.split(",")], [int(v) for v in args.dims.split(",")],
+                   args.archs.split(","))
     todo = [c for c in grid if run_key(c) not in done]
     print(f"{len(todo)} runs to do ({len(done)} done)")
     start = time.perf_counter()
@@ -194,8 +205,8 @@ def write(out: Path, r: dict, start: float) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a") as f:
         f.write(json.dumps(r) + "\n")
-    print(f"[{time.perf_counter() - start:6.0f}s] d={r.get('dim', 2):2d} n={r['n']:5d} {r['coupling']:11s} "
-          f"sigma={r['sigma']:.2g} "
+    print(f"[{time.perf_counter() - start:6.0f}s] {r.get('arch', 'mlp')} d={r.get('dim', 2):2d} n={r['n']:5d} "
+          f"{r['coupling']:11s} sigma={r['sigma']:.2g} "
           f"steps={r['steps']:5d} seed={r['seed']} memorises={r['label']['memorises']} fired_at={r['fired_at']} "
           f"({r['seconds']:.1f}s)", flush=True)
 
@@ -469,7 +480,8 @@ def timing(runs: list) -> None:
             by_score = fired_at(r, {**SHIPPED, "copy_excess": math.inf})
             order["never" if by_score is None else "earlier" if by_score < first_copy else
                   "same reading" if by_score == first_copy else "later"] += 1
-        name = f"d={r.get('dim', 2)} n={r['n']} {r['coupling']} sigma={r['sigma']} steps={r['steps']} seed={r['seed']}"
+        name = (f"{r.get('arch', 'mlp')} d={r.get('dim', 2)} n={r['n']} {r['coupling']} sigma={r['sigma']} "
+                f"steps={r['steps']} seed={r['seed']}")
         print(f"| {name} | {at} | {first_copy} | {'-' if at is None else round(at / r['steps'], 3)} |")
     if fractions:
         fractions.sort()
@@ -533,6 +545,7 @@ def main() -> None:
     p.add_argument("--sigmas", default=",".join(map(str, SIGMAS)))
     p.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     p.add_argument("--dims", default="2")
+    p.add_argument("--archs", default="mlp", help="mlp, unet (a tiny UNet on the 3 x 8 x 8 images; --dims 192 only)")
     p = sub.add_parser("report")
     p.add_argument("--runs", default="benchmarks/detector_runs.jsonl")
     p.add_argument("--figures", default="docs/figures")

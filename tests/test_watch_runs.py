@@ -37,6 +37,7 @@ def test_stop_ends_the_run_with_exit_4_and_the_readings_match_a_rebuilt_watch(tm
     assert [r["step"] for r in got] == list(range(100, fired + 1, 100)) and fired < 3000
     assert got[-1]["fired"] and not any(r["fired"] for r in got[:-1])
     assert (run / "checkpoints" / f"step_{fired:08d}.safetensors").is_file()  # written before the stop
+    assert (run / "watch.png").is_file()
     # the same watch built from the saved run reads the saved net exactly as the training run did
     loaded = load_run(run / "checkpoints" / f"step_{fired:08d}.safetensors", use_ema=False)
     watch = config_watch(loaded.config, loaded.coupling, loaded.source, loaded.target, loaded.objective.path,
@@ -66,6 +67,7 @@ def test_the_watch_leaves_the_run_bitwise_unchanged_and_logs_each_reading_once_o
     assert [r["step"] for r in got] == [50, 100, 150, 200, 250, 300]
     assert [r["copy_excess"] is not None for r in got] == [False, True, False, True, False, True]
     assert not any(r["fired"] for r in got)  # 64 points of the moons with a minibatch-OT coupling: no copying yet
+    assert (tmp_path / "watched" / "watch.png").is_file() and not (tmp_path / "plain" / "watch.png").exists()
 
 
 def test_a_run_with_nothing_to_memorise_is_a_one_line_error(tmp_path, capsys):

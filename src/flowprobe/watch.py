@@ -370,6 +370,19 @@ class MemorizationWatch:
             self._writer = SummaryWriter(str(self.tensorboard_dir), purge_step=self._purge_step)
         return self._writer
 
+    def plot(self, path: str | Path) -> Path | None:
+        """The readings so far over training (:func:`flowprobe.report.diagnosis.plot_watch`) as a PNG at ``path``:
+        those in ``log_path`` when there is one (a resumed run's earlier readings too), else this watch's; None when
+        there is no reading yet."""
+        from .report.diagnosis import plot_watch
+
+        records = [r.to_dict() for r in self.readings]
+        if self.log_path is not None and self.log_path.is_file():
+            records = [r for r in map(json.loads, self.log_path.read_text().splitlines()) if r.get("event") == "watch"]
+        if not records:
+            return None
+        return plot_watch(path, records, WATCH_SCORE_THRESHOLD, self.fired_at)
+
     def close(self) -> None:
         """Close the TensorBoard writer, if any."""
         if self._writer is not None:

@@ -85,8 +85,8 @@ def run_train(args) -> int:
         print(f"flowprobe: error: {e}; {last}", file=sys.stderr)
         return 3
     except MemorizationDetected as e:  # watch.on_fire: stop
-        print(f"flowprobe: stopped: {e}; the checkpoints written so far are in {out / 'checkpoints'}",
-              file=sys.stderr)
+        print(f"flowprobe: stopped: {e}; the checkpoints written so far are in {out / 'checkpoints'}, the readings "
+              f"in {out / 'metrics.jsonl'} and {out / 'watch.png'}", file=sys.stderr)
         return 4
     finally:
         if started:
@@ -112,6 +112,7 @@ def _report_training(result, out: Path, cfg: TrainConfig) -> None:
               f"{ev['model']} weights")
     plotted = cfg.sample.plot and (out / "samples.png").is_file()  # vectors of other than 2 dims are not plotted
     extra = [f"{out}/{name}" for name, ok in (("samples.png", plotted), ("tensorboard/", cfg.log.tensorboard),
+                                               ("watch.png", (out / "watch.png").is_file()),
                                                ("split.json", (out / "split.json").is_file())) if ok]
     print(f"wrote {out}/metrics.jsonl, {out}/checkpoints/" + "".join(f", {e}" for e in extra))
 

@@ -1,5 +1,6 @@
 """Figures of ``flowprobe diagnose``: copies beside their nearest training samples, the copy-ratio histograms, the
-membership AUC and losses over t, and the gradient-variance profiles of training and held-out samples.
+membership AUC and losses over t, and the gradient-variance profiles of training and held-out samples; and the
+memorisation watch's readings over training.
 
 Each function takes plain tensors, arrays and row dicts (what :mod:`flowprobe.diagnosis` stores), draws one PNG
 and returns its path; nothing here imports a check.
@@ -16,7 +17,8 @@ from torch import Tensor
 
 from . import plt, save_figure
 
-__all__ = ["plot_copies_images", "plot_copies_scatter", "plot_ratio_histogram", "plot_membership", "plot_gradvar"]
+__all__ = ["plot_copies_images", "plot_copies_scatter", "plot_ratio_histogram", "plot_membership", "plot_gradvar",
+           "plot_watch"]
 
 
 def _image(x: Tensor) -> np.ndarray:
@@ -126,4 +128,41 @@ def plot_gradvar(path: str | Path, rows: Sequence[dict]) -> Path:
     for ax in axes:
         ax.set_xlabel("t")
         ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def plot_watch(path: str | Path, readings: Sequence[dict], threshold: float, fired_at: int | None = None) -> Path:
+    """The memorisation watch's readings over training steps: max_t membership AUC with its lower bound, GV(train) /
+    GV(held-out) with its interval (log scale) and the copy check's excess copy fraction where it ran, and the
+    memorisation score against the detector's ``threshold``; a dotted line where the detector first fired."""
+    step = _col(readings, "step")
+    fig, grid = plt.subplots(2, 2, figsize=(11, 7))
+    axes = grid.ravel()
+    axes[0].plot(step, _col(readings, "auc"), marker="o", label="max_t AUC")
+    axes[0].plot(step, _col(readings, "auc_lower"), ls="--", label="its lower bound")
+    axes[0].axhline(0.5, color="0.5", lw=1)
+    axes[0].set_ylabel("membership AUC")
+    ratio = _col(readings, "gradvar_ratio")
+    if np.isfinite(ratio).any():
+        axes[1].plot(step, ratio, marker="o", label="GV(train) / GV(held-out)")
+        axes[1].fill_between(step, _col(readings, "gradvar_lower"), _col(readings, "gradvar_upper"), alpha=0.2)
+        axes[1].set_yscale("log")
+    axes[1].axhline(1.0, color="0.5", lw=1)
+    axes[1].set_ylabel("gradient-variance ratio")
+    copies = _col(readings, "copy_excess")
+    ran = np.isfinite(copies)
+    axes[2].plot(step[ran], copies[ran], marker="s", color="C2", label="excess")
+    axes[2].plot(step[ran], _col(readings, "copy_excess_lower")[ran], ls="--", color="C2", label="its lower bound")
+    axes[2].axhline(0.0, color="0.5", lw=1)
+    axes[2].set_ylabel("copy fraction, generated - held-out")
+    axes[3].plot(step, _col(readings, "score"), marker="o")
+    axes[3].axhline(threshold, color="red", ls="--", lw=1, label=f"threshold {threshold:g}")
+    axes[3].set_ylabel("memorisation score (log-odds)")
+    for ax in axes:
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        if fired_at is not None:
+            ax.axvline(fired_at, color="red", ls=":", lw=1)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     return save_figure(fig, path)

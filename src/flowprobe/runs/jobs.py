@@ -186,6 +186,7 @@ def train_from_config(cfg: TrainConfig, out: str | Path, device: str | torch.dev
     hooks += [board] if board is not None else []
     hooks.append(Checkpointer(out / "checkpoints", every=cfg.ckpt_every, keep=cfg.ckpt_keep, config=cfg,
                               extra={"model": spec, "shape": list(shape), **own_record(target)}))
+    watch = None
     if cfg.watch.every is not None:  # built on every rank (the same errors everywhere), read on rank 0, after the
         watch = config_watch(cfg, coupling, source, target, objective.path, log, dev, world)  # checkpoint
         hooks += [watch] if rank == 0 else []
@@ -195,6 +196,8 @@ def train_from_config(cfg: TrainConfig, out: str | Path, device: str | torch.dev
     finally:
         if board is not None:
             board.close()  # copies the evaluation record too
+        if watch is not None and rank == 0:  # also when it stopped the run
+            watch.plot(out / "watch.png")
     return TrainResult(state, evaluation, out, skipped)
 
 
