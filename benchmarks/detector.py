@@ -79,7 +79,7 @@ def mixture(n: int, generator: torch.Generator, dim: int = 2) -> torch.Tensor:
     return centres + 0.3 * torch.randn(n, dim, generator=generator)
 
 
-#: the UNet of the image runs with --archs unet (16 channels, two levels, no attention; 0.1M parameters)
+#: the UNet of the image runs with --archs unet (16 channels, two levels, no attention; 0.18M parameters)
 UNET_8X8 = dict(image_size=8, in_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                 attention_resolutions=(), dropout=0.0, num_heads=1, num_head_channels=None, num_groups=8)
 #: CelebA 8x8 (RGB, flattened to 192 values in [-1, 1]): the first images train, the next IMAGE_POOL are held out by
@@ -435,9 +435,11 @@ def replay_check(runs: list) -> None:
 
 def report(args) -> None:
     runs = [json.loads(line) for line in Path(args.runs).read_text().splitlines()]
-    halves = {"tune (seed 0)": [r for r in runs if r["seed"] == 0],
-              "report (seed 1)": [r for r in runs if r["seed"] == 1],
-              "fresh (seeds >= 2, run after the detector was fixed)": [r for r in runs if r["seed"] >= 2],
+    mlp = [r for r in runs if r.get("arch", "mlp") == "mlp"]
+    halves = {"tune (seed 0)": [r for r in mlp if r["seed"] == 0],
+              "report (seed 1)": [r for r in mlp if r["seed"] == 1],
+              "fresh (seeds >= 2, run after the detector was fixed)": [r for r in mlp if r["seed"] >= 2],
+              "UNet image runs (run after the detector was fixed)": [r for r in runs if r.get("arch") == "unet"],
               "all": runs}
     halves = {k: v for k, v in halves.items() if v}
     print(f"{len(runs)} runs, {sum(r['seconds'] for r in runs):.0f} s of training+watch, "
