@@ -1,10 +1,11 @@
 """How well does the memorisation watch's detector predict memorisation, and how early? A labelled suite of CPU runs.
 
-    python benchmarks/detector.py run [--seeds 0,1] [--out benchmarks/detector_runs.jsonl] [--workers 1]
+    python benchmarks/detector.py run [--seeds 0,1] [--dims 2] [--archs mlp] [--out benchmarks/detector_runs.jsonl]
+                                      [--workers 1]
     python benchmarks/detector.py report [--runs benchmarks/detector_runs.jsonl] [--figures docs/figures]
 
 The suite: 2-D Gaussian mixtures (8 components on a circle of radius 3, std 0.3), a 3 x 128 MLP trained with
-:func:`flowprobe.train.fit` under a :class:`flowprobe.watch.MemorizationWatch` (default thresholds, readings every
+:func:`flowprobe.train.fit` under a :class:`flowprobe.watch.MemorizationWatch` (the shipped detector, readings every
 steps / 16, copy check every second reading), varied over
 
 - training-set size N in {8, 16, 24, 32, 128, 1024} (16 and 24: near where copying starts),
@@ -12,10 +13,10 @@ steps / 16, copy check every second reading), varied over
 - path noise sigma in {0, 0.1} (constant sigma),
 - length: 600 or 2000 steps,
 - data: the mixture in d = 2 (``--dims 2``), embedded in d = 16 (``--dims 16``), or CelebA faces at 8x8 (``--dims 192``:
-  192 values per image, the same MLP on the flattened image),
+  192 values per image, the same MLP on the flattened image; with ``--archs unet`` a tiny UNet on the 3 x 8 x 8 images),
 
-and the seeds given (seed 0 is the tune half, seeds >= 1 the report half: the thresholds were fixed before the suite
-ran, from the diagnosis constants; the tune half is what was looked at while writing the rule).
+and the seeds given (seed 0 is the tune half: the detector's score is chosen, fitted and thresholded on it alone;
+seed 1 the report half, seed 2 the fresh half read after the score was fixed; the UNet runs are reported apart).
 
 Labels come from the END of training and from the diagnosis' decisive checks only, never from the watch: a run
 memorises when :func:`flowprobe.diagnosis.copies.copies_check` on 512 generated samples (RK4, 32 steps) against 512
@@ -26,10 +27,11 @@ contested pairs for the vote (N < 30), when the recall exceeds chance by that ma
 test against chance gives p < 0.025 (the pairs are the whole training set, so their recall is a fact, not an
 estimate).
 
-``report`` prints the ROC AUC of the detector (fired or not by 25 / 50 / 100% of training) and of each signal alone
-(latest reading: max_t membership AUC; -log GV ratio; copy excess) and of the detector restricted to one of its
-conditions ("fired:membership" ...) per half, the steps at which the detector
-fired against the step at which the watch's own copy check first saw copies, and draws the figures.
+``report`` refits the score on the tune half (SCORE_CANDIDATES, fit_score, choose_threshold) and says whether the
+shipped constants are the refitted ones, then prints per half the ROC AUC at 25 / 50 / 100% of training of the
+score (largest reading score so far), of its flag (fired or not) and of each signal alone (latest reading: max_t
+membership AUC; -log GV ratio; copy excess), the old threshold rules replayed, the steps at which the detector fired
+against the step at which the watch's own copy check first saw copies, and draws the figures.
 """
 
 from __future__ import annotations
@@ -224,24 +226,24 @@ def reading_of(x: dict) -> WatchReading:
     return WatchReading(**{k: v for k, v in x.items() if k in WatchReading.__dataclass_fields__})
 
 
-def replay(r: dict, constants: dict | None = None) -> tuple[list, list]:
-    """(score, copies held) of each stored reading of run ``r`` under the detector's ``constants`` (keyword arguments
-    of flowprobe.watch.detect; default: the shipped ones)."""
+def replay(r: dict, constants: dict | None = None) -> tuple[list, list, list]:
+    """(score, copies held, fired) of each stored reading of run ``r`` under the detector's ``constants`` (keyword
+    arguments of flowprobe.watch.detect; default: the shipped ones): the watch's own judgement, replayed."""
     out = [reading_of(x) for x in r["readings"]]
     for x in out:
         detect(x, **(constants or {}))
-    return [x.score for x in out], ["copies" in x.signals for x in out]
+    return [x.score for x in out], ["copies" in x.signals for x in out], [bool(x.signals) for x in out]
 
 
-def fired_at(r: dict, constants: dict | None = None, threshold: float | None = None) -> int | None:
-    """The step at which the detector first fires on run ``r``'s stored readings (the watch's own judgement,
-    replayed), with the shipped constants or those given; ``threshold``: the score threshold instead of the one in
-    ``constants``."""
-    constants = constants or SHIPPED
-    bar = constants["threshold"] if threshold is None else threshold
-    scores, copies = replay(r, constants)
-    return next((x["step"] for x, s, c in zip(r["readings"], scores, copies) if c or (math.isfinite(s) and s >= bar)),
-                None)
+def fired_at(r: dict, constants: dict | None = None) -> int | None:
+    """The step at which the detector first fires on run ``r``'s stored readings, with the shipped constants or those
+    given, or None."""
+    _, _, fired = replay(r, constants)
+    return first_fired(r, fired)
+
+
+def first_fired(r: dict, fired: list) -> int | None:
+    return next((x["step"] for x, f in zip(r["readings"], fired) if f), None)
 
 
 def signals_at(r: dict, fraction: float) -> dict:
@@ -249,9 +251,9 @@ def signals_at(r: dict, fraction: float) -> dict:
     the detector fires once any reading's score reaches the threshold), and the latest continuous signals."""
     step = fraction * r["steps"]
     gv = latest(r["readings"], step, "gradvar_ratio")
-    scores, _ = replay(r)
+    scores, _, fired = replay(r)
     so_far = [s for x, s in zip(r["readings"], scores) if x["step"] <= step and math.isfinite(s)]
-    at = fired_at(r)
+    at = first_fired(r, fired)
     return {"fired": float(at is not None and at <= step), "score": max(so_far) if so_far else None,
             "membership": latest(r["readings"], step, "auc"),
             "gradvar": -math.log(gv) if gv and gv > 0 else None,
@@ -329,7 +331,7 @@ def fit_score(runs: list, names: tuple) -> tuple[float, float, float]:
 def choose_threshold(runs: list, constants: dict) -> float:
     """The score threshold with the best balanced accuracy of 'fired by then' (score or copies) on ``runs``, averaged
     over FRACTIONS; among equals the largest (fewest false alarms)."""
-    per_run = [(r, replay(r, constants)) for r in runs]
+    per_run = [(r, replay(r, constants)[:2]) for r in runs]
     candidates = sorted({round(s, 4) for _, (scores, _) in per_run for s in scores if math.isfinite(s)})
     best, best_value = None, -1.0
     for thr in candidates:
@@ -357,7 +359,7 @@ def tune_score(runs: list) -> tuple[str, dict]:
         for f in FRACTIONS:
             y, v = [], []
             for r in runs:
-                scores, _ = replay(r, constants)
+                scores, _, _ = replay(r, constants)
                 so_far = [s for x, s in zip(r["readings"], scores) if x["step"] <= f * r["steps"]]
                 y.append(r["label"]["memorises"])
                 v.append(max(so_far))

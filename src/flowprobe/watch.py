@@ -139,6 +139,11 @@ def _finite(v) -> bool:
     return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
 
 
+def _has_ratio(gradvar_ratio) -> bool:
+    """A gradient-variance ratio the score can use (a positive finite number)."""
+    return _finite(gradvar_ratio) and gradvar_ratio > 0
+
+
 def memorisation_score(auc: float, gradvar_ratio: float | None, weights: Sequence[float] = WATCH_SCORE_WEIGHTS,
                        weights_membership: Sequence[float] = WATCH_SCORE_WEIGHTS_MEMBERSHIP) -> float:
     """The memorisation score of a reading: ``b + w_auc * auc + w_gv * (-log gradvar_ratio)`` with ``weights`` =
@@ -146,7 +151,7 @@ def memorisation_score(auc: float, gradvar_ratio: float | None, weights: Sequenc
     positive finite number); nan when ``auc`` is not finite."""
     if not _finite(auc):
         return float("nan")
-    if _finite(gradvar_ratio) and gradvar_ratio > 0:
+    if _has_ratio(gradvar_ratio):
         b, w_auc, w_gv = weights
         return b + w_auc * auc - w_gv * math.log(gradvar_ratio)
     b, w_auc = weights_membership
@@ -161,7 +166,7 @@ def detect(r: "WatchReading", weights: Sequence[float] = WATCH_SCORE_WEIGHTS,
     "score" and "copies") and returns what it saw, a phrase per condition that holds. The benchmark replays stored
     readings through it with other constants."""
     r.score = memorisation_score(r.auc, r.gradvar_ratio, weights, weights_membership)
-    with_gv = _finite(r.gradvar_ratio) and r.gradvar_ratio > 0
+    with_gv = _has_ratio(r.gradvar_ratio)
     bar = threshold if with_gv else threshold_membership
     r.signals, said = [], []
     if _finite(r.score) and r.score >= bar:
