@@ -16,7 +16,10 @@ steps / 16, copy check every second reading), varied over
   192 values per image, the same MLP on the flattened image; with ``--archs unet`` a tiny UNet on the 3 x 8 x 8 images),
 
 and the seeds given (seed 0 is the tune half: the detector's score is chosen, fitted and thresholded on it alone;
-seed 1 the report half, seed 2 the fresh half read after the score was fixed; the UNet runs are reported apart).
+seed 1 the report half; seed 2 the fresh half of the two-signal score (membership and gradient variance), read after
+that score was fixed and before the four-input score (with the copy closeness and the pairing excess) was designed;
+seed 4 the fresh half of the four-input score, run after its constants were committed; the UNet runs, seed 3, are
+reported apart).
 
 Labels come from the END of training and from the diagnosis' decisive checks only, never from the watch: a run
 memorises when :func:`flowprobe.diagnosis.copies.copies_check` on 512 generated samples (RK4, 32 steps) against 512
@@ -30,7 +33,8 @@ estimate).
 ``report`` refits the score on the tune half (SCORE_CANDIDATES, fit_score, choose_threshold) and says whether the
 shipped constants are the refitted ones, then prints per half the ROC AUC at 25 / 50 / 100% of training of the
 score (largest reading score so far), of its flag (fired or not) and of each signal alone (latest reading: max_t
-membership AUC; -log GV ratio; copy excess), the old threshold rules replayed, the steps at which the detector fired
+membership AUC; -log GV ratio; copy excess; copy closeness; pairing excess), the old rules and the two-signal score
+replayed, the steps at which the detector fired
 against the step at which the watch's own copy check first saw copies, and draws the figures.
 """
 
@@ -60,7 +64,7 @@ from flowprobe.paths import make_path
 from flowprobe.probes.memorization import PairSet
 from flowprobe.solvers import push_forward
 from flowprobe.train import fit
-from flowprobe.watch import (WATCH_COPY_EXCESS, WATCH_SCORE_THRESHOLD, WATCH_SCORE_THRESHOLD_MEMBERSHIP,
+from flowprobe.watch import (NULL_INPUTS, WATCH_COPY_EXCESS, WATCH_SCORE_THRESHOLD, WATCH_SCORE_THRESHOLD_MEMBERSHIP,
                              WATCH_SCORE_WEIGHTS, WATCH_SCORE_WEIGHTS_MEMBERSHIP, MemorizationWatch, WatchReading,
                              detect)
 
@@ -226,12 +230,20 @@ def reading_of(x: dict) -> WatchReading:
     return WatchReading(**{k: v for k, v in x.items() if k in WatchReading.__dataclass_fields__})
 
 
-def replay(r: dict, constants: dict | None = None) -> tuple[list, list, list]:
-    """(score, copies held, fired) of each stored reading of run ``r`` under the detector's ``constants`` (keyword
-    arguments of flowprobe.watch.detect; default: the shipped ones): the watch's own judgement, replayed."""
-    out = [reading_of(x) for x in r["readings"]]
+def judged(r: dict, constants: dict | None = None) -> list[WatchReading]:
+    """Run ``r``'s stored readings judged in order by the detector with ``constants`` (keyword arguments of
+    flowprobe.watch.detect; default: the shipped ones), each carrying the score inputs of the one before, as the
+    watch does: its own judgement, replayed (``.inputs``, ``.score``, ``.signals``)."""
+    out, previous = [reading_of(x) for x in r["readings"]], None
     for x in out:
-        detect(x, **(constants or {}))
+        detect(x, previous, **(constants or {}))
+        previous = x.inputs
+    return out
+
+
+def replay(r: dict, constants: dict | None = None) -> tuple[list, list, list]:
+    """(score, copies held, fired) of each stored reading of run ``r`` (:func:`judged`)."""
+    out = judged(r, constants)
     return [x.score for x in out], ["copies" in x.signals for x in out], [bool(x.signals) for x in out]
 
 
@@ -246,23 +258,26 @@ def first_fired(r: dict, fired: list) -> int | None:
     return next((x["step"] for x, f in zip(r["readings"], fired) if f), None)
 
 
-def signals_at(r: dict, fraction: float) -> dict:
-    """At this fraction of training: the shipped detector fired or not, its score (the largest reading's score so far:
-    the detector fires once any reading's score reaches the threshold), and the latest continuous signals."""
+def signals_at(r: dict, fraction: float, constants: dict | None = None) -> dict:
+    """At this fraction of training: the detector (the shipped one, or with ``constants``) fired or not, its score
+    (the largest reading's score so far: the detector fires once any reading's score reaches the threshold), and the
+    latest continuous signals."""
     step = fraction * r["steps"]
     gv = latest(r["readings"], step, "gradvar_ratio")
-    scores, _, fired = replay(r)
+    scores, _, fired = replay(r, constants)
     so_far = [s for x, s in zip(r["readings"], scores) if x["step"] <= step and math.isfinite(s)]
     at = first_fired(r, fired)
     return {"fired": float(at is not None and at <= step), "score": max(so_far) if so_far else None,
             "membership": latest(r["readings"], step, "auc"),
             "gradvar": -math.log(gv) if gv and gv > 0 else None,
-            "copies": latest(r["readings"], step, "copy_excess")}
+            "copies": latest(r["readings"], step, "copy_excess"),
+            "closeness": latest(r["readings"], step, "copy_closeness"),
+            "pairing": latest(r["readings"], step, "pairing_excess")}
 
 
-def roc_auc(runs: list, fraction: float, signal: str) -> tuple[float, int]:
-    pos = [signals_at(r, fraction)[signal] for r in runs if r["label"]["memorises"]]
-    neg = [signals_at(r, fraction)[signal] for r in runs if not r["label"]["memorises"]]
+def roc_auc(runs: list, fraction: float, signal: str, constants: dict | None = None) -> tuple[float, int]:
+    pos = [signals_at(r, fraction, constants)[signal] for r in runs if r["label"]["memorises"]]
+    neg = [signals_at(r, fraction, constants)[signal] for r in runs if not r["label"]["memorises"]]
     pos, neg = [v for v in pos if v is not None], [v for v in neg if v is not None]
     if not pos or not neg:
         return float("nan"), 0
@@ -282,9 +297,15 @@ def roc_curve(runs: list, fraction: float, signal: str):
 
 # ---------------------------------------------------------------- choosing the score (tune half only)
 
-#: the candidate scores: which reading features enter the logistic regression (weights of the others are 0)
+#: the candidate scores: which of the score's inputs (flowprobe.watch.score_inputs) enter the logistic regression
+#: (weights of the others are 0); the last two read the sampled checks as well (session 8: copy closeness, pairing)
 SCORE_CANDIDATES = {"membership and gradient variance": ("auc", "gradvar"), "gradient variance": ("gradvar",),
-                    "membership": ("auc",)}
+                    "membership": ("auc",),
+                    "membership, gradient variance, copy closeness and pairing": ("auc", "gradvar", "closeness",
+                                                                                   "pairing"),
+                    "gradient variance, copy closeness and pairing": ("gradvar", "closeness", "pairing")}
+#: the score's inputs in the order of flowprobe.watch.WATCH_SCORE_WEIGHTS (after the intercept)
+INPUTS = ("auc", "gradvar", "closeness", "pairing")
 #: L2 penalty on the standardised weights of the logistic regression (keeps a separable tune half finite)
 L2 = 0.01
 #: the detector's constants as flowprobe.watch ships them
@@ -292,23 +313,30 @@ SHIPPED = {"weights": WATCH_SCORE_WEIGHTS, "weights_membership": WATCH_SCORE_WEI
            "threshold": WATCH_SCORE_THRESHOLD, "threshold_membership": WATCH_SCORE_THRESHOLD_MEMBERSHIP}
 
 
-def features(x: dict) -> dict:
-    ratio = x.get("gradvar_ratio")
-    return {"auc": x["auc"], "gradvar": -math.log(ratio) if ratio else float("nan")}
+def features(inputs: dict) -> dict:
+    """The score's inputs (flowprobe.watch.score_inputs) as the numbers it weighs: -log of the GV ratio (nan without
+    one), the null values for a closeness or pairing not measured yet."""
+    ratio = inputs.get("gradvar_ratio")
+    close, pair = inputs.get("closeness"), inputs.get("pairing")
+    return {"auc": inputs["auc"], "gradvar": -math.log(ratio) if ratio else float("nan"),
+            "closeness": NULL_INPUTS["closeness"] if close is None else close,
+            "pairing": NULL_INPUTS["pairing"] if pair is None else pair}
 
 
-def fit_score(runs: list, names: tuple) -> tuple[float, float, float]:
-    """Logistic regression of the label on the features ``names`` of the latest reading at each of FRACTIONS (the
-    three pooled), on standardised features with an L2 penalty; returned as raw weights (b, w_auc, w_gv) of
-    flowprobe.watch.memorisation_score (0 for a feature not used)."""
+def fit_score(runs: list, names: tuple, with_gv: bool = True) -> tuple:
+    """Logistic regression of the label on the inputs ``names`` of the score at the latest reading at each of
+    FRACTIONS (the three pooled), on standardised features with an L2 penalty; returned as the raw weights of
+    flowprobe.watch.memorisation_score (0 for an input not used): (b, w_auc, w_gv, w_close, w_pair), or without
+    ``with_gv`` (b, w_auc, w_close, w_pair)."""
     import numpy as np
     from scipy.optimize import minimize
 
     rows, ys = [], []
     for r in runs:
+        inputs = [x.inputs for x in judged(r)]
         for f in FRACTIONS:
-            x = [x for x in r["readings"] if x["step"] <= f * r["steps"]][-1]
-            rows.append([features(x)[k] for k in names])
+            k = max(i for i, x in enumerate(r["readings"]) if x["step"] <= f * r["steps"])
+            rows.append([features(inputs[k])[n] for n in names])
             ys.append(float(r["label"]["memorises"]))
     xs, ys = np.array(rows), np.array(ys)
     keep = np.isfinite(xs).all(1)
@@ -325,7 +353,8 @@ def fit_score(runs: list, names: tuple) -> tuple[float, float, float]:
     w = minimize(loss, np.zeros(len(names) + 1), jac=True, method="BFGS").x
     raw = dict(zip(names, w[1:] / sd))
     b = w[0] - float(np.sum(w[1:] * mu / sd))
-    return round(float(b), 4), round(float(raw.get("auc", 0.0)), 4), round(float(raw.get("gradvar", 0.0)), 4)
+    order = INPUTS if with_gv else tuple(n for n in INPUTS if n != "gradvar")
+    return (round(float(b), 4), *(round(float(raw.get(n, 0.0)), 4) for n in order))
 
 
 def choose_threshold(runs: list, constants: dict) -> float:
@@ -366,18 +395,23 @@ def tune_score(runs: list) -> tuple[str, dict]:
             y, v = np.array(y), np.array(v)
             cells.append(auc(torch.tensor(v[y]), torch.tensor(v[~y]))[0])
         fitted[name] = (sum(cells) / len(cells), constants)
-        print(f"candidate score '{name}': weights (b, w_auc, w_gv) {constants['weights']}, tune-half AUC "
-              + " / ".join(f"{c:.3f}" for c in cells))
+        print(f"candidate score '{name}': weights (b, w_auc, w_gv, w_close, w_pair) {constants['weights']}, "
+              "tune-half AUC " + " / ".join(f"{c:.3f}" for c in cells))
     name = max(fitted, key=lambda k: fitted[k][0])
     constants = fitted[name][1]
-    b, w_auc, _ = fit_score(runs, ("auc",))
-    constants["weights_membership"] = (b, w_auc)
+    without_gv = tuple(n for n in SCORE_CANDIDATES[name] if n != "gradvar")
+    constants["weights_membership"] = fit_score(runs, ("auc", *without_gv) if "auc" not in without_gv else without_gv,
+                                                with_gv=False)
     constants["threshold"] = choose_threshold(runs, constants)
     no_gv = [{**r, "readings": [{**x, "gradvar_ratio": None} for x in r["readings"]]} for r in runs]
     constants["threshold_membership"] = choose_threshold(no_gv, constants)
     return name, constants
 
 
+#: the two-signal score shipped before the copy closeness and the pairing excess entered it (fitted on the same tune
+#: half), replayed for comparison
+TWO_SIGNAL = {"weights": (-8.519, 6.6952, 1.4785), "weights_membership": (-12.946, 14.2338), "threshold": 0.8472,
+              "threshold_membership": 0.497}
 #: the threshold rule session 6 shipped (membership AUC > 0.6 with lower bound > 0.5, and GV(train) / GV(held-out)
 #: upper bound < 0.25, one reading; or copies), and the first rule (either, two readings), replayed for comparison
 OLD_RULES = {"threshold rule (membership and GV collapse)": {"auc": 0.6, "lower": 0.5, "consecutive": 1,
@@ -440,8 +474,10 @@ def report(args) -> None:
     mlp = [r for r in runs if r.get("arch", "mlp") == "mlp"]
     halves = {"tune (seed 0)": [r for r in mlp if r["seed"] == 0],
               "report (seed 1)": [r for r in mlp if r["seed"] == 1],
-              "fresh (seeds >= 2, run after the detector was fixed)": [r for r in mlp if r["seed"] >= 2],
-              "UNet image runs (run after the detector was fixed)": [r for r in runs if r.get("arch") == "unet"],
+              "seed 2 (fresh for the two-signal score; seen before the four-input score was designed)":
+                  [r for r in mlp if r["seed"] == 2],
+              "fresh (seed 4, run after the four-input score was committed)": [r for r in mlp if r["seed"] == 4],
+              "UNet image runs (seed 3)": [r for r in runs if r.get("arch") == "unet"],
               "all": runs}
     halves = {k: v for k, v in halves.items() if v}
     print(f"{len(runs)} runs, {sum(r['seconds'] for r in runs):.0f} s of training+watch, "
@@ -454,9 +490,13 @@ def report(args) -> None:
         m = sum(r["label"]["memorises"] for r in rs)
         print(f"\n## {half}: {len(rs)} runs, {m} memorise, {len(rs) - m} do not")
         print("| signal | AUC at 25% | AUC at 50% | AUC at 100% |\n|---|---|---|---|")
-        for sig in ("score", "fired", "membership", "gradvar", "copies"):
+        for sig in ("score", "fired", "membership", "gradvar", "copies", "closeness", "pairing"):
             cells = [roc_auc(rs, f, sig) for f in FRACTIONS]
             print(f"| {sig} | " + " | ".join(f"{a:.3f} (n={k})" for a, k in cells) + " |")
+        for sig in ("score", "fired"):
+            cells = [roc_auc(rs, f, sig, TWO_SIGNAL) for f in FRACTIONS]
+            print(f"| {sig} of the two-signal score, replayed | " + " | ".join(f"{a:.3f} (n={k})" for a, k in cells)
+                  + " |")
         for f in FRACTIONS:
             fired = [(at := fired_at(r)) is not None and at <= f * r["steps"] for r in rs]
             tp = sum(r["label"]["memorises"] and x for r, x in zip(rs, fired))

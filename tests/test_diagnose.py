@@ -433,6 +433,31 @@ def test_copies_check_counts_mirrored_copies_only_with_mirror():
         DiagnoseOptions(mirror="sometimes")
 
 
+def test_copy_closeness_is_the_chance_a_generated_sample_sits_relatively_nearer_a_training_sample():
+    """closeness = P(ratio_generated < ratio_reference) + P(=) / 2 over all pairs, the ratios d1 / d2 from a brute-force
+    distance matrix; about 0.5 for generated samples drawn as the reference is, above it when some sit near
+    training samples without being copies yet (ratio above 1/3)."""
+    from flowprobe.diagnosis.copies import copies_check
+
+    g = torch.Generator().manual_seed(5)
+    train, reference = torch.randn(64, 3, generator=g), torch.randn(300, 3, generator=g)
+
+    def ratios(x):
+        d = torch.cdist(x.double(), train.double()).sort(dim=1).values
+        return d[:, 0] / d[:, 1]
+
+    fresh = torch.randn(300, 3, generator=g)
+    partner = train[torch.randint(64, (300,), generator=g)]
+    drawn_in = partner + 0.5 * (fresh - partner) * torch.rand(300, 1, generator=g)  # part of the way to a point
+    for generated in (fresh, drawn_in):
+        check, _ = copies_check(generated, train, reference, "held-out")
+        brute = auc_brute_force(-ratios(generated), -ratios(reference))
+        assert check.evidence["closeness"] == pytest.approx(brute, abs=1e-9)
+    assert abs(copies_check(fresh, train, reference, "held-out")[0].evidence["closeness"] - 0.5) < 0.06
+    nearer, _ = copies_check(drawn_in, train, reference, "held-out")
+    assert nearer.evidence["closeness"] > 0.65
+
+
 def test_pairing_vote_against_chance():
     from flowprobe.diagnosis.verdict import PAIRING_EXCESS_MARGIN, pairing_vote
 

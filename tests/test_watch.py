@@ -14,6 +14,8 @@ from flowprobe.checkpoint import list_checkpoints, load_checkpoint
 from flowprobe.couplings import FixedPairs, GaussianSampler, IndependentCoupling
 from flowprobe.diagnosis.copies import copies_check
 from flowprobe.diagnosis.membership import gradvar_check, membership_check
+from flowprobe.diagnosis.transport import pairing_check
+from flowprobe.probes.memorization import PairSet
 from flowprobe.nets.mlp import MLP
 from flowprobe.objectives import CFMObjective
 from flowprobe.paths import LinearPath, StochasticPath
@@ -66,6 +68,12 @@ def test_readings_equal_the_diagnosis_checks():
     generated = push_forward(net, x0_gen, method="euler", steps=watch.copy_steps)
     c, _ = copies_check(generated, x1, watch.copy_reference, "held-out")
     assert reading.copy_excess == c.evidence["excess"] and reading.copy_fraction == c.evidence["copy_fraction"]
+    assert reading.copy_closeness == c.evidence["closeness"]
+    pairs = PairSet(watch.train_sources_probe, watch.train_probe, {"assigned": torch.arange(8)})
+    p, _, _ = pairing_check(net, pairs, n_max=8, method="euler", steps=watch.copy_steps)
+    assert p.evidence["n_contested"] == reading.pairing_contested > 0
+    assert reading.pairing_recall == p.evidence["recall_assigned"] and reading.pairing_excess == p.evidence["excess"]
+    assert reading.pairing_chance == 1 / 8
     # a second reading of the same net reads the same numbers (fixed probes, noise and times)
     again = watch.update(20, net)
     assert again.rows == reading.rows and again.gradvar_ratio == reading.gradvar_ratio
@@ -105,26 +113,31 @@ def test_fires_on_a_memorising_run_and_logs(tmp_path):
 
 
 def test_the_score_is_the_fitted_log_odds_and_the_detector_thresholds_it():
-    """The score is b + w_auc auc - w_gv log(ratio) (membership weights without a ratio), the fitted weights have the
-    signs the paper predicts (a higher membership AUC and a lower GV(train)/GV(held-out) mean memorisation), and a
-    reading fires exactly when its score reaches the threshold of its kind (or on copies)."""
+    """With the shipped weights the score is b + w_auc auc - w_gv log(ratio) + w_close closeness + w_pair pairing
+    (membership weights without a ratio); the fitted weights have the signs the paper predicts (a lower
+    GV(train)/GV(held-out), samples nearer the training set, partners reproduced: memorisation; membership no
+    sign against it), and a reading fires exactly when its score reaches the threshold of its kind (or on
+    copies)."""
     from flowprobe.watch import (WATCH_SCORE_THRESHOLD_MEMBERSHIP, WATCH_SCORE_WEIGHTS,
                                  WATCH_SCORE_WEIGHTS_MEMBERSHIP, WatchReading, memorisation_score)
 
-    b, w_auc, w_gv = WATCH_SCORE_WEIGHTS
-    assert w_auc > 0 and w_gv > 0 and WATCH_SCORE_WEIGHTS_MEMBERSHIP[1] > 0
-    assert memorisation_score(0.8, 0.1) == pytest.approx(b + 0.8 * w_auc + w_gv * math.log(10))
-    assert memorisation_score(0.8, None) == pytest.approx(WATCH_SCORE_WEIGHTS_MEMBERSHIP[0]
-                                                          + 0.8 * WATCH_SCORE_WEIGHTS_MEMBERSHIP[1])
+    b, w_auc, w_gv, w_close, w_pair = WATCH_SCORE_WEIGHTS
+    b_m, w_m, w_close_m, w_pair_m = WATCH_SCORE_WEIGHTS_MEMBERSHIP
+    assert w_auc >= 0 and w_gv > 0 and w_close > 0 and w_pair > 0 and min(w_m, w_close_m, w_pair_m) > 0
+    assert memorisation_score(0.8, 0.1, 0.6, 0.25) == pytest.approx(
+        b + 0.8 * w_auc + w_gv * math.log(10) + 0.6 * w_close + 0.25 * w_pair)
+    assert memorisation_score(0.8, None, 0.6, 0.25) == pytest.approx(b_m + 0.8 * w_m + 0.6 * w_close_m
+                                                                      + 0.25 * w_pair_m)
     assert math.isnan(memorisation_score(float("nan"), 0.1))
     net, coupling, x0, x1, heldout = memorising_problem()
     watch = MemorizationWatch(x1, heldout, LinearPath(), every=50, train_sources=x0)
-    # the ratio at which a reading with membership AUC 0.7 crosses the threshold, and readings either side of it
-    crossing = math.exp((b + 0.7 * w_auc - WATCH_SCORE_THRESHOLD) / w_gv)
-    b_m, w_m = WATCH_SCORE_WEIGHTS_MEMBERSHIP
-    auc_crossing = (WATCH_SCORE_THRESHOLD_MEMBERSHIP - b_m) / w_m
+    # before any copy check (closeness 0.5, no pairing excess): the ratio at which a reading with membership AUC
+    # 0.7 crosses the threshold, the AUC at which a reading without a ratio does, and readings either side of them
+    crossing = math.exp((b + 0.7 * w_auc + 0.5 * w_close - WATCH_SCORE_THRESHOLD) / w_gv)
+    auc_crossing = (WATCH_SCORE_THRESHOLD_MEMBERSHIP - b_m - 0.5 * w_close_m) / w_m
+    assert 0.5 < auc_crossing < 1
     cases = ((0.7, crossing * 0.99, True), (0.7, crossing * 1.01, False), (auc_crossing + 1e-3, None, True),
-             (auc_crossing - 1e-3, None, False), (1.0, 1.0, 1.0 * w_auc + b >= WATCH_SCORE_THRESHOLD))
+             (auc_crossing - 1e-3, None, False), (1.0, 1.0, w_auc + b + 0.5 * w_close >= WATCH_SCORE_THRESHOLD))
     for auc_value, ratio, expected in cases:
         r = WatchReading(step=50, auc=auc_value, auc_lower=0.5, auc_t=0.5, gradvar_ratio=ratio)
         with warnings.catch_warnings():
@@ -132,6 +145,33 @@ def test_the_score_is_the_fitted_log_odds_and_the_detector_thresholds_it():
             watch.judge(r)
         assert r.fired is expected and r.signals == (["score"] if expected else [])
         assert not expected or r.message.startswith("memorisation watch fired at step 50: memorisation score")
+
+
+def test_the_score_reads_the_latest_copy_closeness_and_pairing_excess():
+    """score = b + w_auc auc + w_gv (-log ratio) + w_close closeness + w_pair pairing (without a ratio: the
+    membership weights, which have no w_gv); a closeness or pairing not measured yet reads as its null value; a
+    reading without a copy check carries the latest measured ones; weights missing at the end of a tuple are 0."""
+    from flowprobe.watch import NULL_INPUTS, WatchReading, detect, memorisation_score
+
+    w, wm = (-1.0, 2.0, 0.5, 3.0, 4.0), (-2.0, 1.0, 3.0, 4.0)
+    score = lambda *a: memorisation_score(*a, weights=w, weights_membership=wm)  # noqa: E731
+    assert score(0.8, 0.1, 0.7, 0.2) == pytest.approx(-1.0 + 1.6 + 0.5 * math.log(10) + 2.1 + 0.8)
+    assert score(0.8, None, 0.7, 0.2) == pytest.approx(-2.0 + 0.8 + 2.1 + 0.8)
+    assert NULL_INPUTS == {"closeness": 0.5, "pairing": 0.0}
+    assert score(0.8, 0.1) == pytest.approx(-1.0 + 1.6 + 0.5 * math.log(10) + 3.0 * 0.5)
+    assert memorisation_score(0.8, 0.1, 0.7, 0.2, weights=(-1.0, 2.0, 0.5)) == pytest.approx(
+        -1.0 + 1.6 + 0.5 * math.log(10))
+    constants = {"weights": w, "weights_membership": wm}
+    first = WatchReading(10, auc=0.6, gradvar_ratio=0.5, copy_closeness=0.9, pairing_excess=0.3)
+    detect(first, None, **constants)
+    assert first.inputs == {"auc": 0.6, "gradvar_ratio": 0.5, "closeness": 0.9, "pairing": 0.3}
+    second = WatchReading(20, auc=0.7, gradvar_ratio=0.25)  # no copy check at this reading
+    detect(second, first.inputs, **constants)
+    assert second.inputs == {"auc": 0.7, "gradvar_ratio": 0.25, "closeness": 0.9, "pairing": 0.3}
+    assert second.score == pytest.approx(score(0.7, 0.25, 0.9, 0.3))
+    third = WatchReading(30, auc=0.7, gradvar_ratio=0.25, copy_closeness=0.4)  # copies, no pairs
+    detect(third, second.inputs, **constants)
+    assert third.inputs["closeness"] == 0.4 and third.inputs["pairing"] == 0.3
 
 
 def test_stays_quiet_on_a_gaussian_run():
@@ -237,13 +277,15 @@ def test_tensorboard_scalars_equal_the_jsonl_readings(tmp_path):
     for r in records:  # what the watch says it writes, from the JSONL reading
         scalars = {"watch/score": r["score"], "watch/auc": r["auc"],
                    "watch/auc_lower": r["auc_lower"], "watch/gradvar_ratio": r["gradvar_ratio"],
-                   "watch/copy_excess": r["copy_excess"], "watch/fired": float(r["fired"]),
+                   "watch/copy_excess": r["copy_excess"], "watch/copy_closeness": r["copy_closeness"],
+                   "watch/pairing_excess": r["pairing_excess"], "watch/fired": float(r["fired"]),
                    **{f"watch/auc_t{row['t']:g}": row["auc"] for row in r["rows"]}}
         for tag, v in scalars.items():
             if v is not None and math.isfinite(v):
                 want.setdefault(tag, []).append((r["step"], float(np.float32(v))))
     assert board == want
     assert [s for s, _ in board["watch/copy_excess"]] == [40, 80] and len(board["watch/auc_t0.5"]) == 4
+    assert [s for s, _ in board["watch/pairing_excess"]] == [40, 80]
 
 
 def _lightning():
@@ -393,7 +435,7 @@ def test_a_resumed_fit_logs_each_reading_once_and_judges_as_before(tmp_path):
 
     def run(resume_from=None):
         net, coupling, x0, x1, heldout = memorising_problem()
-        watch = MemorizationWatch(x1, heldout, LinearPath(), every=100, train_sources=x0, copy_every=0,
+        watch = MemorizationWatch(x1, heldout, LinearPath(), every=100, train_sources=x0, copy_every=300,
                                   log_path=tmp_path / "watch.jsonl", tensorboard_dir=tmp_path / "tb")
         with warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("always", MemorizationWarning)
@@ -411,6 +453,9 @@ def test_a_resumed_fit_logs_each_reading_once_and_judges_as_before(tmp_path):
     # and no second warning (the resumed watch knows from its log that it has fired)
     resumed, fired_again, warned_again = run(resume_from=list_checkpoints(tmp_path / "ckpt")[k])
     assert resumed == first[k + 1:] and fired_again == fired and warned_again == 0
+    # the first reading after the resume had no copy check: it scored with the closeness and pairing carried
+    # from the log, as the uninterrupted watch did
+    assert resumed[0]["copy_closeness"] is None and resumed[0]["inputs"]["closeness"] is not None
     records = [json.loads(line) for line in (tmp_path / "watch.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == steps
     acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})

@@ -38,12 +38,14 @@ def test_stop_ends_the_run_with_exit_4_and_the_readings_match_a_rebuilt_watch(tm
     assert got[-1]["fired"] and not any(r["fired"] for r in got[:-1])
     assert (run / "checkpoints" / f"step_{fired:08d}.safetensors").is_file()  # written before the stop
     assert (run / "watch.png").is_file()
-    # the same watch built from the saved run reads the saved net exactly as the training run did
+    # the same watch built from the saved run, carrying the score inputs of the reading before (the latest copy
+    # closeness and pairing excess), reads the saved net exactly as the training run did
     loaded = load_run(run / "checkpoints" / f"step_{fired:08d}.safetensors", use_ema=False)
     watch = config_watch(loaded.config, loaded.coupling, loaded.source, loaded.target, loaded.objective.path,
                          None, "cpu")
     assert torch.equal(watch.train_sources_probe, loaded.coupling.x0[torch.randperm(8, generator=torch.Generator()
                                                                                     .manual_seed(0))])
+    watch.inputs = got[-2]["inputs"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MemorizationWarning)
         again = watch.update(fired, loaded.net).to_dict()

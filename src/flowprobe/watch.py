@@ -8,7 +8,11 @@ reading runs on the current net
 - the gradient-variance check (:func:`flowprobe.diagnosis.membership.gradvar_check`): the geometric mean over t
   of GV(train) / GV(held-out), ghost per-sample gradients where they apply, else exact;
 - every ``copy_every`` steps, the copy check (:func:`flowprobe.diagnosis.copies.copies_check`) on ``n_copy``
-  samples pushed forward from the source with a cheap Euler solver, against the held-out probes as baseline.
+  samples pushed forward from the source with a cheap Euler solver, against the held-out probes as baseline (its
+  excess copy fraction, and its closeness: how much nearer to training samples the generated samples sit than real
+  unseen ones, which moves before copies appear); and, for paired training (``train_sources``), the pairing check
+  (:func:`flowprobe.diagnosis.transport.pairing_check`) on the probe pairs with the same solver: how often a training
+  source lands nearest its own training partner, over chance.
 
 Every generator is re-seeded from ``seed`` at each reading, so the probe samples, the source draws x0, the noise
 z and the times are the same at every reading (the readings are comparable along training), the watch keeps no
@@ -19,8 +23,9 @@ The detector (its constants are module constants below) fires at a reading when
 
 1. the reading's memorisation score :func:`memorisation_score` reaches :data:`WATCH_SCORE_THRESHOLD`: the log-odds,
    fitted by logistic regression on the tune half of ``benchmarks/detector.py``, that the run memorises, from the
-   max_t membership AUC and -log GV(train) / GV(held-out) (from the membership AUC alone, with its own weights and
-   threshold, when no gradient variance could be measured); or
+   reading's max_t membership AUC and -log GV(train) / GV(held-out), and the latest copy closeness and pairing excess
+   measured so far (:func:`score_inputs`; their null values 0.5 and 0 before the first copy check or without paired
+   sources) (without gradient variance, from the others with their own weights and threshold); or
 2. the copy check's excess copy fraction (generated over held-out) has its lower bound above
    :data:`WATCH_COPY_EXCESS` (one reading suffices: a copy is direct evidence).
 
@@ -49,31 +54,38 @@ from torch import Tensor, nn
 from .couplings import GaussianSampler
 from .diagnosis.copies import copies_check
 from .diagnosis.membership import gradvar_check, membership_check
+from .diagnosis.transport import pairing_check
 from .diagnosis.verdict import COPY_EXCESS_MARGIN
 from .io import append_jsonl, truncate_jsonl
 from .paths import ProbabilityPath
+from .probes.memorization import PairSet
 from .solvers import push_forward
 
 __all__ = ["MemorizationWatch", "WatchReading", "MemorizationDetected", "MemorizationWarning", "lightning_callback",
            "lightning_callback_bases", "LIGHTNING_PACKAGES",
-           "memorisation_score", "detect", "WATCH_SCORE_WEIGHTS", "WATCH_SCORE_WEIGHTS_MEMBERSHIP",
+           "memorisation_score", "score_inputs", "detect", "WATCH_SCORE_WEIGHTS", "NULL_INPUTS",
+           "WATCH_SCORE_WEIGHTS_MEMBERSHIP",
            "WATCH_SCORE_THRESHOLD", "WATCH_SCORE_THRESHOLD_MEMBERSHIP", "WATCH_FAR_FACTOR", "WATCH_COPY_EXCESS",
            "DEFAULT_EVERY", "DEFAULT_TIMES"]
 
 logger = logging.getLogger(__name__)
 
 #: The memorisation score of a reading, score = b + w_auc * (max_t membership AUC) + w_gv * (-log GV(train) /
-#: GV(held-out)): (b, w_auc, w_gv), the log-odds that a run memorises fitted by logistic regression on the tune half
-#: (seed 0) of benchmarks/detector.py (``report`` refits and prints them; docs/detector.md).
-WATCH_SCORE_WEIGHTS = (-8.519, 6.6952, 1.4785)
-#: ... and (b, w_auc) from the membership AUC alone, for readings without gradient variance (a net torch.func cannot
+#: GV(held-out)) + w_close * (copy closeness) + w_pair * (pairing excess): (b, w_auc, w_gv, w_close, w_pair), the
+#: log-odds that a run memorises fitted by logistic regression on the tune half (seed 0) of benchmarks/detector.py
+#: (``report`` refits and prints them; docs/detector.md). Weights missing at the end of a tuple are 0.
+WATCH_SCORE_WEIGHTS = (-6.346, 0.0, 1.5596, 7.0698, 7.0801)
+#: ... and (b, w_auc, w_close, w_pair) without the gradient variance, for readings without it (a net torch.func cannot
 #: map, or ``gradvar=False``), fitted the same way.
-WATCH_SCORE_WEIGHTS_MEMBERSHIP = (-12.946, 14.2338)
+WATCH_SCORE_WEIGHTS_MEMBERSHIP = (-9.7092, 6.9197, 4.967, 16.1846)
+#: The score's inputs before any copy check (or, for the pairing excess, without paired training sources): a copy
+#: closeness of 0.5 (the generated samples stand to the training set as fresh data do) and no pairing excess.
+NULL_INPUTS = {"closeness": 0.5, "pairing": 0.0}
 #: The detector fires when a reading's score reaches this (the threshold with the best balanced accuracy on the tune
 #: half, averaged over 25, 50 and 100% of training) ...
-WATCH_SCORE_THRESHOLD = 0.8472
+WATCH_SCORE_THRESHOLD = 0.4379
 #: ... or, for a membership-only score, this.
-WATCH_SCORE_THRESHOLD_MEMBERSHIP = 0.497
+WATCH_SCORE_THRESHOLD_MEMBERSHIP = -0.5782
 #: Copies fire when the lower bound of the excess copy fraction is above this (the diagnosis margin).
 WATCH_COPY_EXCESS = COPY_EXCESS_MARGIN
 #: Generated samples with a norm above this many times the largest training norm are left out of the copy check.
@@ -105,10 +117,13 @@ class WatchReading:
     time ``auc_t`` (the t with the largest lower bound), ``rows`` (per t: auc, bounds, losses). Gradient variance:
     ``gradvar_ratio`` and its interval (None when it was not measured). Copies (only every ``copy_every``
     steps, else None): ``copy_fraction``, ``copy_reference_fraction``, ``copy_excess`` and its lower bound,
-    ``copy_left_out`` (generated samples non-finite or far from the data, left out). ``score``: the memorisation
-    score (:func:`memorisation_score`). ``signals``: which detector conditions held at this reading ("score",
-    "copies"); ``fired``: the detector fires; ``stop``: a stop
-    is requested (``on_fire="stop"``); ``message``: the one line saying why."""
+    ``copy_left_out`` (generated samples non-finite or far from the data, left out), ``copy_closeness`` (the
+    chance a generated sample is relatively nearer a training sample than a held-out one is). Pairing (paired
+    training, with the copies): ``pairing_recall`` of the training partner on the ``pairing_contested`` probe pairs,
+    ``pairing_chance``, ``pairing_excess`` = recall - chance. ``inputs``: what the score read (:func:`score_inputs`);
+    ``score``: the memorisation score (:func:`memorisation_score`). ``signals``: which detector conditions held at
+    this reading ("score", "copies"); ``fired``: the detector fires; ``stop``: a stop is requested
+    (``on_fire="stop"``); ``message``: the one line saying why."""
 
     step: int
     auc: float = float("nan")
@@ -124,6 +139,12 @@ class WatchReading:
     copy_excess: float | None = None
     copy_excess_lower: float | None = None
     copy_left_out: int | None = None
+    copy_closeness: float | None = None
+    pairing_recall: float | None = None
+    pairing_chance: float | None = None
+    pairing_contested: int | None = None
+    pairing_excess: float | None = None
+    inputs: dict = field(default_factory=dict)
     score: float = float("nan")
     signals: list = field(default_factory=list)
     fired: bool = False
@@ -144,36 +165,57 @@ def _has_ratio(gradvar_ratio) -> bool:
     return _finite(gradvar_ratio) and gradvar_ratio > 0
 
 
-def memorisation_score(auc: float, gradvar_ratio: float | None, weights: Sequence[float] = WATCH_SCORE_WEIGHTS,
+def memorisation_score(auc: float, gradvar_ratio: float | None, closeness: float | None = None,
+                       pairing: float | None = None, weights: Sequence[float] = WATCH_SCORE_WEIGHTS,
                        weights_membership: Sequence[float] = WATCH_SCORE_WEIGHTS_MEMBERSHIP) -> float:
-    """The memorisation score of a reading: ``b + w_auc * auc + w_gv * (-log gradvar_ratio)`` with ``weights`` =
-    (b, w_auc, w_gv), or ``b + w_auc * auc`` with ``weights_membership`` when the ratio is missing (None or not a
-    positive finite number); nan when ``auc`` is not finite."""
+    """The memorisation score: ``b + w_auc * auc + w_gv * (-log gradvar_ratio) + w_close * closeness + w_pair *
+    pairing`` with ``weights`` = (b, w_auc, w_gv, w_close, w_pair), or without the ratio term with
+    ``weights_membership`` = (b, w_auc, w_close, w_pair) when the ratio is missing (None or not a positive finite
+    number); weights missing at the end of a tuple are 0; ``closeness`` and ``pairing`` None read as their
+    :data:`NULL_INPUTS`; nan when ``auc`` is not finite."""
     if not _finite(auc):
         return float("nan")
+    close = closeness if _finite(closeness) else NULL_INPUTS["closeness"]
+    pair = pairing if _finite(pairing) else NULL_INPUTS["pairing"]
     if _has_ratio(gradvar_ratio):
-        b, w_auc, w_gv = weights
-        return b + w_auc * auc - w_gv * math.log(gradvar_ratio)
-    b, w_auc = weights_membership
-    return b + w_auc * auc
+        values, w = (auc, -math.log(gradvar_ratio), close, pair), weights
+    else:
+        values, w = (auc, close, pair), weights_membership
+    return w[0] + sum(wi * v for wi, v in zip(w[1:], values))
 
 
-def detect(r: "WatchReading", weights: Sequence[float] = WATCH_SCORE_WEIGHTS,
+def score_inputs(r: "WatchReading", previous: dict | None = None) -> dict:
+    """What the score reads at reading ``r``: its membership AUC and GV ratio, and the latest copy closeness and
+    pairing excess measured so far: ``r``'s own when it measured them, else those of ``previous`` (the inputs of the
+    reading before; None before any)."""
+    previous = previous or {}
+    return {"auc": r.auc, "gradvar_ratio": r.gradvar_ratio,
+            "closeness": r.copy_closeness if _finite(r.copy_closeness) else previous.get("closeness"),
+            "pairing": r.pairing_excess if _finite(r.pairing_excess) else previous.get("pairing")}
+
+
+def detect(r: "WatchReading", previous: dict | None = None, weights: Sequence[float] = WATCH_SCORE_WEIGHTS,
            weights_membership: Sequence[float] = WATCH_SCORE_WEIGHTS_MEMBERSHIP,
            threshold: float = WATCH_SCORE_THRESHOLD, threshold_membership: float = WATCH_SCORE_THRESHOLD_MEMBERSHIP,
            copy_excess: float = WATCH_COPY_EXCESS) -> list[str]:
-    """The detector on one reading (module docstring): sets ``r.score`` and ``r.signals`` (which conditions hold,
-    "score" and "copies") and returns what it saw, a phrase per condition that holds. The benchmark replays stored
-    readings through it with other constants."""
-    r.score = memorisation_score(r.auc, r.gradvar_ratio, weights, weights_membership)
+    """The detector on one reading (module docstring), ``previous`` the inputs of the reading before
+    (:func:`score_inputs`): sets ``r.inputs``, ``r.score`` and ``r.signals`` (which conditions hold, "score" and
+    "copies") and returns what it saw, a phrase per condition that holds. The benchmark replays stored readings
+    through it with other constants."""
+    r.inputs = score_inputs(r, previous)
+    r.score = memorisation_score(**r.inputs, weights=weights, weights_membership=weights_membership)
     with_gv = _has_ratio(r.gradvar_ratio)
     bar = threshold if with_gv else threshold_membership
     r.signals, said = [], []
     if _finite(r.score) and r.score >= bar:
         r.signals.append("score")
         gv = f", GV(train)/GV(held-out) {r.gradvar_ratio:.3g}" if with_gv else " (no gradient variance measured)"
+        close = r.inputs["closeness"]
+        close = f", copy closeness {close:.3f}" if _finite(close) else ""
+        pair = r.inputs["pairing"]
+        pair = f", pairing recall {pair:+.3f} over chance" if _finite(pair) else ""
         said.append(f"memorisation score {r.score:.2f} >= {bar:.2f}: membership AUC {r.auc:.3f} (lower bound "
-                    f"{r.auc_lower:.3f} at t = {r.auc_t:.2g}){gv}")
+                    f"{r.auc_lower:.3f} at t = {r.auc_t:.2g}){gv}{close}{pair}")
     if _finite(r.copy_excess_lower) and r.copy_excess_lower > copy_excess:
         r.signals.append("copies")
         said.append(f"{r.copy_fraction:.0%} of generated samples copy training samples vs "
@@ -229,6 +271,7 @@ class MemorizationWatch:
         self.tensorboard_dir = tensorboard_dir
         self.readings: list[WatchReading] = []
         self.fired_at: int | None = None
+        self.inputs: dict | None = None  # the score inputs of the last reading (carried to the next)
         self._writer = None
         self._purge_step: int | None = None
 
@@ -266,6 +309,17 @@ class MemorizationWatch:
         far = generated.flatten(1).norm(dim=1) > WATCH_FAR_FACTOR * max(scale, 1e-12)
         generated = torch.where(far.reshape(-1, *[1] * (generated.dim() - 1)), float("nan"), generated)
         check, _ = copies_check(generated, self.train_data.to(device), self.copy_reference.to(device), "held-out")
+        return check
+
+    def pairing(self, net, device):
+        """:func:`~flowprobe.diagnosis.transport.pairing_check` on the paired training probes (sources
+        ``train_sources`` and their training partners), Euler with ``copy_steps``; None without paired sources."""
+        tr, _, src = self.probes(device)
+        if src is None:
+            return None
+        n = tr.shape[0]
+        pairs = PairSet(src, tr, {"assigned": torch.arange(n, device=device)})
+        check, _, _ = pairing_check(net, pairs, n_max=n, method="euler", steps=self.copy_steps, device=device)
         return check
 
     # ------------------------------------------------------------------------------------------- reading
@@ -329,12 +383,19 @@ class MemorizationWatch:
                 reading.copy_reference_fraction = c.evidence["reference_copy_fraction"]
                 reading.copy_excess = c.evidence["excess"]
                 reading.copy_excess_lower = c.evidence["excess_interval"][0]
+                reading.copy_closeness = c.evidence["closeness"]
             reading.copy_left_out = c.evidence.get("non_finite", 0)
+            p = self.pairing(net, device)
+            if p is not None and p.evidence["n_contested"]:
+                ev = p.evidence
+                reading.pairing_recall, reading.pairing_chance = ev["recall_assigned"], ev["chance"]
+                reading.pairing_contested, reading.pairing_excess = ev["n_contested"], ev["excess"]
         return reading
 
     def judge(self, r: WatchReading) -> None:
         """Apply the detector (:func:`detect`) to reading ``r``; warn the first time it fires."""
-        said = detect(r)
+        said = detect(r, self.inputs)
+        self.inputs = r.inputs
         r.fired = bool(r.signals)
         r.stop = r.fired and self.on_fire == "stop"
         if r.fired:
@@ -354,7 +415,8 @@ class MemorizationWatch:
             return
         scalars = {"watch/score": r.score, "watch/auc": r.auc, "watch/auc_lower": r.auc_lower,
                    "watch/gradvar_ratio": r.gradvar_ratio,
-                   "watch/copy_excess": r.copy_excess, "watch/fired": float(r.fired)}
+                   "watch/copy_excess": r.copy_excess, "watch/copy_closeness": r.copy_closeness,
+                   "watch/pairing_excess": r.pairing_excess, "watch/fired": float(r.fired)}
         for row in r.rows:
             scalars[f"watch/auc_t{row['t']:g}"] = row["auc"]
         for name, v in scalars.items():
@@ -407,14 +469,18 @@ class MemorizationWatch:
     def resume_at(self, step: int) -> None:
         """Training continues after optimiser step ``step`` (a resume): readings of later steps that an interrupted
         run logged are dropped from ``log_path`` and purged from TensorBoard, so that no step is logged twice; the
-        readings up to ``step`` kept in ``log_path`` restore whether the detector has fired (its only state: each
-        reading is judged on its own), so the resumed watch warns as the uninterrupted one would."""
+        readings up to ``step`` kept in ``log_path`` restore the detector's state: whether it has fired, and the
+        score inputs carried from the last reading (the latest copy closeness and pairing excess), so the resumed
+        watch scores and warns as the uninterrupted one would."""
         if self.log_path is not None and self.log_path.is_file():
             truncate_jsonl(self.log_path, lambda r: r.get("event") != "watch" or r.get("step", 0) <= step)
             for line in self.log_path.read_text().splitlines():
                 record = json.loads(line)
-                if record.get("event") == "watch" and record.get("fired") and self.fired_at is None:
+                if record.get("event") != "watch":
+                    continue
+                if record.get("fired") and self.fired_at is None:
                     self.fired_at = record["step"]
+                self.inputs = record.get("inputs") or self.inputs
         self.close()
         self._purge_step = step + 1
 

@@ -8,6 +8,9 @@ uniform density P(ratio < r) = r^d). The baseline is the held-out set, or, witho
 measured against the other half (real samples that half of the pool never saw).
 
 Evidence: both fractions with Wilson intervals, their difference with Newcombe's interval, distance summaries, the
+closeness (the chance that a generated sample sits relatively nearer a training sample than a real unseen one does,
+P(ratio_generated < ratio_reference), ties counted half: 0.5 when the generated samples stand to the training set as
+fresh data do, 1 when every one is nearer; it moves before copies pass the 1/3 ratio), the
 count of non-finite generated samples (left out of the search and reported), in pixel space and, when a feature map
 is given, in feature space as well. Images of a model trained with random left-right flips are compared with the
 training set and its mirror images (``mirror``): a mirrored copy is a copy. The check votes memorises when either
@@ -23,7 +26,7 @@ from torch import Tensor
 
 from ..probes.memorization import copy_statistics
 from .result import CheckResult
-from .stats import newcombe_interval, wilson_interval
+from .stats import auc, newcombe_interval, wilson_interval
 from .verdict import (COPY_EXCESS_MARGIN, COPY_THRESHOLD, DECISIVE, GENERALISES, MEMORISES, MIN_SAMPLES,
                       copies_vote)
 
@@ -60,10 +63,11 @@ def _compare(gen: dict, ref: dict) -> dict:
     k_r = int((ref["ratio"] < COPY_THRESHOLD).sum())
     excess, lower, upper = newcombe_interval(k_g, n_g, k_r, n_r)
     vote = copies_vote(n_g, n_r, excess, lower, upper)
+    closeness, closeness_se = auc(-gen["ratio"], -ref["ratio"])  # P(ratio_generated < ratio_reference)
     return {"n_generated": n_g, "n_reference": n_r, "copies_generated": k_g, "copies_reference": k_r,
             "copy_fraction": k_g / n_g, "copy_fraction_interval": wilson_interval(k_g, n_g),
             "reference_copy_fraction": k_r / n_r, "reference_copy_fraction_interval": wilson_interval(k_r, n_r),
-            "excess": excess, "excess_interval": [lower, upper],
+            "excess": excess, "excess_interval": [lower, upper], "closeness": closeness, "closeness_se": closeness_se,
             "nn_distance_median": gen["d1"].median().item(), "reference_nn_distance_median": ref["d1"].median().item(),
             "ratio_median": gen["ratio"].median().item(), "reference_ratio_median": ref["ratio"].median().item(),
             "vote": vote.vote, "reason": vote.reason}

@@ -132,8 +132,9 @@ def plot_gradvar(path: str | Path, rows: Sequence[dict]) -> Path:
 
 
 def plot_watch(path: str | Path, readings: Sequence[dict], threshold: float, fired_at: int | None = None) -> Path:
-    """The memorisation watch's readings over training steps: max_t membership AUC with its lower bound, GV(train) /
-    GV(held-out) with its interval (log scale) and the copy check's excess copy fraction where it ran, and the
+    """The memorisation watch's readings over training steps: max_t membership AUC with its lower bound and the copy
+    closeness, GV(train) / GV(held-out) with its interval (log scale), the copy check's excess copy fraction and the
+    pairing excess where they ran, and the
     memorisation score against the detector's ``threshold``; a dotted line where the detector first fired."""
     step = _col(readings, "step")
     fig, grid = plt.subplots(2, 2, figsize=(11, 7))
@@ -141,7 +142,11 @@ def plot_watch(path: str | Path, readings: Sequence[dict], threshold: float, fir
     axes[0].plot(step, _col(readings, "auc"), marker="o", label="max_t AUC")
     axes[0].plot(step, _col(readings, "auc_lower"), ls="--", label="its lower bound")
     axes[0].axhline(0.5, color="0.5", lw=1)
-    axes[0].set_ylabel("membership AUC")
+    closeness = _col(readings, "copy_closeness")
+    if np.isfinite(closeness).any():
+        near = np.isfinite(closeness)
+        axes[0].plot(step[near], closeness[near], marker="s", color="C2", label="copy closeness")
+    axes[0].set_ylabel("membership AUC, copy closeness")
     ratio = _col(readings, "gradvar_ratio")
     if np.isfinite(ratio).any():
         axes[1].plot(step, ratio, marker="o", label="GV(train) / GV(held-out)")
@@ -153,8 +158,12 @@ def plot_watch(path: str | Path, readings: Sequence[dict], threshold: float, fir
     ran = np.isfinite(copies)
     axes[2].plot(step[ran], copies[ran], marker="s", color="C2", label="excess")
     axes[2].plot(step[ran], _col(readings, "copy_excess_lower")[ran], ls="--", color="C2", label="its lower bound")
+    pairing = _col(readings, "pairing_excess")
+    if np.isfinite(pairing).any():
+        paired = np.isfinite(pairing)
+        axes[2].plot(step[paired], pairing[paired], marker="^", color="C4", label="pairing recall - chance")
     axes[2].axhline(0.0, color="0.5", lw=1)
-    axes[2].set_ylabel("copy fraction, generated - held-out")
+    axes[2].set_ylabel("excess: copies (generated - held-out), pairing")
     axes[3].plot(step, _col(readings, "score"), marker="o")
     axes[3].axhline(threshold, color="red", ls="--", lw=1, label=f"threshold {threshold:g}")
     axes[3].set_ylabel("memorisation score (log-odds)")
