@@ -438,6 +438,24 @@ def simulate(readings: list, rule: dict) -> int | None:
     return None
 
 
+#: input sets looked at after the score was chosen (not candidates): which input carries the gain
+ABLATIONS = {**SCORE_CANDIDATES, "gradient variance and pairing": ("gradvar", "pairing"),
+             "gradient variance and copy closeness": ("gradvar", "closeness")}
+
+
+def ablation(halves: dict) -> None:
+    """Each input set of ABLATIONS fitted on the tune half as the candidates are, its score's ROC AUC on every half
+    (analysis after the choice, not a choice)."""
+    print("\n## input sets fitted on the tune half, ROC AUC of their score at 25 / 50 / 100% (analysis, not a choice)")
+    print("| inputs | " + " | ".join(halves) + " |\n|---|" + "---|" * len(halves))
+    tune = halves["tune (seed 0)"]
+    for name, names in ABLATIONS.items():
+        constants = {**SHIPPED, "weights": fit_score(tune, names)}
+        cells = [" / ".join(f"{roc_auc(rs, f, 'score', constants)[0]:.3f}" for f in FRACTIONS)
+                 for rs in halves.values()]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 def binary_auc(runs: list, at_of, fraction: float) -> float:
     """ROC AUC (= balanced accuracy) of 'fired by this fraction of training', ``at_of(run)`` the firing step."""
     fired = [(at_of(r), r) for r in runs]
@@ -503,6 +521,7 @@ def report(args) -> None:
             fp = sum((not r["label"]["memorises"]) and x for r, x in zip(rs, fired))
             print(f"detector by {f:.0%}: {tp}/{m} memorising runs flagged, {fp}/{len(rs) - m} others flagged")
     rules_table(halves)
+    ablation(halves)
     timing(runs)
     figures(runs, Path(args.figures))
 
@@ -511,6 +530,7 @@ def timing(runs: list) -> None:
     print("\n## when the shipped detector fires vs when the watch's copy check first sees copies (memorising runs)")
     print("| run | fired at | copies first seen | fraction of training |\n|---|---|---|---|")
     fractions, order = [], {"earlier": 0, "same reading": 0, "later": 0, "never": 0}
+    pairs = []  # (the flag, the copies) as fractions of training, in runs where the copy check saw copies
     for r in runs:
         if not r["label"]["memorises"]:
             continue
@@ -522,6 +542,7 @@ def timing(runs: list) -> None:
             fractions.append(at / r["steps"])
         if first_copy is not None:  # the score alone (the copy check is part of the detector) against the copies
             by_score = fired_at(r, {**SHIPPED, "copy_excess": math.inf})
+            pairs.append((at / r["steps"], first_copy / r["steps"]))
             order["never" if by_score is None else "earlier" if by_score < first_copy else
                   "same reading" if by_score == first_copy else "later"] += 1
         name = (f"{r.get('arch', 'mlp')} d={r.get('dim', 2)} n={r['n']} {r['coupling']} sigma={r['sigma']} "
@@ -533,6 +554,11 @@ def timing(runs: list) -> None:
               f"{fractions[len(fractions) // 2]:.3f} of training")
     print(f"memorising runs where the watch's copy check saw copies: {sum(order.values())}; the score alone fired "
           + ", ".join(f"{k}: {v}" for k, v in order.items()))
+    if pairs:
+        flag, copy = (sorted(v) for v in zip(*pairs))
+        print(f"there, median fraction of training at which the flag fired {flag[len(flag) // 2]:.3f}, at which the "
+              f"copy check first saw copies {copy[len(copy) // 2]:.3f}; the flag strictly earlier in "
+              f"{sum(a < b for a, b in pairs)} of {len(pairs)}")
 
 
 def figures(runs: list, folder: Path) -> None:
