@@ -64,9 +64,9 @@ from flowprobe.paths import make_path
 from flowprobe.probes.memorization import PairSet
 from flowprobe.solvers import push_forward
 from flowprobe.train import fit
-from flowprobe.watch import (NULL_INPUTS, WATCH_COPY_EXCESS, WATCH_SCORE_THRESHOLD, WATCH_SCORE_THRESHOLD_MEMBERSHIP,
-                             WATCH_SCORE_WEIGHTS, WATCH_SCORE_WEIGHTS_MEMBERSHIP, MemorizationWatch, WatchReading,
-                             detect)
+from flowprobe.watch import (NULL_INPUTS, WATCH_COPY_EXCESS, WATCH_SCORE_THRESHOLD,
+                             WATCH_SCORE_THRESHOLD_MEMBERSHIP, WATCH_SCORE_WEIGHTS, WATCH_SCORE_WEIGHTS_MEMBERSHIP,
+                             MemorizationWatch, WatchReading, detect)
 
 SIZES = (8, 16, 24, 32, 128, 1024)
 COUPLINGS = ("independent", "paired")
@@ -342,6 +342,7 @@ def fit_score(runs: list, names: tuple, with_gv: bool = True) -> tuple:
     keep = np.isfinite(xs).all(1)
     xs, ys = xs[keep], ys[keep]
     mu, sd = xs.mean(0), xs.std(0)
+    sd[sd == 0] = 1.0  # an input constant over these runs (no pairing under an independent coupling): weight 0
     z = (xs - mu) / sd
 
     def loss(w):
@@ -378,7 +379,8 @@ def choose_threshold(runs: list, constants: dict) -> float:
 
 def tune_score(runs: list) -> tuple[str, dict]:
     """The candidate of SCORE_CANDIDATES whose fitted score has the best mean ROC AUC over FRACTIONS on ``runs`` (the
-    tune half), with its threshold and the membership-only fallback: the constants flowprobe.watch ships."""
+    tune half), with its threshold and the fallback without gradient variance: the constants flowprobe.watch
+    ships."""
     import numpy as np
 
     fitted = {}
@@ -408,10 +410,10 @@ def tune_score(runs: list) -> tuple[str, dict]:
     return name, constants
 
 
-#: the two-signal score shipped before the copy closeness and the pairing excess entered it (fitted on the same tune
-#: half), replayed for comparison
-TWO_SIGNAL = {"weights": (-8.519, 6.6952, 1.4785), "weights_membership": (-12.946, 14.2338), "threshold": 0.8472,
-              "threshold_membership": 0.497}
+#: the scores shipped before, fitted on the same tune half, replayed for comparison: the two-signal score (membership
+#: and gradient variance, before the copy closeness and the pairing excess were read)
+REPLAYED = {"two-signal score": {"weights": (-8.519, 6.6952, 1.4785), "weights_membership": (-12.946, 14.2338),
+                                 "threshold": 0.8472, "threshold_membership": 0.497}}
 #: the threshold rule session 6 shipped (membership AUC > 0.6 with lower bound > 0.5, and GV(train) / GV(held-out)
 #: upper bound < 0.25, one reading; or copies), and the first rule (either, two readings), replayed for comparison
 OLD_RULES = {"threshold rule (membership and GV collapse)": {"auc": 0.6, "lower": 0.5, "consecutive": 1,
@@ -495,6 +497,10 @@ def report(args) -> None:
               "seed 2 (fresh for the two-signal score; seen before the four-input score was designed)":
                   [r for r in mlp if r["seed"] == 2],
               "fresh (seed 4, run after the four-input score was committed)": [r for r in mlp if r["seed"] == 4],
+              "MLP runs not tuned on (seeds 1, 2, 4)": [r for r in mlp if r["seed"] != 0],
+              "independent-coupling MLP runs not tuned on": [r for r in mlp if r["seed"] and
+                                                             r["coupling"] == "independent"],
+              "paired MLP runs not tuned on": [r for r in mlp if r["seed"] and r["coupling"] == "paired"],
               "UNet image runs (seed 3)": [r for r in runs if r.get("arch") == "unet"],
               "all": runs}
     halves = {k: v for k, v in halves.items() if v}
@@ -504,6 +510,9 @@ def report(args) -> None:
     name, tuned = tune_score(halves["tune (seed 0)"])
     print(f"chosen on the tune half: '{name}', {tuned}")
     print(f"shipped in flowprobe.watch: {SHIPPED} -- " + ("the same" if tuned == SHIPPED else "DIFFERENT"))
+    for kind in COUPLINGS:  # an alternative looked at on the tune half alone and not shipped: constants per coupling
+        print(f"\nthe same procedure on the tune half's {kind} runs alone (not shipped):")
+        print(f"chosen: {tune_score([r for r in halves['tune (seed 0)'] if r['coupling'] == kind])}")
     for half, rs in halves.items():
         m = sum(r["label"]["memorises"] for r in rs)
         print(f"\n## {half}: {len(rs)} runs, {m} memorise, {len(rs) - m} do not")
@@ -511,10 +520,11 @@ def report(args) -> None:
         for sig in ("score", "fired", "membership", "gradvar", "copies", "closeness", "pairing"):
             cells = [roc_auc(rs, f, sig) for f in FRACTIONS]
             print(f"| {sig} | " + " | ".join(f"{a:.3f} (n={k})" for a, k in cells) + " |")
-        for sig in ("score", "fired"):
-            cells = [roc_auc(rs, f, sig, TWO_SIGNAL) for f in FRACTIONS]
-            print(f"| {sig} of the two-signal score, replayed | " + " | ".join(f"{a:.3f} (n={k})" for a, k in cells)
-                  + " |")
+        for replayed, constants in REPLAYED.items():
+            for sig in ("score", "fired"):
+                cells = [roc_auc(rs, f, sig, constants) for f in FRACTIONS]
+                print(f"| {sig} of the {replayed}, replayed | " + " | ".join(f"{a:.3f} (n={k})" for a, k in cells)
+                      + " |")
         for f in FRACTIONS:
             fired = [(at := fired_at(r)) is not None and at <= f * r["steps"] for r in rs]
             tp = sum(r["label"]["memorises"] and x for r, x in zip(rs, fired))
