@@ -1,93 +1,33 @@
-"""The online memorisation watch: the diagnosis checks on a small fixed probe set, read while training runs.
-
-:class:`MemorizationWatch` holds ``n_probe`` training and ``n_probe`` held-out samples chosen once, and at every
-reading runs on the current net
-
-- the membership check (:func:`flowprobe.diagnosis.membership.membership_check`): per-sample losses of the
-  training and held-out probes at the times ``times``, their AUC with DeLong intervals (Bonferroni over t);
-- the gradient-variance check (:func:`flowprobe.diagnosis.membership.gradvar_check`): the geometric mean over t
-  of GV(train) / GV(held-out), ghost per-sample gradients where they apply, else exact;
-- every ``copy_every`` steps, the copy check (:func:`flowprobe.diagnosis.copies.copies_check`) on ``n_copy``
-  samples pushed forward from the source with a cheap Euler solver, against the held-out probes as baseline (its
-  excess copy fraction, and its closeness: how much nearer to training samples the generated samples sit than real
-  unseen ones, which moves before copies appear); and, for paired training (``train_sources``), the pairing check
-  (:func:`flowprobe.diagnosis.transport.pairing_check`) on the probe pairs with the same solver: how often a training
-  source lands nearest its own training partner, over chance.
-
-Every generator is re-seeded from ``seed`` at each reading, so the probe samples, the source draws x0, the noise
-z and the times are the same at every reading (the readings are comparable along training), the watch keeps no
-random state to checkpoint, and the training generators are never touched. The readings are exactly what the
-diagnosis functions return on the same net with the same probe set and seed (``tests/test_watch.py``).
-
-The detector (its constants are module constants below) fires at a reading when
-
-1. the reading's memorisation score :func:`memorisation_score` reaches :data:`WATCH_SCORE_THRESHOLD`: the log-odds,
-   fitted by logistic regression on the tune half of ``benchmarks/detector.py``, that the run memorises, from the
-   reading's max_t membership AUC and -log GV(train) / GV(held-out), and the latest copy closeness and pairing excess
-   measured so far (:func:`score_inputs`; their null values 0.5 and 0 before the first copy check or without paired
-   sources) (without gradient variance, from the others with their own weights and threshold); or
-2. the copy check's excess copy fraction (generated over held-out) has its lower bound above
-   :data:`WATCH_COPY_EXCESS` (one reading suffices: a copy is direct evidence).
-
-When it first fires it warns once (``warnings.warn`` with :class:`MemorizationWarning`, one line: what it saw
-and at which step). With ``on_fire="stop"`` a fired reading has ``stop=True``; as a :func:`flowprobe.train.fit`
-hook the watch then raises :class:`MemorizationDetected` from ``step(state)`` (checkpoints already written stay
-as they are). Readings go to ``log_path`` (JSON lines) and, when TensorBoard is installed, to ``tensorboard_dir``.
-
-Use: ``watch.update(step, net)`` from any loop; ``fit(..., hooks=[watch])``; ``lightning_callback(watch)``.
-"""
+"""The memorisation watch itself (:class:`MemorizationWatch`): the fixed probe set, the checks of one reading, the
+log, the flag, and the :func:`flowprobe.train.fit` hook protocol (package docstring: :mod:`flowprobe.watch`)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .couplings import GaussianSampler
-from .diagnosis.copies import copies_check
-from .diagnosis.membership import gradvar_check, membership_check
-from .diagnosis.transport import pairing_check
-from .diagnosis.verdict import COPY_EXCESS_MARGIN
-from .io import append_jsonl, truncate_jsonl
-from .paths import ProbabilityPath
-from .probes.memorization import PairSet
-from .solvers import push_forward
+from ..couplings import GaussianSampler
+from ..diagnosis.copies import copies_check
+from ..diagnosis.membership import gradvar_check, membership_check
+from ..diagnosis.transport import pairing_check
+from ..io import append_jsonl, truncate_jsonl
+from ..paths import ProbabilityPath
+from ..probes.memorization import PairSet
+from ..solvers import push_forward
+from .detector import WATCH_SCORE_THRESHOLD, WatchReading, detect, finite_number
 
-__all__ = ["MemorizationWatch", "WatchReading", "MemorizationDetected", "MemorizationWarning", "lightning_callback",
-           "lightning_callback_bases", "LIGHTNING_PACKAGES",
-           "memorisation_score", "score_inputs", "detect", "WATCH_SCORE_WEIGHTS", "NULL_INPUTS",
-           "WATCH_SCORE_WEIGHTS_MEMBERSHIP",
-           "WATCH_SCORE_THRESHOLD", "WATCH_SCORE_THRESHOLD_MEMBERSHIP", "WATCH_FAR_FACTOR", "WATCH_COPY_EXCESS",
-           "DEFAULT_EVERY", "DEFAULT_TIMES"]
+__all__ = ["MemorizationWatch", "MemorizationDetected", "MemorizationWarning", "WATCH_FAR_FACTOR", "DEFAULT_EVERY",
+           "DEFAULT_TIMES", "ON_FIRE"]
 
 logger = logging.getLogger(__name__)
 
-#: The memorisation score of a reading, score = b + w_auc * (max_t membership AUC) + w_gv * (-log GV(train) /
-#: GV(held-out)) + w_close * (copy closeness) + w_pair * (pairing excess): (b, w_auc, w_gv, w_close, w_pair), the
-#: log-odds that a run memorises fitted by logistic regression on the tune half (seed 0) of benchmarks/detector.py
-#: (``report`` refits and prints them; docs/detector.md). Weights missing at the end of a tuple are 0.
-WATCH_SCORE_WEIGHTS = (-6.346, 0.0, 1.5596, 7.0698, 7.0801)
-#: ... and (b, w_auc, w_close, w_pair) without the gradient variance, for readings without it (a net torch.func cannot
-#: map, or ``gradvar=False``), fitted the same way.
-WATCH_SCORE_WEIGHTS_MEMBERSHIP = (-9.7092, 6.9197, 4.967, 16.1846)
-#: The score's inputs before any copy check (or, for the pairing excess, without paired training sources): a copy
-#: closeness of 0.5 (the generated samples stand to the training set as fresh data do) and no pairing excess.
-NULL_INPUTS = {"closeness": 0.5, "pairing": 0.0}
-#: The detector fires when a reading's score reaches this (the threshold with the best balanced accuracy on the tune
-#: half, averaged over 25, 50 and 100% of training) ...
-WATCH_SCORE_THRESHOLD = 0.4379
-#: ... or, for a membership-only score, this.
-WATCH_SCORE_THRESHOLD_MEMBERSHIP = -0.5782
-#: Copies fire when the lower bound of the excess copy fraction is above this (the diagnosis margin).
-WATCH_COPY_EXCESS = COPY_EXCESS_MARGIN
 #: Generated samples with a norm above this many times the largest training norm are left out of the copy check.
 WATCH_FAR_FACTOR = 10.0
 #: Default steps between readings (keeps the overhead under 5% on the CPU benchmarks: benchmarks/watch_overhead.py).
@@ -110,117 +50,6 @@ class MemorizationDetected(RuntimeError):
 class MemorizationWarning(UserWarning):
     """The one-line warning the watch gives when its detector first fires."""
 
-
-@dataclass
-class WatchReading:
-    """One reading at optimiser step ``step``. Membership: ``auc`` (max over t), its lower bound ``auc_lower`` and
-    time ``auc_t`` (the t with the largest lower bound), ``rows`` (per t: auc, bounds, losses). Gradient variance:
-    ``gradvar_ratio`` and its interval (None when it was not measured). Copies (only every ``copy_every``
-    steps, else None): ``copy_fraction``, ``copy_reference_fraction``, ``copy_excess`` and its lower bound,
-    ``copy_left_out`` (generated samples non-finite or far from the data, left out), ``copy_closeness`` (the
-    chance a generated sample is relatively nearer a training sample than a held-out one is). Pairing (paired
-    training, with the copies): ``pairing_recall`` of the training partner on the ``pairing_contested`` probe pairs,
-    ``pairing_chance``, ``pairing_excess`` = recall - chance. ``inputs``: what the score read (:func:`score_inputs`);
-    ``score``: the memorisation score (:func:`memorisation_score`). ``signals``: which detector conditions held at
-    this reading ("score", "copies"); ``fired``: the detector fires; ``stop``: a stop is requested
-    (``on_fire="stop"``); ``message``: the one line saying why."""
-
-    step: int
-    auc: float = float("nan")
-    auc_lower: float = float("nan")
-    auc_t: float = float("nan")
-    rows: list = field(default_factory=list)
-    gradvar_ratio: float | None = None
-    gradvar_lower: float | None = None
-    gradvar_upper: float | None = None
-    gradvar_method: str | None = None
-    copy_fraction: float | None = None
-    copy_reference_fraction: float | None = None
-    copy_excess: float | None = None
-    copy_excess_lower: float | None = None
-    copy_left_out: int | None = None
-    copy_closeness: float | None = None
-    pairing_recall: float | None = None
-    pairing_chance: float | None = None
-    pairing_contested: int | None = None
-    pairing_excess: float | None = None
-    inputs: dict = field(default_factory=dict)
-    score: float = float("nan")
-    signals: list = field(default_factory=list)
-    fired: bool = False
-    stop: bool = False
-    message: str = ""
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict:
-        return {"event": "watch", **asdict(self)}
-
-
-def _finite(v) -> bool:
-    return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
-
-
-def _has_ratio(gradvar_ratio) -> bool:
-    """A gradient-variance ratio the score can use (a positive finite number)."""
-    return _finite(gradvar_ratio) and gradvar_ratio > 0
-
-
-def memorisation_score(auc: float, gradvar_ratio: float | None, closeness: float | None = None,
-                       pairing: float | None = None, weights: Sequence[float] = WATCH_SCORE_WEIGHTS,
-                       weights_membership: Sequence[float] = WATCH_SCORE_WEIGHTS_MEMBERSHIP) -> float:
-    """The memorisation score: ``b + w_auc * auc + w_gv * (-log gradvar_ratio) + w_close * closeness + w_pair *
-    pairing`` with ``weights`` = (b, w_auc, w_gv, w_close, w_pair), or without the ratio term with
-    ``weights_membership`` = (b, w_auc, w_close, w_pair) when the ratio is missing (None or not a positive finite
-    number); weights missing at the end of a tuple are 0; ``closeness`` and ``pairing`` None read as their
-    :data:`NULL_INPUTS`; nan when ``auc`` is not finite."""
-    if not _finite(auc):
-        return float("nan")
-    close = closeness if _finite(closeness) else NULL_INPUTS["closeness"]
-    pair = pairing if _finite(pairing) else NULL_INPUTS["pairing"]
-    if _has_ratio(gradvar_ratio):
-        values, w = (auc, -math.log(gradvar_ratio), close, pair), weights
-    else:
-        values, w = (auc, close, pair), weights_membership
-    return w[0] + sum(wi * v for wi, v in zip(w[1:], values))
-
-
-def score_inputs(r: "WatchReading", previous: dict | None = None) -> dict:
-    """What the score reads at reading ``r``: its membership AUC and GV ratio, and the latest copy closeness and
-    pairing excess measured so far: ``r``'s own when it measured them, else those of ``previous`` (the inputs of the
-    reading before; None before any)."""
-    previous = previous or {}
-    return {"auc": r.auc, "gradvar_ratio": r.gradvar_ratio,
-            "closeness": r.copy_closeness if _finite(r.copy_closeness) else previous.get("closeness"),
-            "pairing": r.pairing_excess if _finite(r.pairing_excess) else previous.get("pairing")}
-
-
-def detect(r: "WatchReading", previous: dict | None = None, weights: Sequence[float] = WATCH_SCORE_WEIGHTS,
-           weights_membership: Sequence[float] = WATCH_SCORE_WEIGHTS_MEMBERSHIP,
-           threshold: float = WATCH_SCORE_THRESHOLD, threshold_membership: float = WATCH_SCORE_THRESHOLD_MEMBERSHIP,
-           copy_excess: float = WATCH_COPY_EXCESS) -> list[str]:
-    """The detector on one reading (module docstring), ``previous`` the inputs of the reading before
-    (:func:`score_inputs`): sets ``r.inputs``, ``r.score`` and ``r.signals`` (which conditions hold, "score" and
-    "copies") and returns what it saw, a phrase per condition that holds. The benchmark replays stored readings
-    through it with other constants."""
-    r.inputs = score_inputs(r, previous)
-    r.score = memorisation_score(**r.inputs, weights=weights, weights_membership=weights_membership)
-    with_gv = _has_ratio(r.gradvar_ratio)
-    bar = threshold if with_gv else threshold_membership
-    r.signals, said = [], []
-    if _finite(r.score) and r.score >= bar:
-        r.signals.append("score")
-        gv = f", GV(train)/GV(held-out) {r.gradvar_ratio:.3g}" if with_gv else " (no gradient variance measured)"
-        close = r.inputs["closeness"]
-        close = f", copy closeness {close:.3f}" if _finite(close) else ""
-        pair = r.inputs["pairing"]
-        pair = f", pairing recall {pair:+.3f} over chance" if _finite(pair) else ""
-        said.append(f"memorisation score {r.score:.2f} >= {bar:.2f}: membership AUC {r.auc:.3f} (lower bound "
-                    f"{r.auc_lower:.3f} at t = {r.auc_t:.2g}){gv}{close}{pair}")
-    if _finite(r.copy_excess_lower) and r.copy_excess_lower > copy_excess:
-        r.signals.append("copies")
-        said.append(f"{r.copy_fraction:.0%} of generated samples copy training samples vs "
-                    f"{r.copy_reference_fraction:.0%} of held-out samples")
-    return said
 
 
 class MemorizationWatch:
@@ -420,7 +249,7 @@ class MemorizationWatch:
         for row in r.rows:
             scalars[f"watch/auc_t{row['t']:g}"] = row["auc"]
         for name, v in scalars.items():
-            if _finite(v):
+            if finite_number(v):
                 writer.add_scalar(name, v, r.step)
         writer.flush()
 
@@ -441,7 +270,7 @@ class MemorizationWatch:
         """The readings so far over training (:func:`flowprobe.report.diagnosis.plot_watch`) as a PNG at ``path``:
         those in ``log_path`` when there is one (a resumed run's earlier readings too), else this watch's; None when
         there is no reading yet."""
-        from .report.diagnosis import plot_watch
+        from ..report.diagnosis import plot_watch
 
         records = [r.to_dict() for r in self.readings]
         if self.log_path is not None and self.log_path.is_file():
@@ -495,64 +324,3 @@ class MemorizationWatch:
     def end(self, state, interrupted: bool) -> None:
         """Hook protocol: close the TensorBoard writer."""
         self.close()
-
-
-#: The packages a Lightning callback can be built for, newest name first.
-LIGHTNING_PACKAGES = ("lightning.pytorch", "pytorch_lightning")
-
-
-def lightning_callback_bases() -> tuple[type, ...]:
-    """The ``Callback`` classes the watch's Lightning callback derives from: those of the Lightning packages already
-    imported (``lightning.pytorch``, ``pytorch_lightning``), else of every one installed; a Trainer accepts only
-    callbacks of its own package, and deriving from each makes one callback fit both."""
-    import importlib
-    import importlib.util
-    import sys
-
-    names = [n for n in LIGHTNING_PACKAGES if n in sys.modules]
-    if not names:
-        names = [n for n in LIGHTNING_PACKAGES if importlib.util.find_spec(n.split(".")[0]) is not None]
-    if not names:
-        raise ImportError("lightning_callback needs lightning or pytorch_lightning installed")
-    return tuple(importlib.import_module(n).Callback for n in names)
-
-
-def lightning_callback(watch: MemorizationWatch, net_of: Callable[[nn.Module], nn.Module] | None = None):
-    """A Lightning ``Callback`` that calls ``watch.update(global_step, net)`` every ``watch.every`` optimiser steps
-    (once per step, also under gradient accumulation), where ``net = net_of(lightning_module)`` (default: the
-    module itself, called ``net(t, x)``), on global rank 0; a fired reading with ``on_fire="stop"`` sets
-    ``trainer.should_stop`` on every rank (the decision is shared through the trainer's strategy, as Lightning's
-    early stopping does). A fit resumed at step T drops the watch's logged readings after T
-    (:meth:`MemorizationWatch.resume_at`). Needs ``lightning`` or ``pytorch_lightning``
-    (:func:`lightning_callback_bases`)."""
-    bases = lightning_callback_bases()
-
-    class WatchCallback(*bases):
-        def __init__(self):
-            super().__init__()
-            self.watch = watch
-            self.last_step = -1
-
-        def on_train_start(self, trainer, pl_module):
-            self.last_step = int(trainer.global_step)
-            if self.last_step and getattr(trainer, "global_rank", 0) == 0:
-                watch.resume_at(self.last_step)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            step = int(trainer.global_step)
-            if step == 0 or step == self.last_step or step % watch.every:
-                return  # no optimiser step since the last batch (gradient accumulation), or not a reading step
-            self.last_step = step
-            stop = False
-            if getattr(trainer, "global_rank", 0) == 0:
-                stop = watch.update(step, net_of(pl_module) if net_of is not None else pl_module).stop
-            strategy = getattr(trainer, "strategy", None)
-            if watch.on_fire == "stop" and strategy is not None:  # every rank takes part; any rank's stop counts
-                stop = bool(strategy.reduce_boolean_decision(stop, all=False))
-            if stop:
-                trainer.should_stop = True
-
-        def on_train_end(self, trainer, pl_module):
-            watch.close()
-
-    return WatchCallback()
