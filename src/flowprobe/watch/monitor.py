@@ -51,19 +51,19 @@ class MemorizationWarning(UserWarning):
     """The one-line warning the watch gives when its detector first fires."""
 
 
-
 class MemorizationWatch:
-    """Watch a training run for memorisation (module docstring).
+    """Watch a training run for memorisation (the docstring of :mod:`flowprobe.watch`).
 
     ``train_data`` / ``heldout_data``: (N, ...) target samples the net trains on and never sees; ``path``: the
     probability path of the training objective; ``source``: the source sampler (default N(0, I) of the data's
     shape); ``train_sources``: the training sources x0_i paired with ``train_data`` (paired training, e.g.
-    :class:`~flowprobe.couplings.FixedPairs`), else None. ``n_probe`` samples of each group (chosen once with
-    ``seed``), probe ``times``; ``gradvar``: measure gradient variance (``gradvar_samples`` per time and group,
-    ``gradvar_method`` "auto" = ghost, else exact); ``copy_every``: steps between copy checks (a multiple of
-    ``every``; None: 4 ``every``; 0: never) on ``n_copy`` generated samples (Euler, ``copy_steps`` steps),
-    against up to ``copy_reference`` held-out samples (the baseline copy fraction of real unseen samples).
-    ``use_ema``: as a fit hook, read the EMA copy (``state.model``) instead of the trained net.
+    :class:`~flowprobe.couplings.FixedPairs`; the pairing check then runs with each copy check), else None.
+    ``n_probe`` samples of each group (chosen once with ``seed``), probe ``times``; ``gradvar``: measure gradient
+    variance (``gradvar_samples`` per time and group, ``gradvar_method`` "auto" = ghost, else exact);
+    ``copy_every``: steps between copy checks (a multiple of ``every``; None: 4 ``every``; 0: never) on ``n_copy``
+    generated samples (Euler, ``copy_steps`` steps), against up to ``copy_reference`` held-out samples (the baseline
+    copy fraction of real unseen samples). ``use_ema``: as a fit hook, read the EMA copy (``state.model``) instead
+    of the trained net.
     """
 
     def __init__(self, train_data: Tensor, heldout_data: Tensor, path: ProbabilityPath, *,
