@@ -18,8 +18,8 @@ steps / 16, copy check every second reading), varied over
 and the seeds given (seed 0 is the tune half: the detector's score is chosen, fitted and thresholded on it alone;
 seed 1 the report half; seed 2 the fresh half of the two-signal score (membership and gradient variance), read after
 that score was fixed and before the four-input score (with the copy closeness and the pairing excess) was designed;
-seed 4 the fresh half of the four-input score, run after its constants were committed; the UNet runs, seed 3, are
-reported apart).
+seeds 4 and 5 the fresh halves of the four-input score, run after its constants were committed (seed 5 after seed 4
+was read); the UNet runs, seed 3, are reported apart).
 
 Labels come from the END of training and from the diagnosis' decisive checks only, never from the watch: a run
 memorises when :func:`flowprobe.diagnosis.copies.copies_check` on 512 generated samples (RK4, 32 steps) against 512
@@ -497,7 +497,8 @@ def report(args) -> None:
               "seed 2 (fresh for the two-signal score; seen before the four-input score was designed)":
                   [r for r in mlp if r["seed"] == 2],
               "fresh (seed 4, run after the four-input score was committed)": [r for r in mlp if r["seed"] == 4],
-              "MLP runs not tuned on (seeds 1, 2, 4)": [r for r in mlp if r["seed"] != 0],
+              "fresh (seed 5, run after seed 4 was read)": [r for r in mlp if r["seed"] == 5],
+              "MLP runs not tuned on (seeds 1, 2, 4, 5)": [r for r in mlp if r["seed"] != 0],
               "independent-coupling MLP runs not tuned on": [r for r in mlp if r["seed"] and
                                                              r["coupling"] == "independent"],
               "paired MLP runs not tuned on": [r for r in mlp if r["seed"] and r["coupling"] == "paired"],
@@ -536,6 +537,12 @@ def report(args) -> None:
     figures(runs, Path(args.figures))
 
 
+def copies_seen_at(r: dict) -> int | None:
+    """The step at which the watch's copy check first saw copies in run ``r`` (excess lower bound above the margin)."""
+    return next((x["step"] for x in r["readings"]
+                 if x.get("copy_excess_lower") is not None and x["copy_excess_lower"] > WATCH_COPY_EXCESS), None)
+
+
 def timing(runs: list) -> None:
     print("\n## when the shipped detector fires vs when the watch's copy check first sees copies (memorising runs)")
     print("| run | fired at | copies first seen | fraction of training |\n|---|---|---|---|")
@@ -544,9 +551,7 @@ def timing(runs: list) -> None:
     for r in runs:
         if not r["label"]["memorises"]:
             continue
-        first_copy = next((x["step"] for x in r["readings"]
-                           if x.get("copy_excess_lower") is not None and x["copy_excess_lower"] > WATCH_COPY_EXCESS),
-                          None)
+        first_copy = copies_seen_at(r)
         at = fired_at(r)
         if at is not None:
             fractions.append(at / r["steps"])
@@ -589,27 +594,41 @@ def figures(runs: list, folder: Path) -> None:
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(f"ROC on the {len(held)} runs the detector was not fitted on (seeds >= 1)", fontsize=10)
     save_figure(fig, folder / "detector_roc.png")
-    mem = next((r for r in held if r["label"]["memorises"] and r["steps"] == 2000  # fired on its score, not at once
-                and max(replay(r)[0]) >= SHIPPED["threshold"] and fired_at(r) > r["readings"][1]["step"]), None)
-    gen = next((r for r in held if not r["label"]["memorises"] and r["steps"] == 2000), None)
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
-    for r, name in ((mem, "memorising"), (gen, "generalising")):
+    score_alone = {**SHIPPED, "copy_excess": math.inf}
+
+    def warned_early(r):  # the score alone fired before the watch's copy check first saw copies
+        first, by_score = copies_seen_at(r), fired_at(r, score_alone)
+        return first is not None and by_score is not None and by_score < first
+
+    mem = next((r for r in held if r["label"]["memorises"] and r["coupling"] == "independent" and r["steps"] == 2000
+                and warned_early(r)), None)
+    gen = next((r for r in held if mem is not None and not r["label"]["memorises"] and r["coupling"] == "independent"
+                and r["steps"] == 2000 and r.get("dim", 2) == mem.get("dim", 2) and r["n"] > mem["n"]), None)
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    for r, name, color in ((mem, "memorising", "C0"), (gen, "generalising", "C1")):
         if r is None:
             continue
         steps = [x["step"] for x in r["readings"]]
-        axes[0].plot(steps, [x["auc"] for x in r["readings"]], label=f"{name}: d={r.get('dim', 2)} n={r['n']} "
-                     f"{r['coupling']} sigma={r['sigma']}")
-        axes[1].plot(steps, [x["gradvar_ratio"] for x in r["readings"]], label=name)
-        axes[2].plot(steps, replay(r)[0], label=name)
-        at = fired_at(r)
-        if at:
-            for ax in axes:
-                ax.axvline(at, ls=":", color="r")
-    axes[2].axhline(SHIPPED["threshold"], color="0.6", lw=0.8)
+        axes[0].plot(steps, [x["auc"] for x in r["readings"]], color=color,
+                     label=f"{name}: d={r.get('dim', 2)} n={r['n']} {r['coupling']} sigma={r['sigma']}")
+        axes[1].plot(steps, [x["gradvar_ratio"] for x in r["readings"]], color=color)
+        checked = [(x["step"], x["copy_closeness"]) for x in r["readings"] if x.get("copy_closeness") is not None]
+        axes[2].plot(*zip(*checked), marker="s", color=color)
+        axes[3].plot(steps, replay(r)[0], color=color)
+        at, first = fired_at(r), copies_seen_at(r)
+        for ax in axes:
+            if at:
+                ax.axvline(at, ls=":", color=color)
+            if first:
+                ax.axvline(first, ls="--", color=color, lw=0.8)
+    axes[2].axhline(0.5, color="0.6", lw=0.8)
+    axes[3].axhline(SHIPPED["threshold"], color="0.6", lw=0.8)
     axes[0].set(xlabel="step", ylabel="max_t membership AUC")
     axes[1].set(xlabel="step", ylabel="GV(train) / GV(held-out)", yscale="log")
-    axes[2].set(xlabel="step", ylabel="memorisation score (log-odds)")
+    axes[2].set(xlabel="step", ylabel="copy closeness (at copy checks)")
+    axes[3].set(xlabel="step", ylabel="memorisation score (log-odds)")
     axes[0].legend(fontsize=7)
+    fig.suptitle("dotted: the detector fires; dashed: the watch's copy check first sees copies", fontsize=9)
     save_figure(fig, folder / "detector_readings.png")
 
 
