@@ -247,6 +247,24 @@ def test_a_reading_leaves_the_gradients_and_mode_of_the_net_alone():
     assert all(p.grad is None for p in net.parameters())
 
 
+def test_a_frozen_ema_copy_gets_its_gradient_variance_read_and_stays_frozen():
+    """The EMA model of a fit (a frozen copy: no parameter requires gradients) reads the same gradient-variance ratio
+    as the trained net with the same weights, instead of none; its parameters are frozen again afterwards."""
+    from flowprobe.train.step import make_ema
+
+    net, coupling, x0, x1, heldout = memorising_problem()
+    fit(net, coupling, CFMObjective(LinearPath()), steps=30, batch_size=8, lr=3e-3)
+    ema = make_ema(net)  # equal weights, frozen
+    assert not any(q.requires_grad for q in ema.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MemorizationWarning)
+        on_net = MemorizationWatch(x1, heldout, LinearPath(), train_sources=x0, copy_every=0).update(10, net)
+        on_ema = MemorizationWatch(x1, heldout, LinearPath(), train_sources=x0, copy_every=0).update(10, ema)
+    assert on_net.gradvar_ratio is not None and on_ema.gradvar_ratio == pytest.approx(on_net.gradvar_ratio, rel=1e-6)
+    assert not any(q.requires_grad for q in ema.parameters()) and all(q.grad is None for q in ema.parameters())
+    assert all(q.requires_grad for q in net.parameters())
+
+
 # ------------------------------------------------------------------------------ TensorBoard and Lightning
 
 needs_tensorboard = pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,

@@ -155,18 +155,26 @@ class MemorizationWatch:
 
     def update(self, step: int, net: nn.Module) -> WatchReading:
         """Read the net at optimiser step ``step``: run the checks, apply the detector, log the reading and return
-        it (``.fired``, ``.stop``). The net's train/eval mode and its parameters' ``.grad`` are restored afterwards."""
+        it (``.fired``, ``.stop``). The net's train/eval mode and its parameters' ``.grad`` are restored afterwards.
+        A net none of whose parameters requires gradients (a frozen copy, such as an EMA model) gets gradients for
+        the gradient-variance check during the reading (its per-sample gradients with respect to all its
+        parameters), and is frozen again after it."""
         start = time.perf_counter()
         param = next(net.parameters(), None) if hasattr(net, "parameters") else None
         device = param.device if param is not None else self.train_probe.device
         was_training = getattr(net, "training", False)
         params = list(net.parameters()) if hasattr(net, "parameters") else []
         grads = [None if q.grad is None else q.grad.clone() for q in params]  # the loop's gradients, untouched
+        frozen = bool(params) and not any(q.requires_grad for q in params)
         if hasattr(net, "eval"):
             net.eval()
+        for q in params if frozen else ():
+            q.requires_grad_(True)
         try:
             reading = self.read(step, net, device)
         finally:
+            for q in params if frozen else ():
+                q.requires_grad_(False)
             for q, g in zip(params, grads):
                 q.grad = g
             if was_training:
