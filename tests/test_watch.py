@@ -479,3 +479,42 @@ def test_a_resumed_fit_logs_each_reading_once_and_judges_as_before(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
     assert [e.step for e in acc.Scalars("watch/auc")] == steps
+
+
+def test_heldout_pairs_of_a_map_read_a_net_that_learned_the_map_as_unseen_only_with_fresh_sources():
+    """Pairs from a deterministic map x1 = G(x0) (as reflow's): a net that learned G fits held-out pairs
+    (x0', G(x0')) about as well as its training pairs (membership AUC 0.58, GV ratio 0.5), while held-out targets
+    with fresh sources read as unseen (AUC 1.0, GV ratio 1e-5): the checks and the watch take ``heldout_sources``
+    for that, and the watch then reads no pairing check (reproducing the partners is what training asks for)."""
+    g = torch.Generator().manual_seed(7)
+    x0, x0_held = torch.randn(256, 2, generator=g), torch.randn(256, 2, generator=g)
+    x1, x1_held = 2 * x0 + 1, 2 * x0_held + 1
+    torch.manual_seed(0)
+    net = MLP(2, width=64, depth=3)
+    path = LinearPath()
+    fit(net, FixedPairs(x0, x1), CFMObjective(path), steps=1500, batch_size=128, lr=3e-3)
+    source = GaussianSampler((2,))
+    common = dict(train_sources=x0, times=(0.1, 0.5, 0.9))
+    fresh = membership_check(net, path, source, x1, x1_held, n_max=128, generator=torch.Generator().manual_seed(1),
+                             **common)
+    pairs = membership_check(net, path, source, x1, x1_held, n_max=128, generator=torch.Generator().manual_seed(1),
+                             heldout_sources=x0_held, **common)
+    assert fresh.evidence["max_auc"] > 0.95 and pairs.evidence["max_auc"] < 0.7 and pairs.evidence["heldout_pairs"]
+    gv_pairs = gradvar_check(net, path, source, x1, x1_held, n_samples=64, heldout_sources=x0_held, **common)
+    gv_fresh = gradvar_check(net, path, source, x1, x1_held, n_samples=64, **common)
+    # fresh sources read a collapse by construction (about 1e-5 here); held-out pairs read a ratio near 1 (0.5 here)
+    assert gv_pairs.evidence["ratio"] > 0.25 and gv_pairs.evidence["ratio"] > 1000 * gv_fresh.evidence["ratio"]
+    same = gradvar_check(net, path, source, x1, x1, n_samples=64, heldout_sources=x0, **common)
+    assert same.evidence["ratio"] == pytest.approx(1.0)  # the same pairs and draws on both sides
+    watch = MemorizationWatch(x1, x1_held, path, n_probe=64, train_sources=x0, heldout_sources=x0_held,
+                              copy_every=1, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MemorizationWarning)
+        reading = watch.update(1, net)
+    m = membership_check(net, path, watch.source, watch.train_probe, watch.heldout_probe,
+                         train_sources=watch.train_sources_probe, heldout_sources=watch.heldout_sources_probe,
+                         times=watch.times, n_max=64, generator=torch.Generator().manual_seed(3))
+    assert [r["auc"] for r in reading.rows] == [r["auc"] for r in m.evidence["rows"]]
+    assert reading.pairing_excess is None and reading.copy_closeness is not None
+    with pytest.raises(ValueError, match="heldout_sources needs train_sources"):
+        MemorizationWatch(x1, x1_held, path, heldout_sources=x0_held)

@@ -6,8 +6,10 @@ x_t = a(t) x0 + b(t) x1 + g(t) z, u_t = a'(t) x0 + b'(t) x1 + g'(t) z and the pe
 l = mean over dimensions of (v(t, x_t) - u_t)^2, averaged over ``repeats`` draws. Row i of both groups shares its
 x0 and z (common random numbers), so the paired difference l_heldout,i - l_train,i has a small standard error.
 With a pairs file, a training target keeps its own training source x0_i (its pair), and held-out targets get
-fresh x0. The AUC of the loss as a classifier (held-out loss above training loss) is the Mann-Whitney statistic
-with DeLong's standard error; its intervals are Bonferroni-corrected over the times.
+fresh x0, or their own sources when held-out pairs are given (``heldout_sources``: pairs from a deterministic map,
+such as reflow's (x0, G(x0)), where a fresh pairing would make every held-out target look unseen). The AUC of the
+loss as a classifier (held-out loss above training loss) is the Mann-Whitney statistic with DeLong's standard error;
+its intervals are Bonferroni-corrected over the times.
 
 Gradient variance (check 3). :func:`flowprobe.probes.gradvar.gradient_variance` on the training pairs and on
 the held-out targets (same generator seed), by default with the ghost estimator (exact per-sample gradient norms
@@ -74,9 +76,10 @@ def _row(t: float, l_tr: Tensor, l_ho: Tensor, z: float) -> dict:
 def membership_check(net, path: ProbabilityPath, source, train: Tensor, heldout: Tensor, *,
                      train_sources: Tensor | None = None, times: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
                      n_max: int = 512, repeats: int = 1, generator: torch.Generator,
-                     batch_size: int = 512, progress=None) -> CheckResult:
+                     batch_size: int = 512, progress=None, heldout_sources: Tensor | None = None) -> CheckResult:
     """The membership-gap check (module docstring). ``train_sources``: the training sources x0_i paired with
-    ``train`` (paired training), else None (fresh source draws)."""
+    ``train`` (paired training), else None (fresh source draws); ``heldout_sources``: the sources paired with
+    ``heldout`` (held-out pairs), else None (fresh source draws)."""
     n = min(train.shape[0], heldout.shape[0], n_max)
     thresholds = {"membership_auc_margin": MEMBERSHIP_AUC_MARGIN, "min_samples": MIN_SAMPLES,
                   "intervals": f"Bonferroni over {len(times)} times"}
@@ -85,6 +88,7 @@ def membership_check(net, path: ProbabilityPath, source, train: Tensor, heldout:
     i_ho = torch.randperm(heldout.shape[0], generator=generator, device=gen_dev)[:n].to(heldout.device)
     x1_tr, x1_ho = train[i_tr], heldout[i_ho]
     x0_fixed = None if train_sources is None else train_sources[i_tr]
+    x0_ho_fixed = None if heldout_sources is None else heldout_sources[i_ho]
     shape, dtype, device = tuple(train.shape[1:]), train.dtype, train.device
     z_mult = interval_z(len(times))
     rows = []
@@ -97,7 +101,7 @@ def membership_check(net, path: ProbabilityPath, source, train: Tensor, heldout:
             if not path.deterministic:
                 z = torch.randn((n, *shape), generator=generator, device=gen_dev, dtype=dtype).to(device)
             l_tr += per_sample_losses(net, path, t, x0 if x0_fixed is None else x0_fixed, x1_tr, z, batch_size)
-            l_ho += per_sample_losses(net, path, t, x0, x1_ho, z, batch_size)
+            l_ho += per_sample_losses(net, path, t, x0 if x0_ho_fixed is None else x0_ho_fixed, x1_ho, z, batch_size)
         rows.append(_row(float(t), (l_tr / repeats).cpu(), (l_ho / repeats).cpu(), z_mult))
         if progress is not None:
             progress("membership", k + 1, len(times))
@@ -106,7 +110,8 @@ def membership_check(net, path: ProbabilityPath, source, train: Tensor, heldout:
     summary = (f"largest AUC {best['auc']:.3f} +- {best['auc_se']:.3f} at t = {best['t']:.3g} (held-out loss "
                f"{best['loss_heldout']:.4g} vs train {best['loss_train']:.4g}), n = {n} per group")
     evidence = {"n_per_group": n, "repeats": repeats, "paired_sources": train_sources is not None,
-                "max_auc": best["auc"], "max_auc_t": best["t"], "rows": rows}
+                "heldout_pairs": heldout_sources is not None, "max_auc": best["auc"], "max_auc_t": best["t"],
+                "rows": rows}
     return CheckResult("membership", SUPPORTING, True, vote.vote, summary, vote.reason, evidence, thresholds)
 
 
@@ -125,9 +130,11 @@ def _log_ratio(tr: dict, ho: dict) -> tuple[float, float]:
 
 def gradvar_check(net: nn.Module, path: ProbabilityPath, source, train: Tensor, heldout: Tensor, *,
                   train_sources: Tensor | None = None, times: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
-                  n_samples: int = 128, method: str = "auto", seed: int = 0, chunk_size: int = 64) -> CheckResult:
+                  n_samples: int = 128, method: str = "auto", seed: int = 0, chunk_size: int = 64,
+                  heldout_sources: Tensor | None = None) -> CheckResult:
     """The gradient-variance check (module docstring); ``method``: an estimator of the probe, or "auto" (ghost,
-    then exact if ghost fails on this net)."""
+    then exact if ghost fails on this net); ``heldout_sources``: the sources paired with ``heldout`` (held-out
+    pairs), else fresh source draws."""
     thresholds = {"gradvar_collapse_ratio": GRADVAR_COLLAPSE_RATIO, "gradvar_parity_ratio": GRADVAR_PARITY_RATIO,
                   "min_samples": MIN_SAMPLES}
     n_params = _trainable(net)
@@ -136,7 +143,8 @@ def gradvar_check(net: nn.Module, path: ProbabilityPath, source, train: Tensor, 
     methods = ("ghost", "exact") if method == "auto" else (method,)
     train_sampler = (FixedPairs(train_sources, train) if train_sources is not None
                      else IndependentCoupling(source, TensorSampler(train)))
-    held_sampler = IndependentCoupling(source, TensorSampler(heldout))
+    held_sampler = (FixedPairs(heldout_sources, heldout) if heldout_sources is not None
+                    else IndependentCoupling(source, TensorSampler(heldout)))
     for k, method in enumerate(methods):
         try:
             profiles = {}
@@ -168,6 +176,7 @@ def gradvar_check(net: nn.Module, path: ProbabilityPath, source, train: Tensor, 
     summary = (f"GV(train) / GV(held-out) = {ratio:.3g} [{lower:.3g}, {upper:.3g}] (geometric mean over "
                f"{len(rows)} times, {method} per-sample gradients, n = {n_samples} per time)")
     evidence = {"method": method, "parameters": n_params, "n_samples": n_samples,
-                "paired_sources": train_sources is not None, "ratio": ratio, "ratio_interval": [lower, upper],
+                "paired_sources": train_sources is not None, "heldout_pairs": heldout_sources is not None,
+                "ratio": ratio, "ratio_interval": [lower, upper],
                 "rows": rows}
     return CheckResult("gradvar", SUPPORTING, True, vote.vote, summary, vote.reason, evidence, thresholds)

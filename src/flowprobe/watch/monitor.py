@@ -57,7 +57,10 @@ class MemorizationWatch:
     ``train_data`` / ``heldout_data``: (N, ...) target samples the net trains on and never sees; ``path``: the
     probability path of the training objective; ``source``: the source sampler (default N(0, I) of the data's
     shape); ``train_sources``: the training sources x0_i paired with ``train_data`` (paired training, e.g.
-    :class:`~flowprobe.couplings.FixedPairs`; the pairing check then runs with each copy check), else None.
+    :class:`~flowprobe.couplings.FixedPairs`; the pairing check then runs with each copy check), else None;
+    ``heldout_sources``: for pairs drawn from a deterministic map (reflow's (x0, G(x0))), the sources of the held-out
+    targets, so that membership and gradient variance compare training pairs with held-out pairs of the same map
+    (the pairing check is then not read: reproducing the partners is what training asks for).
     ``n_probe`` samples of each group (chosen once with ``seed``), probe ``times``; ``gradvar``: measure gradient
     variance (``gradvar_samples`` per time and group, ``gradvar_method`` "auto" = ghost, else exact);
     ``copy_every``: steps between copy checks (a multiple of ``every``; None: 4 ``every``; 0: never) on ``n_copy``
@@ -71,7 +74,8 @@ class MemorizationWatch:
                  seed: int = 0, source=None, train_sources: Tensor | None = None, gradvar: bool = True,
                  gradvar_samples: int = 32, gradvar_method: str = "auto", copy_every: int | None = None,
                  n_copy: int = 128, copy_steps: int = 16, copy_reference: int = 512, log_path: str | Path | None = None,
-                 tensorboard_dir: str | Path | None = None, on_fire: str = "warn", use_ema: bool = False):
+                 tensorboard_dir: str | Path | None = None, on_fire: str = "warn", use_ema: bool = False,
+                 heldout_sources: Tensor | None = None):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an integer >= 1, got {every!r}")
         if on_fire not in ON_FIRE:
@@ -80,6 +84,9 @@ class MemorizationWatch:
             raise ValueError("the watch needs n_probe >= 2 and at least 2 training and 2 held-out samples")
         if train_sources is not None and train_sources.shape != train_data.shape:
             raise ValueError(f"train_sources must have the shape of train_data {tuple(train_data.shape)}")
+        if heldout_sources is not None and (train_sources is None or heldout_sources.shape != heldout_data.shape):
+            raise ValueError("heldout_sources needs train_sources and the shape of heldout_data "
+                             f"{tuple(heldout_data.shape)}")
         self.every, self.seed, self.path, self.on_fire, self.use_ema = every, int(seed), path, on_fire, use_ema
         self.times = tuple(float(t) for t in times)
         self.copy_every = 4 * every if copy_every is None else int(copy_every)
@@ -96,6 +103,8 @@ class MemorizationWatch:
         self.copy_reference = heldout_data.detach()[i_ref.to(heldout_data.device)]
         self.train_sources_probe = None if train_sources is None else train_sources.detach()[
             i_tr.to(train_sources.device)]
+        self.heldout_sources_probe = None if heldout_sources is None else heldout_sources.detach()[
+            i_ho.to(heldout_sources.device)]
         self.log_path = None if log_path is None else Path(log_path)
         self.tensorboard_dir = tensorboard_dir
         self.readings: list[WatchReading] = []
@@ -110,22 +119,24 @@ class MemorizationWatch:
         """The reading's generator: seeded with ``seed`` afresh at every reading (so every reading draws the same)."""
         return torch.Generator(device=device if device is not None else "cpu").manual_seed(self.seed)
 
-    def probes(self, device) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(train probe, held-out probe, paired training sources or None) on ``device``."""
+    def probes(self, device) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """(train probe, held-out probe, their paired sources or None each) on ``device``."""
         src = None if self.train_sources_probe is None else self.train_sources_probe.to(device)
-        return self.train_probe.to(device), self.heldout_probe.to(device), src
+        ho_src = None if self.heldout_sources_probe is None else self.heldout_sources_probe.to(device)
+        return self.train_probe.to(device), self.heldout_probe.to(device), src, ho_src
 
     def membership(self, net, device):
         """:func:`~flowprobe.diagnosis.membership.membership_check` on the probe set with the reading's generator."""
-        tr, ho, src = self.probes(device)
+        tr, ho, src, ho_src = self.probes(device)
         return membership_check(net, self.path, self.source, tr, ho, train_sources=src, times=self.times,
-                                n_max=tr.shape[0], generator=self.generator(device))
+                                n_max=tr.shape[0], generator=self.generator(device), heldout_sources=ho_src)
 
     def gradient_variance(self, net, device):
         """:func:`~flowprobe.diagnosis.membership.gradvar_check` on the probe set (seed ``seed``)."""
-        tr, ho, src = self.probes(device)
+        tr, ho, src, ho_src = self.probes(device)
         return gradvar_check(net, self.path, self.source, tr, ho, train_sources=src, times=self.times,
-                             n_samples=self.gradvar_samples, method=self.gradvar_method, seed=self.seed)
+                             n_samples=self.gradvar_samples, method=self.gradvar_method, seed=self.seed,
+                             heldout_sources=ho_src)
 
     def copies(self, net, device):
         """:func:`~flowprobe.diagnosis.copies.copies_check` on ``n_copy`` samples pushed forward (Euler,
@@ -142,9 +153,10 @@ class MemorizationWatch:
 
     def pairing(self, net, device):
         """:func:`~flowprobe.diagnosis.transport.pairing_check` on the paired training probes (sources
-        ``train_sources`` and their training partners), Euler with ``copy_steps``; None without paired sources."""
-        tr, _, src = self.probes(device)
-        if src is None:
+        ``train_sources`` and their training partners), Euler with ``copy_steps``; None without paired sources, or
+        with held-out pairs (pairs of a map, where reproducing the partners is what training asks for)."""
+        tr, _, src, ho_src = self.probes(device)
+        if src is None or ho_src is not None:
             return None
         n = tr.shape[0]
         pairs = PairSet(src, tr, {"assigned": torch.arange(n, device=device)})
