@@ -96,6 +96,7 @@ def test_init_previous_starts_from_the_previous_weights(base_run, tmp_path):
     (["--pairs", "8", "--rounds", "0"], "--rounds: need 1 to 100 rounds"),
     (["--pairs", "8", "--rounds", "1", "--set", "nonsense=3"], "nonsense"),
     (["--pairs", "8", "--rounds", "1", "--set", "data.pairs=x.safetensors"], "set by reflow"),
+    (["--pairs", "8", "--rounds", "1", "--set", "watch.every=50"], "watch is not supported on reflow rounds"),
 ])
 def test_bad_input_exits_2_with_one_line(base_run, tmp_path, capsys, args, message):
     assert main(["reflow", str(base_run), "--out", str(tmp_path / "o"), "--device", "cpu", *args]) == 2
@@ -258,3 +259,16 @@ def test_image_pairs_of_the_wrong_shape_exit_2(image_run, tmp_path, capsys):
     assert err.count("\n") == 1
     with pytest.raises(ConfigError, match="data.pairs: a pairs file is the training set of a toy or image"):
         from_dict(TrainConfig, {"data": {"kind": "array", "target_path": "x.npy", "pairs": "p.safetensors"}})
+
+
+def test_a_base_runs_watch_is_not_carried_into_reflow_rounds(base_run, tmp_path):
+    """A base run trained with the memorisation watch: its reflow rounds train without it (their pairs are a map's,
+    which the watch would read as memorised), and the base config itself is left as it was."""
+    from flowprobe.runs.reflow import round_config
+
+    base = from_dict(TrainConfig, {**BASE, "watch": {"every": 100}})
+    pairs = save_pairs(tmp_path / "pairs.safetensors", torch.randn(16, 2), torch.randn(16, 2))
+    cfg = round_config(base, pairs, None, [])
+    assert base.watch.every == 100 and cfg.watch.every is None and cfg.coupling.kind == "fixed_pairs"
+    with pytest.raises(ConfigError, match="watch is not supported on reflow rounds"):
+        round_config(base, pairs, None, ["watch.every=100"])
