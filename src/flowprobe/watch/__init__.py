@@ -12,7 +12,8 @@ reading runs on the current net
   excess copy fraction, and its closeness: how much nearer to training samples the generated samples sit than real
   unseen ones, which moves before copies appear); and, for paired training (``train_sources``), the pairing check
   (:func:`flowprobe.diagnosis.transport.pairing_check`) on the probe pairs with the same solver: how often a training
-  source lands nearest its own training partner, over chance.
+  source lands nearest its own training partner, over chance. For pairs of a deterministic map (reflow's
+  (x0, G(x0))) ``heldout_sources`` gives the held-out targets their own sources, and the pairing check is not read.
 
 Every generator is re-seeded from ``seed`` at each reading, so the probe samples, the source draws x0, the noise
 z and the times are the same at every reading (the readings are comparable along training), the watch keeps no
