@@ -67,9 +67,9 @@ from flowprobe.paths import make_path
 from flowprobe.probes.memorization import PairSet
 from flowprobe.solvers import push_forward
 from flowprobe.train import fit
-from flowprobe.watch import (NULL_INPUTS, WATCH_COPY_EXCESS, WATCH_SCORE_THRESHOLD,
+from flowprobe.watch import (WATCH_COPY_EXCESS, WATCH_SCORE_THRESHOLD,
                              WATCH_SCORE_THRESHOLD_MEMBERSHIP, WATCH_SCORE_WEIGHTS, WATCH_SCORE_WEIGHTS_MEMBERSHIP,
-                             MemorizationWatch, WatchReading, detect)
+                             MemorizationWatch, WatchReading, detect, score_terms)
 
 SIZES = (8, 16, 24, 32, 128, 1024)
 COUPLINGS = ("independent", "paired")
@@ -251,14 +251,24 @@ def reading_of(x: dict) -> WatchReading:
     return WatchReading(**{k: v for k, v in x.items() if k in WatchReading.__dataclass_fields__})
 
 
+_JUDGED: dict = {}
+
+
 def judged(r: dict, constants: dict | None = None) -> list[WatchReading]:
     """Run ``r``'s stored readings judged in order by the detector with ``constants`` (keyword arguments of
     flowprobe.watch.detect; default: the shipped ones), each carrying the score inputs of the one before, as the
-    watch does: its own judgement, replayed (``.inputs``, ``.score``, ``.signals``)."""
+    watch does: its own judgement, replayed (``.inputs``, ``.score``, ``.signals``). Kept per run object and
+    constants (the report asks for the same replay once per signal and fraction); the cache holds ``r`` itself, so
+    its id is not reused while the entry lives."""
+    key = (id(r), repr(sorted((constants or {}).items())))
+    hit = _JUDGED.get(key)
+    if hit is not None and hit[0] is r:
+        return hit[1]
     out, previous = [reading_of(x) for x in r["readings"]], None
     for x in out:
         detect(x, previous, **(constants or {}))
         previous = x.inputs
+    _JUDGED[key] = (r, out)
     return out
 
 
@@ -334,16 +344,6 @@ SHIPPED = {"weights": WATCH_SCORE_WEIGHTS, "weights_membership": WATCH_SCORE_WEI
            "threshold": WATCH_SCORE_THRESHOLD, "threshold_membership": WATCH_SCORE_THRESHOLD_MEMBERSHIP}
 
 
-def features(inputs: dict) -> dict:
-    """The score's inputs (flowprobe.watch.score_inputs) as the numbers it weighs: -log of the GV ratio (nan without
-    one), the null values for a closeness or pairing not measured yet."""
-    ratio = inputs.get("gradvar_ratio")
-    close, pair = inputs.get("closeness"), inputs.get("pairing")
-    return {"auc": inputs["auc"], "gradvar": -math.log(ratio) if ratio else float("nan"),
-            "closeness": NULL_INPUTS["closeness"] if close is None else close,
-            "pairing": NULL_INPUTS["pairing"] if pair is None else pair}
-
-
 def fit_score(runs: list, names: tuple, with_gv: bool = True) -> tuple:
     """Logistic regression of the label on the inputs ``names`` of the score at the latest reading at each of
     FRACTIONS (the three pooled), on standardised features with an L2 penalty; returned as the raw weights of
@@ -357,7 +357,7 @@ def fit_score(runs: list, names: tuple, with_gv: bool = True) -> tuple:
         inputs = [x.inputs for x in judged(r)]
         for f in FRACTIONS:
             k = max(i for i, x in enumerate(r["readings"]) if x["step"] <= f * r["steps"])
-            rows.append([features(inputs[k])[n] for n in names])
+            rows.append([score_terms(**inputs[k])[n] for n in names])
             ys.append(float(r["label"]["memorises"]))
     xs, ys = np.array(rows), np.array(ys)
     keep = np.isfinite(xs).all(1)

@@ -40,14 +40,14 @@ Use: ``watch.update(step, net)`` from any loop; ``fit(..., hooks=[watch])``; ``l
 
 from .detector import (NULL_INPUTS, WATCH_COPY_EXCESS, WATCH_SCORE_THRESHOLD, WATCH_SCORE_THRESHOLD_MEMBERSHIP,
                        WATCH_SCORE_WEIGHTS, WATCH_SCORE_WEIGHTS_MEMBERSHIP, WatchReading, detect, memorisation_score,
-                       score_inputs)
+                       score_inputs, score_terms)
 from .lightning import LIGHTNING_PACKAGES, lightning_callback, lightning_callback_bases
 from .monitor import (DEFAULT_EVERY, DEFAULT_TIMES, WATCH_FAR_FACTOR, MemorizationDetected, MemorizationWarning,
                       MemorizationWatch)
 
 __all__ = ["MemorizationWatch", "WatchReading", "MemorizationDetected", "MemorizationWarning", "lightning_callback",
            "lightning_callback_bases", "LIGHTNING_PACKAGES",
-           "memorisation_score", "score_inputs", "detect", "WATCH_SCORE_WEIGHTS", "NULL_INPUTS",
+           "memorisation_score", "score_inputs", "score_terms", "detect", "WATCH_SCORE_WEIGHTS", "NULL_INPUTS",
            "WATCH_SCORE_WEIGHTS_MEMBERSHIP",
            "WATCH_SCORE_THRESHOLD", "WATCH_SCORE_THRESHOLD_MEMBERSHIP", "WATCH_FAR_FACTOR", "WATCH_COPY_EXCESS",
            "DEFAULT_EVERY", "DEFAULT_TIMES"]

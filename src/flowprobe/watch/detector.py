@@ -10,7 +10,7 @@ from typing import Sequence
 
 from ..diagnosis.verdict import COPY_EXCESS_MARGIN
 
-__all__ = ["WatchReading", "memorisation_score", "score_inputs", "detect", "finite_number", "has_ratio",
+__all__ = ["WatchReading", "memorisation_score", "score_terms", "score_inputs", "detect", "finite_number", "has_ratio",
            "WATCH_SCORE_WEIGHTS", "WATCH_SCORE_WEIGHTS_MEMBERSHIP", "NULL_INPUTS", "WATCH_SCORE_THRESHOLD",
            "WATCH_SCORE_THRESHOLD_MEMBERSHIP", "WATCH_COPY_EXCESS"]
 
@@ -99,13 +99,21 @@ def memorisation_score(auc: float, gradvar_ratio: float | None, closeness: float
     :data:`NULL_INPUTS`; nan when ``auc`` is not finite."""
     if not finite_number(auc):
         return float("nan")
-    close = closeness if finite_number(closeness) else NULL_INPUTS["closeness"]
-    pair = pairing if finite_number(pairing) else NULL_INPUTS["pairing"]
+    terms = score_terms(auc, gradvar_ratio, closeness, pairing)
     if has_ratio(gradvar_ratio):
-        values, w = (auc, -math.log(gradvar_ratio), close, pair), weights
+        names, w = ("auc", "gradvar", "closeness", "pairing"), weights
     else:
-        values, w = (auc, close, pair), weights_membership
-    return w[0] + sum(wi * v for wi, v in zip(w[1:], values))
+        names, w = ("auc", "closeness", "pairing"), weights_membership
+    return w[0] + sum(wi * terms[n] for wi, n in zip(w[1:], names))
+
+
+def score_terms(auc: float, gradvar_ratio: float | None, closeness: float | None = None,
+                pairing: float | None = None) -> dict:
+    """The numbers the score weighs: ``auc``, ``gradvar`` = -log ``gradvar_ratio`` (nan without a usable ratio),
+    ``closeness`` and ``pairing`` (their :data:`NULL_INPUTS` when None or not finite)."""
+    return {"auc": auc, "gradvar": -math.log(gradvar_ratio) if has_ratio(gradvar_ratio) else float("nan"),
+            "closeness": closeness if finite_number(closeness) else NULL_INPUTS["closeness"],
+            "pairing": pairing if finite_number(pairing) else NULL_INPUTS["pairing"]}
 
 
 def score_inputs(r: "WatchReading", previous: dict | None = None) -> dict:
