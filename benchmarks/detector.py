@@ -11,7 +11,8 @@ steps / 16, copy check every second reading), varied over
 - training-set size N in {8, 16, 24, 32, 128, 1024} (16 and 24: near where copying starts),
 - coupling: ``independent`` (fresh source draws against the N training targets), ``paired`` (N fixed pairs), or
   ``reflow`` (N pairs (x0, G(x0)) of a teacher flow's map G, :func:`reflow_teacher`; the watch compares them with
-  held-out pairs of the same map, and the label reads copies only: reproducing the partners is what reflow asks),
+  held-out pairs of the same map, and the label reads copies and the map check: reproducing the partners is what
+  reflow asks, reproducing them only for the training sources is not),
 - path noise sigma in {0, 0.1} (constant sigma),
 - length: 600 or 2000 steps,
 - data: the mixture in d = 2 (``--dims 2``), embedded in d = 16 (``--dims 16``), or CelebA faces at 8x8 (``--dims 192``:
@@ -31,7 +32,11 @@ runs) when :func:`flowprobe.diagnosis.transport.pairing_check` votes memorises (
 contested pairs exceeds chance by more than PAIRING_EXCESS_MARGIN, with its interval), or, where there are too few
 contested pairs for the vote (N < 30), when the recall exceeds chance by that margin and an exact one-sided binomial
 test against chance gives p < 0.025 (the pairs are the whole training set, so their recall is a fact, not an
-estimate).
+estimate), or (reflow runs) when :func:`flowprobe.diagnosis.transport.map_check` votes memorises: its 512 held-out
+pairs of the map are the label's copy reference and their sources, and every training pair is integrated, so the
+training share that lands within MAP_TOLERANCE of its partner is a fact and the interval is the held-out share's.
+(This part of the label was declared after the reflow runs' watch readings had been read, and before the map check
+was computed on any of them.)
 
 ``report`` refits the score on the tune half (SCORE_CANDIDATES, fit_score, choose_threshold) and says whether the
 shipped constants are the refitted ones, then prints per half the ROC AUC at 25 / 50 / 100% of training of the
@@ -58,7 +63,7 @@ from scipy.stats import binom
 from flowprobe.couplings import FixedPairs, GaussianSampler, IndependentCoupling, TensorSampler
 from flowprobe.diagnosis.copies import copies_check
 from flowprobe.diagnosis.stats import auc
-from flowprobe.diagnosis.transport import pairing_check
+from flowprobe.diagnosis.transport import map_check, pairing_check
 from flowprobe.diagnosis.verdict import PAIRING_EXCESS_MARGIN
 from flowprobe.nets import MLP
 from flowprobe.nets.unet import UNet
@@ -110,8 +115,10 @@ def celeba8(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x[:n], x[-2 * IMAGE_POOL:-IMAGE_POOL], x[-IMAGE_POOL:]
 
 
-def label(net, train, x0_pairs, seed: int, reference: torch.Tensor | None = None) -> dict:
-    """Ground truth at the end of training from the decisive diagnosis checks (module docstring)."""
+def label(net, train, x0_pairs, seed: int, reference: torch.Tensor | None = None,
+          map_pairs: tuple | None = None) -> dict:
+    """Ground truth at the end of training from the decisive diagnosis checks (module docstring); ``map_pairs``:
+    (training sources, held-out sources) of a reflow run, whose held-out targets are ``reference``."""
     g = torch.Generator().manual_seed(10_000 + seed)
     dim = train.shape[1]
     reference = mixture(512, g, dim) if reference is None else reference
@@ -136,6 +143,14 @@ def label(net, train, x0_pairs, seed: int, reference: torch.Tensor | None = None
         out.update({"pairing_recall": rec, "pairing_recall_ot": ev["recall_ot"], "pairing_contested": m,
                     "pairing_chance": chance, "pairing_p_value": p_value, "pairing_vote": check.vote})
         memorises = memorises or check.vote == "memorises" or reproduced
+    if map_pairs is not None:  # every training pair is integrated, so their share is a fact (map_check)
+        n = train.shape[0]
+        check, _ = map_check(net, PairSet(map_pairs[0], train, {}), PairSet(map_pairs[1], reference, {}),
+                             n_max=max(n, reference.shape[0]), method="rk4", steps=32)
+        ev = check.evidence
+        out.update({"map_landed_train": ev["landed_train"], "map_landed_heldout": ev["landed_heldout"],
+                    "map_excess_lower": ev["excess_interval"][0], "map_vote": check.vote})
+        memorises = memorises or check.vote == "memorises"
     out["memorises"] = bool(memorises)
     return out
 
@@ -186,7 +201,8 @@ def one_run(cfg: dict) -> dict:
             hooks=[watch])
     seconds = time.perf_counter() - t0
     return {**cfg, "seconds": seconds, "fired_at": watch.fired_at, "detector": SHIPPED,
-            "label": label(net, train, None if coupling_kind == "reflow" else x0_pairs, seed, reference),
+            "label": label(net, train, None if coupling_kind == "reflow" else x0_pairs, seed, reference,
+                           (x0_pairs, x0_ref) if coupling_kind == "reflow" else None),
             "readings": [r.to_dict() for r in watch.readings]}
 
 

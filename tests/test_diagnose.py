@@ -222,7 +222,7 @@ def test_verdict_rule():
 def test_json_round_trip_and_report_without_heldout(tmp_path):
     train = gaussian_data(300, 0)
     d = diagnose(EmpiricalMarginalField(train), train, None, options=FAST)
-    assert set(d.not_run()) == {"membership", "gradvar", "pairing"}
+    assert set(d.not_run()) == {"membership", "gradvar", "pairing", "map"}
     assert "held-out" in d.not_run()["membership"]
     assert d.checks["copies"].evidence["baseline"] == "training-split"
     assert d.label == "memorises"
@@ -491,3 +491,80 @@ def test_pairing_check_judges_contested_pairs_only():
     transporting, _, _ = pairing_check(EmpiricalPairField(x0, x1[ot], bandwidth=1e-3), pairs, steps=50)
     assert transporting.evidence["recall_ot"] == 1.0 and transporting.evidence["recall_assigned"] == 0.0
     assert transporting.vote == "generalises"
+
+
+# --------------------------------------------------------------------------------------------------- the map check
+
+
+class _Constant(torch.nn.Module):
+    """v(t, x) = c: the exact field of the translation map G(x0) = x0 + c (a net that has learned the map)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.register_buffer("c", torch.as_tensor(c, dtype=torch.float32))
+
+    def forward(self, t, x):
+        return self.c.expand_as(x)
+
+
+def _translation_pairs(n: int, seed: int, c=(3.0, 1.0)) -> PairSet:
+    x0 = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed))
+    return PairSet(x0, x0 + torch.tensor(c), {})
+
+
+def test_map_check_shares_and_intervals_by_brute_force():
+    from flowprobe.diagnosis.transport import map_check
+    from flowprobe.diagnosis.verdict import MAP_TOLERANCE
+
+    net, train = _Constant([3.0, 1.0]), _translation_pairs(40, 0)
+    held = _translation_pairs(200, 1)
+    tol = MAP_TOLERANCE * train.x1.double().pow(2).sum(1).mean().sqrt().item()
+    miss = torch.zeros(200, 2)
+    off = torch.arange(200) % 20 >= 7
+    miss[off, 0] = 3 * tol  # 70 held-out partners where the map puts them, 130 moved off it
+    held = PairSet(held.x0, held.x1 + miss, {})
+    check, arrays = map_check(net, train, held, steps=4)
+    ev = check.evidence
+    assert ev["tolerance"] == pytest.approx(tol, rel=1e-9) and ev["all_training_pairs"]
+    assert ev["landed_train"] == 1.0 and ev["landed_heldout"] == 70 / 200
+    lo, hi = wilson_interval(70, 200)  # the training share is a fact: the interval is the held-out share's
+    assert ev["excess_interval"] == pytest.approx([1 - hi, 1 - lo], abs=1e-12)
+    assert check.vote == "memorises" and check.role == "decisive"
+    assert arrays["heldout"]["errors"][off].min() == pytest.approx(3 * tol, rel=1e-5)
+    # a subset of the training pairs is an estimate: Newcombe's interval of both shares
+    part, _ = map_check(net, train, held, n_max=35, steps=4)
+    _, nlo, nhi = newcombe_interval(35, 35, 14, 35)  # rows 0-6 and 20-26 of the first 35 land
+    assert part.evidence["excess_interval"] == pytest.approx([nlo, nhi], abs=1e-12) and part.vote == "memorises"
+    # every held-out source lands: no excess, generalises; too few held-out pairs: no vote
+    same, _ = map_check(net, train, _translation_pairs(200, 2), steps=4)
+    assert same.evidence["excess"] == 0.0 and same.vote == "generalises"
+    few, _ = map_check(net, train, _translation_pairs(20, 3), steps=4)
+    assert few.vote is None and "too few held-out pairs" in few.reason
+
+
+def test_diagnose_with_heldout_pairs_of_a_map(tmp_path):
+    """Pairs of the 90-degree rotation map x1 = mu + R x0 in d = 8: the exact pair field of 200 pairs carries only
+    its training sources to their partners (map: memorises); the translation map's own field carries every source
+    (map and copies: generalises). The pairing check does not vote on pairs of a map."""
+    g = torch.Generator().manual_seed(2)
+    coupling = LinearGaussianCoupling.rotated_ot(4.0 * torch.eye(8)[0], torch.eye(8), 90.0)
+    x0, x0_held = (torch.randn(n, 8, generator=g, dtype=torch.float64) for n in (200, 600))
+    pairs = PairSet(x0.float(), coupling.pair_map(x0).float(), {})
+    held = PairSet(x0_held.float(), coupling.pair_map(x0_held).float(), {})
+    d = diagnose(EmpiricalPairField(x0, coupling.pair_map(x0), bandwidth=1e-3), pairs=pairs, heldout_pairs=held,
+                 options=FAST)
+    assert d.label == "memorises" and "map" in d.verdict.decided_by
+    ev = d.checks["map"].evidence
+    assert ev["landed_train"] == 1.0 and ev["landed_heldout"] < 0.2
+    assert d.checks["pairing"].vote is None and d.checks["pairing"].role == "informational"
+    assert d.checks["membership"].evidence["heldout_pairs"] and d.data["heldout_pairs"] == 600
+    assert any("has not learned the map" in w for w in d.warnings)
+    write_diagnosis(d, tmp_path)
+    assert (tmp_path / "map.png").is_file() and "## map (decisive)" in (tmp_path / "report.md").read_text()
+
+    learned = diagnose(_Constant([3.0, 1.0]), pairs=_translation_pairs(200, 4),
+                       heldout_pairs=_translation_pairs(600, 5), options=FAST)
+    assert learned.checks["map"].vote == "generalises" and learned.checks["map"].evidence["landed_heldout"] == 1.0
+    assert learned.label == "generalises" and not any("learned the map" in w for w in learned.warnings)
+    with pytest.raises(ValueError, match="heldout_pairs needs the training pairs"):
+        diagnose(_Constant([3.0, 1.0]), torch.zeros(10, 2), heldout_pairs=_translation_pairs(50, 6))

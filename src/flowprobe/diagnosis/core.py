@@ -9,7 +9,14 @@ The net is ``net(t, x)`` from the source (t = 0) to the data (t = 1). Data are f
 | membership | training and held-out samples | supporting |
 | gradvar | training and held-out samples, a net with trainable parameters | supporting |
 | pairing | a pairs file (paired training) | decisive |
+| map | a pairs file of a deterministic map and held-out pairs of the same map | decisive |
 | transport | nothing more | informational |
+
+Held-out pairs (``heldout_pairs``, pairs (x0', G(x0')) of the map the training pairs come from, such as a reflow
+round's): their targets are the held-out samples, and the membership and gradient-variance checks pair each one with
+its own source rather than a fresh draw (a net that learned the map would otherwise look like one that memorised it).
+The map check replaces the pairing check's vote there: reproducing the partners is what such a net is trained to do,
+so pairing does not vote (its evidence is kept).
 
 A check that cannot run says why in the result (``Diagnosis.not_run()``). Progress goes to
 ``progress(stage, done, total)``; the wall time of every stage is in ``Diagnosis.timings``.
@@ -35,13 +42,14 @@ from ..solvers import push_forward
 from .copies import copies_check, split_baseline
 from .membership import gradvar_check, membership_check
 from .result import CheckResult, Diagnosis
-from .transport import pairing_check, transport_check
-from .verdict import DECISIVE, FAR_FROM_DATA_FACTOR, INFORMATIONAL, SUPPORTING, decide, thresholds
+from .transport import map_check, pairing_check, transport_check
+from .verdict import (DECISIVE, FAR_FROM_DATA_FACTOR, INFORMATIONAL, MAP_LEARNED_SHARE, SUPPORTING, decide,
+                      thresholds)
 
 __all__ = ["diagnose", "DiagnoseOptions", "CHECKS"]
 
 #: The checks, in the order they run.
-CHECKS = ("copies", "membership", "gradvar", "pairing", "transport")
+CHECKS = ("copies", "membership", "gradvar", "pairing", "map", "transport")
 
 Progress = Callable[[str, int, int], None]
 
@@ -132,6 +140,7 @@ def _rms(x: Tensor) -> float:
 
 
 def diagnose(net, train: Tensor | None = None, heldout: Tensor | None = None, *, pairs: PairSet | None = None,
+             heldout_pairs: PairSet | None = None,
              path: ProbabilityPath | None = None, source=None, features: Callable[[Tensor], Tensor] | None = None,
              options: DiagnoseOptions | None = None, progress: Progress | None = None, device=None,
              model_info: dict | None = None, data_info: dict | None = None) -> Diagnosis:
@@ -139,7 +148,8 @@ def diagnose(net, train: Tensor | None = None, heldout: Tensor | None = None, *,
 
     ``train``: the training samples (N, ...) (with ``pairs`` and no ``train``, the pairs' targets); ``heldout``:
     real samples from the same distribution the net never saw; ``pairs``: the training pairs of a paired run;
-    ``path``: the path the net was trained on (default linear); ``source``: a sampler of the source (default
+    ``heldout_pairs``: held-out pairs of the map the training ``pairs`` come from (instead of ``heldout``; module
+    docstring); ``path``: the path the net was trained on (default linear); ``source``: a sampler of the source (default
     N(0, I) of the sample shape); ``features``: an optional feature map for a second copies check. Tensors are
     moved to ``device`` (default: the net's). Returns a :class:`~flowprobe.diagnosis.result.Diagnosis`.
     """
@@ -152,6 +162,15 @@ def diagnose(net, train: Tensor | None = None, heldout: Tensor | None = None, *,
     device = torch.device(device)
     if train is None and pairs is None:
         raise ValueError("diagnose needs training samples (train) or training pairs (pairs)")
+    if heldout_pairs is not None:
+        if pairs is None or heldout is not None:
+            raise ValueError("heldout_pairs needs the training pairs (pairs) and replaces heldout: give one of them")
+        if heldout_pairs.x0.shape[1:] != pairs.x0.shape[1:]:
+            raise ValueError(f"held-out pairs have shape {tuple(heldout_pairs.x0.shape[1:])}, the training pairs "
+                             f"{tuple(pairs.x0.shape[1:])}")
+        heldout_pairs = PairSet(heldout_pairs.x0.to(device, torch.float32), heldout_pairs.x1.to(device, torch.float32),
+                                {}, heldout_pairs.metadata)
+        heldout = heldout_pairs.x1
     if pairs is not None:
         partners = {"assigned": torch.arange(pairs.x0.shape[0]), **pairs.partners}  # x0[i] is paired with x1[i]
         pairs = PairSet(pairs.x0.to(device), pairs.x1.to(device), {k: v.to(device) for k, v in partners.items()},
@@ -170,13 +189,16 @@ def diagnose(net, train: Tensor | None = None, heldout: Tensor | None = None, *,
         net.eval()
     wanted = set(options.checks)
     _copies(net, train, heldout, source, features, options, run, checks, artifacts, device, wanted)
-    _membership(net, path, source, train, heldout, pairs, options, run, checks, device, wanted)
-    _pairing_and_transport(net, train, pairs, source, options, run, checks, artifacts, device, wanted)
+    _membership(net, path, source, train, heldout, pairs, heldout_pairs, options, run, checks, device, wanted)
+    _pairing_and_map(net, pairs, heldout_pairs, options, run, checks, artifacts, device, wanted)
+    _transport(net, train, source, options, run, checks, device, wanted)
     settings = {**options.to_dict(), "path": path.describe() if hasattr(path, "describe") else str(path),
                 "device": str(device), "thresholds": thresholds(),
                 "source": source.describe() if hasattr(source, "describe") else type(source).__name__}
     data = {"train_samples": int(train.shape[0]), "heldout_samples": None if heldout is None else int(heldout.shape[0]),
-            "pairs": None if pairs is None else int(pairs.x0.shape[0]), "sample_shape": list(shape),
+            "pairs": None if pairs is None else int(pairs.x0.shape[0]),
+            "heldout_pairs": None if heldout_pairs is None else int(heldout_pairs.x0.shape[0]),
+            "sample_shape": list(shape),
             **(data_info or {})}
     ordered = {name: checks[name] for name in CHECKS if name in checks}
     return Diagnosis(decide(list(ordered.values())), ordered, dict(model_info or {}), data, settings,
@@ -196,6 +218,11 @@ def _warnings(checks: dict[str, CheckResult]) -> list[str]:
             out.append(f"generated samples lie far from the data (median nearest-training distance {gen_d:.3g}, "
                        f"{gen_d / ref_d:.1f}x that of real samples): the model may be undertrained or mis-specified "
                        f"(path, source, data scaling); 'generalises' would only mean 'does not copy'")
+    mapped = checks.get("map")
+    if mapped is not None and mapped.ran and mapped.evidence["landed_heldout"] < MAP_LEARNED_SHARE:
+        out.append(f"only {mapped.evidence['landed_heldout']:.1%} of the held-out sources of the map land on their "
+                   f"partners (under {MAP_LEARNED_SHARE:.0%}): the net has not learned the map; a map vote of "
+                   f"'generalises' would only mean 'does not reproduce its training pairs better'")
     transport = checks.get("transport")
     if transport is not None and transport.ran and transport.evidence.get("non_finite_end_points"):
         out.append(f"{transport.evidence['non_finite_end_points']} transport end points are not finite")
@@ -233,9 +260,11 @@ def _copies(net, train, heldout, source, features, options, run, checks, artifac
                       "heldout": reference.cpu()})
 
 
-def _membership(net, path, source, train, heldout, pairs, options, run, checks, device, wanted) -> None:
+def _membership(net, path, source, train, heldout, pairs, heldout_pairs, options, run, checks, device,
+                wanted) -> None:
     no_heldout = "needs held-out samples (--heldout): the training samples alone have nothing to be compared with"
     train_sources = None if pairs is None else pairs.x0.to(device, torch.float32)
+    held_sources = None if heldout_pairs is None else heldout_pairs.x0
     x1 = train if pairs is None else pairs.x1.to(device, torch.float32)
     for name in ("membership", "gradvar"):
         if name not in wanted:
@@ -247,31 +276,48 @@ def _membership(net, path, source, train, heldout, pairs, options, run, checks, 
             checks["membership"] = membership_check(
                 net, path, source, x1, heldout, train_sources=train_sources, times=options.membership_times,
                 n_max=options.membership_samples, repeats=options.membership_repeats,
-                generator=_generator(options.seed, 3, device), batch_size=options.batch_size, progress=run.progress)
+                generator=_generator(options.seed, 3, device), batch_size=options.batch_size, progress=run.progress,
+                heldout_sources=held_sources)
     if "gradvar" not in checks:
         with run.stage("gradient variance"):
             try:
                 checks["gradvar"] = gradvar_check(net, path, source, x1, heldout, train_sources=train_sources,
                                                   times=options.gradvar_times, n_samples=options.gradvar_samples,
-                                                  method=options.gradvar_method, seed=options.seed)
+                                                  method=options.gradvar_method, seed=options.seed,
+                                                  heldout_sources=held_sources)
             except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:  # a net torch.func cannot map
                 first = (str(e).strip().splitlines() or [""])[0]
                 checks["gradvar"] = CheckResult.skipped("gradvar", SUPPORTING, f"per-sample gradients failed: "
                                                         f"{type(e).__name__}: {first}")
 
 
-def _pairing_and_transport(net, train, pairs, source, options, run, checks, artifacts, device, wanted) -> None:
+def _pairing_and_map(net, pairs, heldout_pairs, options, run, checks, artifacts, device, wanted) -> None:
+    solver = {"method": options.solver, "steps": options.steps, "batch_size": options.batch_size, "device": device}
     if "pairing" not in wanted:
         checks["pairing"] = CheckResult.skipped("pairing", DECISIVE, "not requested")
     elif pairs is None:
         checks["pairing"] = CheckResult.skipped("pairing", DECISIVE, "needs a pairs file (--pairs; paired training)")
     else:
         with run.stage("pairing"):
-            checks["pairing"], endpoints, used = pairing_check(net, pairs, n_max=options.pairs_max,
-                                                               method=options.solver, steps=options.steps,
-                                                               batch_size=options.batch_size, device=device)
+            checks["pairing"], endpoints, used = pairing_check(net, pairs, n_max=options.pairs_max, **solver)
         artifacts["pairing"] = {"endpoints": endpoints.cpu(), "targets": used.x1.cpu(),
                                 "partners": {k: v.cpu() for k, v in used.partners.items()}}
+        if heldout_pairs is not None:  # pairs of a map: reproducing the partners is the job, the map check votes
+            c = checks["pairing"]
+            checks["pairing"] = CheckResult("pairing", INFORMATIONAL, True, None, c.summary, "does not vote: the pairs "
+                                            "come from a map, whose partners the net is meant to reproduce (the map "
+                                            "check votes)", c.evidence, c.thresholds)
+    if "map" not in wanted:
+        checks["map"] = CheckResult.skipped("map", DECISIVE, "not requested")
+    elif pairs is None or heldout_pairs is None:
+        checks["map"] = CheckResult.skipped("map", DECISIVE, "needs training pairs of a deterministic map and held-out "
+                                            "pairs of the same map (--heldout PAIRS_FILE)")
+    else:
+        with run.stage("map"):
+            checks["map"], artifacts["map"] = map_check(net, pairs, heldout_pairs, n_max=options.pairs_max, **solver)
+
+
+def _transport(net, train, source, options, run, checks, device, wanted) -> None:
     if "transport" not in wanted:
         checks["transport"] = CheckResult.skipped("transport", INFORMATIONAL, "not requested")
         return

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 from ..io import atomic_write, write_json
-from ..report.diagnosis import (plot_copies_images, plot_copies_scatter, plot_gradvar, plot_membership,
-                                plot_ratio_histogram)
+from ..report.diagnosis import (plot_copies_images, plot_copies_scatter, plot_gradvar, plot_map_errors,
+                                plot_membership, plot_ratio_histogram)
 from ..report.probes import plot_pairing_histograms
 from .result import Diagnosis
 from .verdict import COPY_THRESHOLD, MEMBERSHIP_AUC_MARGIN
@@ -120,6 +120,10 @@ def _figures(diagnosis: Diagnosis, out: Path) -> dict[str, list[str]]:
     if pairing is not None:
         figs["pairing"] = [plot_pairing_histograms(pairing["endpoints"], pairing["targets"], pairing["partners"],
                                                    out / "pairing.png").name]
+    mapped, map_check = art.get("map"), diagnosis.checks.get("map")
+    if mapped is not None and map_check is not None and map_check.ran:
+        figs["map"] = [plot_map_errors(out / "map.png", mapped["train"]["errors"], mapped["heldout"]["errors"],
+                                       map_check.evidence["tolerance"]).name]
     gv = diagnosis.checks.get("gradvar")
     if gv is not None and gv.ran and gv.evidence.get("rows"):
         figs["gradvar"] = [plot_gradvar(out / "gradvar.png", gv.evidence["rows"]).name]

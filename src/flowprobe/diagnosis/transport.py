@@ -1,4 +1,5 @@
-"""Checks 4 and 5: where the training sources go (paired training), and how well the field transports.
+"""Checks 4 to 6: where the training sources go (paired training; pairs of a map with held-out pairs), and how well
+the field transports.
 
 Pairing (check 4, with a pairs file). Every training source x0_i is integrated to x_hat_i and matched to its
 nearest training target (:func:`flowprobe.probes.memorization.evaluate_pairs`). The recall of the training
@@ -8,7 +9,15 @@ up to :data:`PAIRING_OT_MAX_PAIRS` pairs). A net that reproduces its training pa
 partner; one that learned a transport map lands near its OT partner, or on neither. The vote is on the contested
 pairs (training partner != OT partner): the training-partner recall there against chance, 1/N.
 
-Transport (check 5, informational). Straightness S = E int_0^1 ||(x1 - x0) - v(t, x_t)||^2 dt along the net's own
+Map (check 5, with held-out pairs of a deterministic map x1 = G(x0), such as reflow's (x0, Phi(x0))). A net
+trained on such pairs is meant to reproduce its partners: that is the map. What it should not do is reproduce them
+*only* for its training sources. The training sources and the held-out sources are integrated, and each lands on
+its partner when its end point is within MAP_TOLERANCE x the root-mean-square norm of the training targets. The
+vote is on the excess share of training over held-out sources that land (Newcombe interval; when every training
+pair was integrated, their share is a fact and the interval is the held-out share's). A net that learned the map
+lands both alike (or, undertrained, neither); one that locked onto its pairs lands the training sources only.
+
+Transport (check 6, informational). Straightness S = E int_0^1 ||(x1 - x0) - v(t, x_t)||^2 dt along the net's own
 trajectories (:func:`flowprobe.probes.straightness.straightness_from_trajectory`), and solver agreement: the
 fraction of sources whose end points under two solvers are within TRANSPORT_TOLERANCE x the root-mean-square norm
 of the data (:func:`flowprobe.probes.consistency.endpoint_distance`). A smooth field gives agreement near 1; an
@@ -26,12 +35,13 @@ from ..couplings import ot_permutation
 from ..probes.consistency import endpoint_distance, parse_solver
 from ..probes.memorization import PairSet, evaluate_pairs, limit_pairs
 from ..probes.straightness import straightness_from_trajectory
-from ..solvers import integrate
+from ..solvers import integrate, push_forward
 from .result import CheckResult
-from .stats import wilson_interval
-from .verdict import DECISIVE, INFORMATIONAL, MIN_SAMPLES, PAIRING_EXCESS_MARGIN, TRANSPORT_TOLERANCE, pairing_vote
+from .stats import newcombe_interval, wilson_interval
+from .verdict import (DECISIVE, INFORMATIONAL, MAP_TOLERANCE, MIN_SAMPLES, PAIRING_EXCESS_MARGIN, TRANSPORT_TOLERANCE,
+                      map_vote, pairing_vote)
 
-__all__ = ["pairing_check", "transport_check", "PAIRING_OT_MAX_PAIRS"]
+__all__ = ["pairing_check", "map_check", "transport_check", "PAIRING_OT_MAX_PAIRS"]
 
 #: Largest number of pairs for which the OT partner is solved here when the pairs file has no ``ot_index``.
 PAIRING_OT_MAX_PAIRS = 4096
@@ -80,6 +90,42 @@ def pairing_check(net, pairs: PairSet, *, n_max: int = 1000, method: str = "eule
                 "chance": chance, "excess": assigned[0] - chance, "metrics": metrics, "notes": notes}
     check = CheckResult("pairing", DECISIVE, True, vote.vote, summary, vote.reason, evidence, thresholds)
     return check, endpoints, pairs
+
+
+def map_check(net, pairs: PairSet, heldout_pairs: PairSet, *, n_max: int = 1000, method: str = "euler",
+              steps: int = 100, batch_size: int = 500, device=None) -> tuple[CheckResult, dict]:
+    """The map check (module docstring) on the first ``n_max`` training pairs and held-out pairs; returns (the check,
+    the end points and per-source errors of both groups)."""
+    device = pairs.x0.device if device is None else device
+    n_all = pairs.x0.shape[0]
+    scale = float(pairs.x1.reshape(n_all, -1).double().pow(2).sum(1).mean().sqrt())
+    tol = MAP_TOLERANCE * scale
+    out, counts = {}, {}
+    for name, ps in (("train", pairs), ("heldout", heldout_pairs)):
+        x0, x1 = ps.x0[:n_max].to(device, torch.float32), ps.x1[:n_max].to(device, torch.float32)
+        end = push_forward(net, x0, method=method, steps=steps, batch_size=batch_size)
+        err = (end - x1).reshape(x1.shape[0], -1).double().norm(dim=1).cpu()
+        out[name] = {"endpoints": end.cpu(), "errors": err}
+        counts[name] = (int((err <= tol).sum()), int(err.numel()))
+    (k_tr, n_tr), (k_ho, n_ho) = counts["train"], counts["heldout"]
+    whole = n_tr == n_all
+    excess, lower, upper = newcombe_interval(k_tr, n_tr, k_ho, n_ho)
+    if whole:  # the training share is a fact: the interval is the held-out share's alone
+        lo_ho, hi_ho = wilson_interval(k_ho, n_ho)
+        lower, upper = excess - (hi_ho - k_ho / n_ho), excess + (k_ho / n_ho - lo_ho)
+    vote = map_vote(n_tr, n_ho, whole, excess, lower, upper)
+    med = {k: float(v["errors"].median()) / scale if scale > 0 else float("nan") for k, v in out.items()}
+    summary = (f"{k_tr / n_tr:.1%} of {n_tr} training sources and {k_ho / n_ho:.1%} of {n_ho} held-out sources of the "
+               f"map land within {MAP_TOLERANCE} x RMS norm of their partners (excess {excess:+.3f})")
+    evidence = {"n_train_pairs": n_tr, "n_heldout_pairs": n_ho, "all_training_pairs": whole, "solver": method,
+                "steps": steps, "tolerance": tol, "data_rms": scale, "landed_train": k_tr / n_tr,
+                "landed_heldout": k_ho / n_ho, "landed_heldout_interval": list(wilson_interval(k_ho, n_ho)),
+                "excess": excess, "excess_interval": [lower, upper], "median_relative_error_train": med["train"],
+                "median_relative_error_heldout": med["heldout"]}
+    check = CheckResult("map", DECISIVE, True, vote.vote, summary, vote.reason, evidence,
+                        {"map_tolerance": MAP_TOLERANCE, "pairing_excess_margin": PAIRING_EXCESS_MARGIN,
+                         "min_samples": MIN_SAMPLES})
+    return check, out
 
 
 def transport_check(net, x0: Tensor, data_rms: float, *, solvers=("rk4:8", "rk4:32")) -> CheckResult:

@@ -4,9 +4,10 @@ Every threshold is a module-level constant below, fixed before looking at any on
 the reasons). Each check votes ``memorises``, ``generalises`` or nothing (``None``: the evidence is too weak, or
 the check did not run), and carries a role:
 
-- decisive (``copies``, ``pairing``): direct evidence. A generated sample that is a copy of a training sample, or
-  a training source carried to its own training partner rather than to its optimal-transport partner, is
-  memorisation by definition.
+- decisive (``copies``, ``pairing``, ``map``): direct evidence. A generated sample that is a copy of a training
+  sample, a training source carried to its own training partner rather than to its optimal-transport partner, or
+  (pairs of a deterministic map, with held-out pairs of the same map) training sources carried to their partners
+  far more often than held-out sources are, is memorisation by definition.
 - supporting (``membership``, ``gradvar``): indirect evidence. A lower loss or a collapsed gradient variance on
   the training samples shows the net fits them better than fresh samples, which goes with memorisation but also
   with mere overfitting.
@@ -30,10 +31,11 @@ from ..probes.memorization import COPY_THRESHOLD
 from .stats import normal_quantile
 
 __all__ = ["MIN_SAMPLES", "CONFIDENCE", "COPY_THRESHOLD", "COPY_EXCESS_MARGIN", "MEMBERSHIP_AUC_MARGIN",
-           "GRADVAR_COLLAPSE_RATIO", "GRADVAR_PARITY_RATIO", "PAIRING_EXCESS_MARGIN",
+           "GRADVAR_COLLAPSE_RATIO", "GRADVAR_PARITY_RATIO", "PAIRING_EXCESS_MARGIN", "MAP_TOLERANCE",
+           "MAP_LEARNED_SHARE",
            "TRANSPORT_TOLERANCE", "FAR_FROM_DATA_FACTOR", "MEMORISES", "GENERALISES", "INCONCLUSIVE", "DECISIVE",
            "SUPPORTING", "INFORMATIONAL", "Vote", "Verdict", "copies_vote", "membership_vote", "gradvar_vote",
-           "pairing_vote", "decide", "interval_z", "thresholds"]
+           "pairing_vote", "map_vote", "decide", "interval_z", "thresholds"]
 
 MEMORISES, GENERALISES, INCONCLUSIVE = "memorises", "generalises", "inconclusive"
 DECISIVE, SUPPORTING, INFORMATIONAL = "decisive", "supporting", "informational"
@@ -61,6 +63,15 @@ GRADVAR_PARITY_RATIO = 0.5
 PAIRING_EXCESS_MARGIN = 0.05
 #: Solver agreement tolerance, as a fraction of the root-mean-square norm of the data (informational).
 TRANSPORT_TOLERANCE = 0.1
+#: The map check (pairs of a deterministic map x1 = G(x0), with held-out pairs of the same map): a source lands on
+#: its partner when its end point is within this fraction of the root-mean-square norm of the training targets (the
+#: transport check's tolerance). The check decides memorisation when the share of training sources that land on
+#: their partners exceeds the share of held-out sources by more than PAIRING_EXCESS_MARGIN, with the whole interval
+#: of the excess above it, and generalisation when the whole interval lies below it.
+MAP_TOLERANCE = TRANSPORT_TOLERANCE
+#: A warning (not a vote) when fewer than this share of the held-out sources of a map land on their partners: the
+#: net has not learned the map, and the map check's "generalises" only means it does not favour its training pairs.
+MAP_LEARNED_SHARE = 0.5
 #: A warning (not a vote) when the generated samples' median distance to the training set exceeds this multiple of
 #: the held-out samples': "generalises" then only means "does not copy"; the samples may be poor.
 FAR_FROM_DATA_FACTOR = 3.0
@@ -71,7 +82,8 @@ def thresholds() -> dict:
     return {"min_samples": MIN_SAMPLES, "confidence": CONFIDENCE, "copy_ratio_threshold": COPY_THRESHOLD,
             "copy_excess_margin": COPY_EXCESS_MARGIN, "membership_auc_margin": MEMBERSHIP_AUC_MARGIN,
             "gradvar_collapse_ratio": GRADVAR_COLLAPSE_RATIO, "gradvar_parity_ratio": GRADVAR_PARITY_RATIO,
-            "pairing_excess_margin": PAIRING_EXCESS_MARGIN,
+            "pairing_excess_margin": PAIRING_EXCESS_MARGIN, "map_tolerance": MAP_TOLERANCE,
+            "map_learned_share": MAP_LEARNED_SHARE,
             "transport_tolerance": TRANSPORT_TOLERANCE, "far_from_data_factor": FAR_FROM_DATA_FACTOR}
 
 
@@ -154,6 +166,22 @@ def pairing_vote(n: int, chance: float, assigned: tuple[float, float, float],
     return Vote(None, f"{span}: the excess over chance straddles the margin {PAIRING_EXCESS_MARGIN}")
 
 
+def map_vote(n_train: int, n_heldout: int, whole: bool, excess: float, lower: float, upper: float) -> Vote:
+    """Map: the interval [lower, upper] of the excess share of training sources over held-out sources that land on
+    their partners, against :data:`PAIRING_EXCESS_MARGIN`. ``whole``: the training pairs are all the net trained on,
+    so their share is a fact and only the held-out share needs :data:`MIN_SAMPLES`."""
+    n_min = n_heldout if whole else min(n_train, n_heldout)
+    if n_min < MIN_SAMPLES:
+        return Vote(None, f"too few {'held-out ' if whole else ''}pairs ({n_min} < {MIN_SAMPLES})")
+    span = f"excess {excess:+.3f}, {CONFIDENCE:.0%} interval [{lower:+.3f}, {upper:+.3f}]"
+    if lower > PAIRING_EXCESS_MARGIN:
+        return Vote(MEMORISES, f"{span} lies above the margin {PAIRING_EXCESS_MARGIN}: the net carries its training "
+                               f"sources to their partners, not the map's held-out sources")
+    if upper < PAIRING_EXCESS_MARGIN:
+        return Vote(GENERALISES, f"{span} lies below the margin {PAIRING_EXCESS_MARGIN}")
+    return Vote(None, f"{span} straddles the margin {PAIRING_EXCESS_MARGIN}")
+
+
 @dataclass
 class Verdict:
     """``label`` (memorises / generalises / inconclusive), the checks that ``decided`` it, those that ``support``
@@ -190,7 +218,7 @@ def decide(checks) -> Verdict:
         return Verdict(MEMORISES, by, names(supporting, MEMORISES),
                        names(ran, GENERALISES), f"{' and '.join(by)} found direct evidence of memorisation")
     if not decisive:
-        return Verdict(INCONCLUSIVE, [], [], [], "no decisive check (copies, pairing) could run")
+        return Verdict(INCONCLUSIVE, [], [], [], "no decisive check (copies, pairing, map) could run")
     open_checks = [c.name for c in decisive if c.vote is None]
     if open_checks:
         return Verdict(INCONCLUSIVE, [], names(supporting, MEMORISES) or names(supporting, GENERALISES), [],

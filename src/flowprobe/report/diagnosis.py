@@ -84,6 +84,25 @@ def plot_ratio_histogram(path: str | Path, ratios: Tensor, reference_ratios: Ten
     return save_figure(fig, path)
 
 
+def plot_map_errors(path: str | Path, train_errors: Tensor, heldout_errors: Tensor, tolerance: float) -> Path:
+    """Histograms (log scale) of ||Phi(x0) - x1|| for the training pairs and the held-out pairs of the map, with the
+    tolerance under which a source lands on its partner."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    vals = [v.detach().double().cpu().numpy() for v in (train_errors, heldout_errors)]
+    positive = np.concatenate(vals)
+    positive = positive[positive > 0]
+    lo = max(positive.min() if positive.size else tolerance / 100, tolerance / 1e4)
+    hi = max(positive.max() if positive.size else tolerance * 10, tolerance * 2)
+    bins = np.geomspace(lo, hi, 41)
+    for v, label in zip(vals, ("training pairs", "held-out pairs")):
+        ax.hist(np.clip(v, lo, hi), bins=bins, alpha=0.55, density=False, weights=np.full(v.size, 1 / max(v.size, 1)),
+                label=f"{label} (landed {(v <= tolerance).mean():.1%})")
+    ax.axvline(tolerance, color="red", ls="--", lw=1, label=f"tolerance {tolerance:.3g}")
+    ax.set(xscale="log", xlabel="||Phi(x0) - x1|| (end point to partner)", ylabel="share of sources")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
 def _col(rows: Sequence[dict], key: str) -> np.ndarray:
     return np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=float)
 
