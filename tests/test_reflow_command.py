@@ -17,7 +17,7 @@ from flowprobe.probes.memorization import load_pairs, save_pairs
 from flowprobe.runs.config import TrainConfig
 from flowprobe.runs.jobs import train_from_config
 from flowprobe.runs.load import checkpoint_config, load_model
-from flowprobe.runs.reflow import pairs_seed_stream
+from flowprobe.runs.reflow import HELDOUT_PAIRS, heldout_seed_stream, pairs_seed_stream
 from flowprobe.seeds import seeded_generator
 from flowprobe.solvers import push_forward
 
@@ -65,19 +65,27 @@ def test_reflow_command_rounds(base_run, tmp_path, capsys):
         # the round trained on exactly these pairs with the run's config
         run_cfg = checkpoint_config(load_model(out / f"round-{k}")[1])
         assert run_cfg.data.pairs == str((out / f"round-{k}" / "pairs.safetensors").resolve())
+        # held-out pairs of the same map: other seeded sources, the same push-forward, named in the round's config
+        held = load_pairs(out / f"round-{k}" / "heldout_pairs.safetensors")
+        h0, _ = source.sample(HELDOUT_PAIRS, seeded_generator(0, heldout_seed_stream(k)))
+        assert torch.equal(held.x0, h0) and not torch.equal(h0[:256], x0)
+        assert torch.equal(held.x1, push_forward(net, h0, method=cfg.sample.solver, steps=cfg.sample.steps))
+        assert run_cfg.data.heldout_pairs == str((out / f"round-{k}" / "heldout_pairs.safetensors").resolve())
         assert run_cfg.coupling.kind == "fixed_pairs" and run_cfg.model == cfg.model and run_cfg.model.init is None
         previous = out / f"round-{k}"
     # rectification straightens: the independent-coupling flow bends, its 1-rectified flow much less
     assert rows[1]["straightness"] < rows[0]["straightness"] / 4
     assert all(r["energy_distance"] < r["energy_distance_source"] / 4 for r in rows)  # every round still samples
-    # diagnosing a round: its pairs are the training set; nothing here is held out from the law of its targets
+    # diagnosing a round: its pairs are the training set, its held-out pairs of the same map the held-out data
     from flowprobe.diagnosis import DiagnoseOptions
     from flowprobe.runs.diagnose import diagnose as diagnose_run
 
     d = diagnose_run(out / "round-1", device="cpu", options=DiagnoseOptions(
         n_generate=64, steps=8, membership_samples=32, gradvar_samples=8, pairs_max=64, transport_samples=16))
-    assert "pairs file" in d.data["heldout"]["source"] and "--heldout" in d.data["heldout"]["source"]
-    assert d.checks["pairing"].ran and not d.checks["membership"].ran and d.data["pairs"] == 256
+    assert "held-out pairs of the run's map" in d.data["heldout"]["source"] and d.data["heldout_pairs"] == HELDOUT_PAIRS
+    assert d.checks["map"].ran and d.checks["map"].evidence["n_heldout_pairs"] == 64
+    assert d.checks["membership"].evidence["heldout_pairs"] and d.checks["pairing"].vote is None
+    assert d.data["pairs"] == 256
 
 
 def test_init_previous_starts_from_the_previous_weights(base_run, tmp_path):
@@ -96,7 +104,9 @@ def test_init_previous_starts_from_the_previous_weights(base_run, tmp_path):
     (["--pairs", "8", "--rounds", "0"], "--rounds: need 1 to 100 rounds"),
     (["--pairs", "8", "--rounds", "1", "--set", "nonsense=3"], "nonsense"),
     (["--pairs", "8", "--rounds", "1", "--set", "data.pairs=x.safetensors"], "set by reflow"),
-    (["--pairs", "8", "--rounds", "1", "--set", "watch.every=50"], "watch is not supported on reflow rounds"),
+    (["--pairs", "8", "--rounds", "1", "--set", "watch.every=50", "--heldout-pairs", "0"],
+     "needs held-out pairs of the map"),
+    (["--pairs", "8", "--rounds", "1", "--heldout-pairs", "1"], "--heldout-pairs: need 0 (none) or at least 2"),
 ])
 def test_bad_input_exits_2_with_one_line(base_run, tmp_path, capsys, args, message):
     assert main(["reflow", str(base_run), "--out", str(tmp_path / "o"), "--device", "cpu", *args]) == 2
@@ -205,7 +215,7 @@ def test_reflow_of_an_image_run(image_run, tmp_path, capsys):
     base_run, tar, pixels = image_run
     out = tmp_path / "reflow"
     assert main(["reflow", str(base_run), "--pairs", "16", "--rounds", "2", "--out", str(out), "--set", "steps=10",
-                 "--init", "previous", "--device", "cpu"]) == 0
+                 "--init", "previous", "--heldout-pairs", "40", "--device", "cpu"]) == 0
     assert "| 2 |" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     rows = results["per_round"]
@@ -232,6 +242,12 @@ def test_reflow_of_an_image_run(image_run, tmp_path, capsys):
         # the round is the base run's config on these pairs, from the previous round's weights
         run_cfg = checkpoint_config(load_model(out / f"round-{k}")[1])
         assert run_cfg.data.pairs == str((out / f"round-{k}" / "pairs.safetensors").resolve())
+        # held-out pairs of the same map: other seeded noises, the same push-forward
+        held = load_pairs(out / f"round-{k}" / "heldout_pairs.safetensors")
+        h0 = torch.randn(40, 3, 8, 8, generator=seeded_generator(0, heldout_seed_stream(k)))
+        assert torch.equal(held.x0, h0)
+        torch.testing.assert_close(held.x1, _euler(net, h0, 4), rtol=1e-5, atol=1e-5)
+        assert run_cfg.data.heldout_pairs == str((out / f"round-{k}" / "heldout_pairs.safetensors").resolve())
         assert run_cfg.coupling.kind == "fixed_pairs" and run_cfg.data.dataset == str(tar)
         assert run_cfg.model.arch == "mlp" and run_cfg.model.width == 32
         assert run_cfg.model.init == str(ck.path.resolve())
@@ -261,14 +277,69 @@ def test_image_pairs_of_the_wrong_shape_exit_2(image_run, tmp_path, capsys):
         from_dict(TrainConfig, {"data": {"kind": "array", "target_path": "x.npy", "pairs": "p.safetensors"}})
 
 
-def test_a_base_runs_watch_is_not_carried_into_reflow_rounds(base_run, tmp_path):
-    """A base run trained with the memorisation watch: its reflow rounds train without it (their pairs are a map's,
-    which the watch would read as memorised), and the base config itself is left as it was."""
+def test_a_base_runs_watch_goes_into_reflow_rounds_with_heldout_pairs(base_run, tmp_path):
+    """A base run trained with the memorisation watch: its reflow rounds carry it when they have held-out pairs of
+    their map, and train without it when they have none (the watch would then compare the map's pairs with fresh
+    draws and read the map as memorised); the base config itself is left as it was."""
     from flowprobe.runs.reflow import round_config
 
     base = from_dict(TrainConfig, {**BASE, "watch": {"every": 100}})
     pairs = save_pairs(tmp_path / "pairs.safetensors", torch.randn(16, 2), torch.randn(16, 2))
+    held = save_pairs(tmp_path / "held.safetensors", torch.randn(40, 2), torch.randn(40, 2))
+    cfg = round_config(base, pairs, None, [], held)
+    assert cfg.watch.every == 100 and cfg.data.heldout_pairs == str(held.resolve())
     cfg = round_config(base, pairs, None, [])
     assert base.watch.every == 100 and cfg.watch.every is None and cfg.coupling.kind == "fixed_pairs"
-    with pytest.raises(ConfigError, match="watch is not supported on reflow rounds"):
+    with pytest.raises(ConfigError, match="needs held-out pairs of the map"):
         round_config(base, pairs, None, ["watch.every=100"])
+    with pytest.raises(ConfigError, match="set by reflow"):
+        round_config(base, pairs, None, ["data.heldout_pairs=other.safetensors"], held)
+    with pytest.raises(ConfigError, match="data.heldout_pairs: held-out pairs of a map go with its training pairs"):
+        from_dict(TrainConfig, {**BASE, "data": {**BASE["data"], "heldout_pairs": str(held)}})
+
+
+def test_the_watch_on_a_reflow_round_reads_its_heldout_pairs(base_run, tmp_path):
+    """``flowprobe reflow --set watch.every=K``: the round's watch compares its training pairs with the held-out pairs
+    of the same map (their targets and their own sources), and writes its readings to the round's log."""
+    from flowprobe.couplings import FixedPairs
+    from flowprobe.runs.hooks import config_watch
+
+    out = tmp_path / "reflow"
+    assert main(["reflow", str(base_run), "--pairs", "64", "--rounds", "1", "--out", str(out), "--heldout-pairs", "48",
+                 "--set", "steps=40", "--set", "watch.every=20", "--device", "cpu", "--eval-n", "64"]) == 0
+    cfg = checkpoint_config(load_model(out / "round-1")[1])
+    events = [json.loads(line) for line in (out / "round-1" / "metrics.jsonl").read_text().splitlines()]
+    readings = [e for e in events if e.get("event") == "watch"]
+    assert [r["step"] for r in readings] == [20, 40] and all(r["auc"] is not None for r in readings)
+    train, held = load_pairs(cfg.data.pairs), load_pairs(cfg.data.heldout_pairs)
+    watch = config_watch(cfg, FixedPairs(train.x0, train.x1), None, None, None, tmp_path / "log.jsonl", "cpu")
+    assert watch.heldout_sources_probe is not None
+    # every held-out probe row is a held-out pair (its target and its own source), never a training pair
+    rows = [(a.tolist(), b.tolist()) for a, b in zip(held.x0, held.x1)]
+    assert all((s.tolist(), x.tolist()) in rows for s, x in zip(watch.heldout_sources_probe, watch.heldout_probe))
+
+
+def test_diagnose_command_takes_heldout_pairs(base_run, tmp_path, capsys):
+    """``flowprobe diagnose ROUND --heldout PAIRS``: the map check runs on the given held-out pairs; held-out pairs
+    for a model without training pairs exit 2 with one line."""
+    out = tmp_path / "reflow"
+    assert main(["reflow", str(base_run), "--pairs", "64", "--rounds", "1", "--out", str(out), "--heldout-pairs", "0",
+                 "--set", "steps=40", "--device", "cpu", "--eval-n", "64"]) == 0
+    assert not (out / "round-1" / "heldout_pairs.safetensors").exists()
+    cfg = checkpoint_config(load_model(out / "round-1")[1])
+    h0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(5))
+    base_net, _ = load_model(base_run)
+    held = save_pairs(tmp_path / "held.safetensors", h0, push_forward(base_net, h0, method=cfg.sample.solver,
+                                                                      steps=cfg.sample.steps))
+    capsys.readouterr()
+    fast = ["--samples", "64", "--steps", "8", "--membership-samples", "32", "--gradvar-samples", "8",
+            "--device", "cpu"]
+    assert main(["diagnose", str(out / "round-1"), "--heldout", str(held), "--out", str(tmp_path / "d"), *fast]) == 0
+    result = json.loads((tmp_path / "d" / "results.json").read_text())
+    assert result["checks"]["map"]["ran"] and result["checks"]["map"]["evidence"]["n_heldout_pairs"] == 64
+    assert result["data"]["heldout_pairs"] == 64 and (tmp_path / "d" / "map.png").is_file()
+    capsys.readouterr()
+    assert main(["diagnose", str(base_run), "--train", "moons:100", "--heldout", str(held), "--out",
+                 str(tmp_path / "e"), *fast]) == 2
+    err = capsys.readouterr().err
+    assert "held-out pairs of a map need the training pairs" in err and err.count("\n") == 1

@@ -40,7 +40,9 @@ def register(subparsers) -> None:
     p.add_argument("--train", default=None, metavar="DATA",
                    help="training data: folder, tar, .npy/.npz/.safetensors, cifar10, celeba64, moons:2000, or a pairs "
                         "file (default for a flowprobe run: its own training set)")
-    p.add_argument("--heldout", default=None, metavar="DATA", help="real samples the model never saw (same forms)")
+    p.add_argument("--heldout", default=None, metavar="DATA",
+                   help="real samples the model never saw (same forms), or, for a model trained on pairs of a map "
+                        "(reflow), a pairs file of held-out pairs of the same map")
     p.add_argument("--pairs", default=None, metavar="FILE", help="pairs file of a paired run (probes.memorization)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--adapter", default=None, choices=tuple(ADAPTER_MODEL_OPTION),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from ..runs.reflow import INIT_CHOICES, ReflowOptions, reflow, reflow_table
+from ..runs.reflow import HELDOUT_PAIRS, INIT_CHOICES, ReflowOptions, reflow, reflow_table
 
 __all__ = ["register", "run_reflow"]
 
@@ -34,6 +34,9 @@ def register(subparsers) -> None:
                    help="override a value of every round's training config, e.g. --set steps=5000 (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated pairs' sources and the evaluation")
     p.add_argument("--eval-n", type=int, default=None, help="evaluation samples (default: the run's sample.n)")
+    p.add_argument("--heldout-pairs", type=int, default=HELDOUT_PAIRS, metavar="N",
+                   help=f"held-out pairs of each round's map, never trained on, for the memorisation watch and "
+                        f"flowprobe diagnose OUT/round-k (default {HELDOUT_PAIRS}; 0: none)")
     p.add_argument("--no-ema", action="store_true", help="generate with the raw weights even when an EMA copy exists")
     p.add_argument("--device", default=None)
     p.set_defaults(func=run_reflow)
@@ -41,7 +44,8 @@ def register(subparsers) -> None:
 
 def run_reflow(args) -> int:
     options = ReflowOptions(pairs=args.pairs, rounds=args.rounds, init=args.init, seed=args.seed,
-                            overrides=list(args.overrides), n_eval=args.eval_n, use_ema=not args.no_ema)
+                            overrides=list(args.overrides), n_eval=args.eval_n, use_ema=not args.no_ema,
+                            heldout=args.heldout_pairs)
     results = reflow(args.checkpoint, args.out, options, device=args.device,
                      progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(reflow_table(results))

@@ -80,7 +80,10 @@ class DataConfig:
     row i is a pair, e.g. the (x0, Phi(x0)) pairs of ``flowprobe reflow``); ``source`` and ``target`` still name
     the laws that evaluation and sampling draw from, so the rows must have their sample shape. Images (``dataset``
     set): x0 noises and x1 images (floats in [-1, 1]) of the run's image shape (after ``resolution``); the
-    dataset is still decoded, as the target that evaluation compares with."""
+    dataset is still decoded, as the target that evaluation compares with. ``heldout_pairs`` (with ``pairs`` whose
+    rows come from a deterministic map x1 = G(x0), such as reflow's): a pairs file of held-out pairs of the same map,
+    never trained on; the memorisation watch and ``flowprobe diagnose RUN`` compare the training pairs with them
+    (``flowprobe reflow`` writes them for every round)."""
 
     source: str = option("eight_gaussians", choices=_toy_names())
     target: str = option("moons", choices=_toy_names())
@@ -92,6 +95,7 @@ class DataConfig:
     resolution: int | None = option(None, ge=1, help="image side after downsampling (default: native)")
     flip: bool = option(True, help="random horizontal flips of training images")
     pairs: str | None = option(None, help="toys, images: a pairs file (x0, x1) as the training set")
+    heldout_pairs: str | None = option(None, help="with data.pairs from a map: held-out pairs of the same map")
     kind: str | None = option(None, choices=DATA_KINDS, help="toy, images, array or image_folder (default: toy, or "
                                                              "images when dataset is set)")
     target_path: str | None = option(None, help="kind array / image_folder: the target's file or folder")
@@ -349,9 +353,12 @@ def _data_checks(cfg: TrainConfig) -> None:
 def _pairs_and_init_checks(cfg: TrainConfig) -> None:
     """``data.pairs`` (a toy or image run's training set from a pairs file) and ``model.init`` (starting
     weights)."""
-    for key, value in (("data.pairs", cfg.data.pairs), ("model.init", cfg.model.init)):
+    for key, value in (("data.pairs", cfg.data.pairs), ("data.heldout_pairs", cfg.data.heldout_pairs),
+                       ("model.init", cfg.model.init)):
         if value is not None and not value.strip():
             raise ConfigError(f"{key}: empty; give a file path or leave it unset")
+    if cfg.data.heldout_pairs is not None and cfg.data.pairs is None:
+        raise ConfigError("data.heldout_pairs: held-out pairs of a map go with its training pairs (data.pairs)")
     if cfg.data.pairs is not None and cfg.data.data_kind not in ("toy", "images"):
         raise ConfigError(f"data.pairs: a pairs file is the training set of a toy or image (data.dataset) run; this "
                           f"run's data.kind is {cfg.data.data_kind}")

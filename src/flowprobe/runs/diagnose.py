@@ -10,7 +10,9 @@ are rebuilt from the checkpoint (:func:`flowprobe.runs.load_run`): the finite po
 ``data.n_train``, the images of an image run, the fixed pairs of a ``fixed_pairs`` run. Held-out samples are then
 fresh draws of a toy run's target, CIFAR-10's test split for a CIFAR-10 run, or the images after the first
 ``n_train`` of an image run that used a subset, or the held-out split of a run on the user's own files
-(``data.kind: array | image_folder`` with ``data.heldout_fraction``, :mod:`flowprobe.runs.own_data`).
+(``data.kind: array | image_folder`` with ``data.heldout_fraction``, :mod:`flowprobe.runs.own_data`). A run trained
+on pairs of a map with held-out pairs of the same map (``data.heldout_pairs``, every ``flowprobe reflow`` round) is
+diagnosed against those pairs (the map check); ``--heldout`` may also be such a pairs file.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from ..paths import LinearPath, ProbabilityPath
 from ..probes.memorization import PairSet, load_pairs
 
 __all__ = ["diagnose", "resolve_model", "ResolvedModel", "resolve_data", "run_training_data", "training_data_of",
-           "heldout_data_of", "resolve_features",
+           "heldout_data_of", "heldout_pairs_of", "resolve_features",
            "ADAPTER_MODEL_OPTION"]
 
 #: The adapter option that the positional MODEL argument fills, per adapter kind.
@@ -199,6 +201,17 @@ def heldout_data_of(cfg, target, n: int, seed: int, device, extra: dict | None =
     return None, "the run trained on the whole dataset"
 
 
+def heldout_pairs_of(cfg, device) -> PairSet | None:
+    """The held-out pairs of a run trained on pairs of a map (``data.heldout_pairs``), or None; a ConfigError naming
+    the key when the file cannot be read or its samples do not have the training pairs' shape."""
+    if cfg.data.heldout_pairs is None:
+        return None
+    try:
+        return load_pairs(cfg.data.heldout_pairs, device)
+    except ConfigError as e:
+        raise ConfigError(f"data.heldout_pairs: {e}") from None
+
+
 def resolve_data(spec, *, role: str, device, resolution=None, limit=None, seed=0, root=None,
                  progress: bool = False) -> tuple[Tensor | None, PairSet | None, dict]:
     """A DATA argument (tensor, :class:`PairSet`, or anything :func:`flowprobe.data.arrays.load_data` reads) ->
@@ -213,9 +226,7 @@ def resolve_data(spec, *, role: str, device, resolution=None, limit=None, seed=0
 
     samples = load_data(spec, root=root, resolution=resolution, limit=limit, seed=seed,
                         stream=0 if role == "train" else 1, progress=progress)
-    if samples.kind == "pairs":
-        if role != "train":
-            raise ConfigError(f"{spec}: a pairs file can only be the training data (--train or --pairs)")
+    if samples.kind == "pairs":  # training pairs, or (held out) pairs of the map the training pairs come from
         return None, load_pairs(samples.path, device), {"source": str(spec), "loader": "pairs"}
     return samples.x.to(device), None, {"source": str(spec), **samples.info}
 
@@ -253,7 +264,8 @@ def diagnose(model, train=None, heldout=None, out: str | Path | None = None, *, 
              root: str | Path | None = None, progress: Callable[[str, int, int], None] | None = None,
              figures: bool = True) -> Diagnosis:
     """Diagnose ``model`` (see :func:`resolve_model`) on ``train`` and ``heldout`` (DATA arguments, tensors or
-    None) and, with ``out``, write results.json, report.md and the figures there. ``pairs``: a pairs file or
+    None; ``heldout`` may be a pairs file or :class:`PairSet` of held-out pairs of the map the training pairs come
+    from) and, with ``out``, write results.json, report.md and the figures there. ``pairs``: a pairs file or
     :class:`PairSet` (paired training); ``features``: a callable or ``"module:fn"`` for a feature-space copies
     check; ``path`` overrides the model's path; ``resolution`` / ``limit`` apply to loaded data. On CPU the thread
     count is chosen as for training (:func:`flowprobe.device.choose_threads`: one thread for small nets, unless
@@ -271,7 +283,7 @@ def diagnose(model, train=None, heldout=None, out: str | Path | None = None, *, 
         resolution = cfg.data.resolution
     kw = {"device": device, "resolution": resolution, "limit": limit, "seed": options.seed, "root": root}
     x_train, train_pairs, train_info = resolve_data(train, role="train", **kw)
-    x_held, _, held_info = resolve_data(heldout, role="heldout", **kw)
+    x_held, held_pairs, held_info = resolve_data(heldout, role="heldout", **kw)
     if pairs is not None:
         _, train_pairs, pair_info = resolve_data(pairs, role="train", **kw)
         train_info["pairs"] = pair_info.get("source")
@@ -283,18 +295,27 @@ def diagnose(model, train=None, heldout=None, out: str | Path | None = None, *, 
         if x_train is None and train_pairs is None:
             raise ConfigError(why)
         train_info = {"source": why}
-        if x_held is None:
-            n_held = max(options.n_generate, options.membership_samples)
-            x_held, held_why = _run_heldout(resolved.run, n_held, options.seed, device)
-            held_info = {"source": held_why}
+        if x_held is None and held_pairs is None:
+            held_pairs = heldout_pairs_of(resolved.run.config, device) if train_pairs is not None else None
+            if held_pairs is not None:
+                held_info = {"source": f"held-out pairs of the run's map ({resolved.run.config.data.heldout_pairs})"}
+            else:
+                n_held = max(options.n_generate, options.membership_samples)
+                x_held, held_why = _run_heldout(resolved.run, n_held, options.seed, device)
+                held_info = {"source": held_why}
+    if held_pairs is not None and train_pairs is None:
+        raise ConfigError(f"{held_info.get('source', 'heldout')}: held-out pairs of a map need the training pairs "
+                          f"(--pairs, or a run trained on a pairs file); give held-out samples instead")
     n_params = sum(p.numel() for p in resolved.net.parameters()) if hasattr(resolved.net, "parameters") else 0
     choose_threads(n_params, options.batch_size, device)  # small nets on CPU: one thread (flowprobe.device)
     probe = x_train if x_train is not None else train_pairs.x1
-    if x_held is not None and x_held.shape[1:] != probe.shape[1:]:
+    held_x = held_pairs.x1 if held_pairs is not None else x_held
+    if held_x is not None and held_x.shape[1:] != probe.shape[1:]:
         raise ConfigError(f"{held_info.get('source', 'heldout')}: held-out samples have shape "
-                          f"{tuple(x_held.shape[1:])}, the training samples {tuple(probe.shape[1:])}")
+                          f"{tuple(held_x.shape[1:])}, the training samples {tuple(probe.shape[1:])}")
     _check_shapes(resolved.net, probe, f"model {model if model is not None else adapter}")
-    result = diagnose_net(resolved.net, x_train, x_held, pairs=train_pairs, path=path or resolved.path,
+    result = diagnose_net(resolved.net, x_train, x_held, pairs=train_pairs, heldout_pairs=held_pairs,
+                          path=path or resolved.path,
                           source=resolved.source, features=resolve_features(features), options=options,
                           progress=progress, device=device, model_info=resolved.info,
                           data_info={"train": train_info, "heldout": held_info or None})

@@ -51,9 +51,10 @@ class GradVarHook(Hook):
 def config_watch(cfg, coupling, source, target, path, log: str | Path, device, world: int = 1) -> MemorizationWatch:
     """The memorisation watch of a run's ``watch:`` section (:class:`~flowprobe.runs.config.WatchConfig`), writing
     its readings to the run's JSONL ``log``: its training samples are the run's (pool, images or fixed pairs, with
-    their sources), its held-out samples those ``flowprobe diagnose`` uses for the run. A run with nothing to
+    their sources), its held-out samples those ``flowprobe diagnose`` uses for the run (a run on pairs of a map:
+    its held-out pairs, ``data.heldout_pairs``, with their sources). A run with nothing to
     memorise or nothing held out, or ``on_fire: stop`` under several processes, is a ConfigError naming ``watch``."""
-    from .diagnose import heldout_data_of, training_data_of
+    from .diagnose import heldout_data_of, heldout_pairs_of, training_data_of
 
     w = cfg.watch
     if w.on_fire == "stop" and world > 1:
@@ -62,7 +63,11 @@ def config_watch(cfg, coupling, source, target, path, log: str | Path, device, w
     x_train, pairs, why = training_data_of(coupling, device)
     if x_train is None and pairs is None:
         raise ConfigError(f"watch: {why.replace(': pass --train', '')}; there is no training set to memorise")
-    x_held, why_held = heldout_data_of(cfg, target, w.n_heldout, cfg.seed, device)
+    held_pairs = heldout_pairs_of(cfg, device) if pairs is not None else None
+    if held_pairs is not None:
+        x_held, why_held = held_pairs.x1[:w.n_heldout], "held-out pairs"
+    else:
+        x_held, why_held = heldout_data_of(cfg, target, w.n_heldout, cfg.seed, device)
     if x_held is None:
         why_held = why_held.replace(": give them with --heldout", "")
         raise ConfigError(f"watch: no held-out samples for this run ({why_held})")
@@ -72,4 +77,6 @@ def config_watch(cfg, coupling, source, target, path, log: str | Path, device, w
     return MemorizationWatch(x_train, x_held.to(x_train.device, x_train.dtype), path, every=w.every,
                              n_probe=w.n_probe, seed=cfg.seed, source=source if hasattr(source, "sample") else None,
                              train_sources=sources, copy_every=w.copy_every, log_path=log, on_fire=w.on_fire,
+                             heldout_sources=None if held_pairs is None else
+                             held_pairs.x0[:w.n_heldout].to(x_train.device, x_train.dtype),
                              use_ema=cfg.ema_decay is not None)

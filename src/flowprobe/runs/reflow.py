@@ -5,7 +5,12 @@ them through Phi_{k-1} with the run's sampler (``sample.solver``, ``sample.steps
 push_forward`) to x1 = Phi_{k-1}(x0), writes the pairs file ``DIR/round-k/pairs.safetensors`` (format
 ``flowprobe-pairs-1``, with the OT partner of each x0 among the x1 as ``ot_index``), and trains Phi_k into
 ``DIR/round-k/`` with the run's own config on those fixed pairs (``data.pairs``, ``coupling.kind: fixed_pairs``),
-from scratch or, with ``init="previous"``, from the weights of Phi_{k-1} (``model.init``).
+from scratch or, with ``init="previous"``, from the weights of Phi_{k-1} (``model.init``). With ``heldout`` > 0
+(default :data:`HELDOUT_PAIRS`) the round also writes that many held-out pairs of the same map from other sources
+(``DIR/round-k/heldout_pairs.safetensors``, seed stream :func:`heldout_seed_stream`), never trained on, named in
+the round's config (``data.heldout_pairs``): the memorisation watch (the base run's ``watch:`` section, carried to
+every round) and ``flowprobe diagnose DIR/round-k`` compare the training pairs with them (the map check,
+``docs/diagnose.md``).
 
 Image runs (``data.dataset``): the sources are N(0, I) of the image shape in the checkpoint's sidecar, pushed in
 batches of :data:`IMAGE_BATCH` rows; the pairs file holds x0 and x1 = Phi_{k-1}(x0) as floats (x1 is not
@@ -60,7 +65,8 @@ from .config import TrainConfig
 from .jobs import train_from_config
 from .load import checkpoint_config, load_model
 
-__all__ = ["ReflowOptions", "reflow", "reflow_table", "round_config", "pairs_seed_stream", "INIT_CHOICES",
+__all__ = ["ReflowOptions", "reflow", "reflow_table", "round_config", "pairs_seed_stream", "heldout_seed_stream",
+           "HELDOUT_PAIRS", "INIT_CHOICES",
            "MAX_OT_PAIRS", "MAX_OT_PAIRS_IMAGES", "IMAGE_BATCH", "TRAJECTORY_BYTES", "TABLE_COLUMNS"]
 
 #: How round k >= 1 starts: the run's seeded initialisation, or the weights of the previous round's flow.
@@ -82,16 +88,26 @@ TABLE_COLUMNS = ("round", "straightness", "transport_cost", "energy_distance", "
 EVAL_SOURCE_STREAM, EVAL_TARGET_STREAM = 1, 2
 
 
+#: Held-out pairs of the map written per round by default.
+HELDOUT_PAIRS = 1000
+
+
 def pairs_seed_stream(k: int) -> int:
     """The seed stream of round k's N source points x0."""
     return 100 + k
+
+
+def heldout_seed_stream(k: int) -> int:
+    """The seed stream of the sources of round k's held-out pairs."""
+    return 1000 + k
 
 
 @dataclass
 class ReflowOptions:
     """``pairs`` N generated pairs per round, ``rounds`` K >= 1, ``init`` scratch or previous, ``seed`` of the
     source draws, ``overrides`` (``key=value``) applied to every round's training config, ``n_eval`` evaluation
-    samples (default: the run's ``sample.n``), ``use_ema``: generate with the EMA weights when a run has them."""
+    samples (default: the run's ``sample.n``), ``use_ema``: generate with the EMA weights when a run has them,
+    ``heldout``: held-out pairs of the map per round (0: none, and then no watch on the rounds)."""
 
     pairs: int
     rounds: int
@@ -100,6 +116,7 @@ class ReflowOptions:
     overrides: list = field(default_factory=list)
     n_eval: int | None = None
     use_ema: bool = True
+    heldout: int = HELDOUT_PAIRS
 
     def __post_init__(self):
         if not isinstance(self.pairs, int) or self.pairs < 2:
@@ -110,6 +127,8 @@ class ReflowOptions:
             raise ConfigError(f"--init: {self.init!r} is not allowed; choose from {', '.join(INIT_CHOICES)}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"--seed: need an integer >= 0, got {self.seed!r}")
+        if not isinstance(self.heldout, int) or not (self.heldout == 0 or self.heldout >= 2):
+            raise ConfigError(f"--heldout-pairs: need 0 (none) or at least 2 held-out pairs, got {self.heldout!r}")
         if self.n_eval is not None and self.n_eval < 2:
             raise ConfigError(f"--eval-n: need at least 2 evaluation samples, got {self.n_eval}")
 
@@ -122,22 +141,28 @@ def _check_base(cfg: TrainConfig, path) -> None:
         raise ConfigError(f"{path}: reflow needs a velocity (objective.kind: cfm) run sampled by an ODE solver")
 
 
-def round_config(base: TrainConfig, pairs_file: Path, init_from: Path | None, overrides: list) -> TrainConfig:
+def round_config(base: TrainConfig, pairs_file: Path, init_from: Path | None, overrides: list,
+                 heldout_file: Path | None = None) -> TrainConfig:
     """Round k's training config: ``base`` training on the fixed pairs of ``pairs_file`` (``data.pairs``), from
-    ``init_from``'s weights when given, with ``overrides`` applied last. The base run's memorisation watch is not
-    carried over, and asking for one is a ConfigError: the pairs are a map's, which the watch would read as
-    memorised (its held-out targets get fresh sources; ``docs/detector.md``)."""
+    ``init_from``'s weights when given, with ``overrides`` applied last. With ``heldout_file`` (held-out pairs of the
+    same map, ``data.heldout_pairs``) the base run's memorisation watch is carried over; without, it is dropped and
+    asking for one is a ConfigError: the watch would compare the map's pairs with fresh draws and read the map as
+    memorised (``docs/detector.md``)."""
     data = to_dict(base)
-    data["data"].update(pairs=str(Path(pairs_file).resolve()), n_train=None)
+    data["data"].update(pairs=str(Path(pairs_file).resolve()), n_train=None,
+                        heldout_pairs=None if heldout_file is None else str(Path(heldout_file).resolve()))
     data["coupling"]["kind"] = "fixed_pairs"
     data["model"]["init"] = None if init_from is None else str(Path(init_from).resolve())
-    data["watch"]["every"] = None
+    if heldout_file is None:
+        data["watch"]["every"] = None
     cfg = from_dict(TrainConfig, apply_overrides(data, overrides))
-    if cfg.data.pairs != data["data"]["pairs"] or cfg.coupling.kind != "fixed_pairs":
-        raise ConfigError("--set: data.pairs and coupling.kind are set by reflow (the generated pairs)")
-    if cfg.watch.every is not None:
-        raise ConfigError("--set watch.every: the memorisation watch is not supported on reflow rounds yet (their "
-                          "pairs come from the previous flow's map, which the watch would read as memorised)")
+    if cfg.data.pairs != data["data"]["pairs"] or cfg.coupling.kind != "fixed_pairs" or \
+            cfg.data.heldout_pairs != data["data"]["heldout_pairs"]:
+        raise ConfigError("--set: data.pairs, data.heldout_pairs and coupling.kind are set by reflow (the generated "
+                          "pairs)")
+    if cfg.watch.every is not None and heldout_file is None:
+        raise ConfigError("--set watch.every: the memorisation watch on reflow rounds needs held-out pairs of the map "
+                          "(--heldout-pairs N > 0)")
     return cfg
 
 
@@ -162,12 +187,16 @@ def _measure(net, cfg: TrainConfig, x0_eval, ref) -> dict:
             "measure_steps": cfg.sample.steps}
 
 
-def _generate_pairs(net, cfg: TrainConfig, source, n: int, seed: int, k: int, dev):
-    """(x0, x1 = Phi(x0), OT index or None, why it is None) of round k."""
+def _generate_pairs(net, cfg: TrainConfig, source, n: int, seed: int, k: int, dev, stream=pairs_seed_stream,
+                    ot: bool = True):
+    """(x0, x1 = Phi(x0), OT index or None, why it is None) of round k (sources from seed stream ``stream(k)``;
+    ``ot`` False: no OT index)."""
     images = cfg.data.data_kind == "images"
-    x0, _ = source.sample(n, seeded_generator(seed, pairs_seed_stream(k), dev))
+    x0, _ = source.sample(n, seeded_generator(seed, stream(k), dev))
     x1 = push_forward(net, x0, method=cfg.sample.solver, steps=cfg.sample.steps,
                       **({"batch_size": IMAGE_BATCH} if images else {}))
+    if not ot:
+        return x0, x1, None, None
     limit = MAX_OT_PAIRS_IMAGES if images else MAX_OT_PAIRS
     if n > limit:
         return x0, x1, None, f"exact OT assignment skipped: {n} pairs > {limit} (it is cubic in N)"
@@ -230,7 +259,8 @@ def reflow(checkpoint: str | Path, out: str | Path, options: ReflowOptions, devi
     net, ck = load_model(checkpoint, dev, options.use_ema)
     base = checkpoint_config(ck)
     _check_base(base, ck.path)
-    round_config(base, out / "round-1" / "pairs.safetensors", None, options.overrides)  # bad --set stops here
+    round_config(base, out / "round-1" / "pairs.safetensors", None, options.overrides,  # bad --set stops here
+                 out / "round-1" / "heldout_pairs.safetensors" if options.heldout else None)
     n_eval = options.n_eval or base.sample.n
     source, x0_eval, ref, reference = _evaluation_data(base, ck, n_eval, options.seed, dev)
     rows = [{"round": 0, "checkpoint": str(ck.path), "step": ck.step, **_measure(net, base, x0_eval, ref)}]
@@ -261,7 +291,17 @@ def _round(k, net, previous, base, source, options, out, dev, x0_eval, ref, say)
         "generator": str(previous), "round": k, "solver": base.sample.solver, "steps": base.sample.steps,
         "seed": options.seed, "seed_stream": pairs_seed_stream(k)})
     say(f"round {k}: {options.pairs} pairs from {previous} -> {pairs_file}")
-    cfg = round_config(base, pairs_file, previous if options.init == "previous" else None, options.overrides)
+    heldout_file = None
+    if options.heldout:
+        h0, h1, _, _ = _generate_pairs(net, base, source, options.heldout, options.seed, k, dev,
+                                       stream=heldout_seed_stream, ot=False)
+        heldout_file = save_pairs(run_dir / "heldout_pairs.safetensors", h0, h1, metadata={
+            "generator": str(previous), "round": k, "role": "held-out pairs of the round's map (never trained on)",
+            "solver": base.sample.solver, "steps": base.sample.steps, "seed": options.seed,
+            "seed_stream": heldout_seed_stream(k)})
+        say(f"round {k}: {options.heldout} held-out pairs of the same map -> {heldout_file}")
+    cfg = round_config(base, pairs_file, previous if options.init == "previous" else None, options.overrides,
+                       heldout_file)
     result = train_from_config(cfg, run_dir, dev, progress=False)
     trained, ck = load_model(run_dir, dev, options.use_ema)
     row = {"round": k, "checkpoint": str(ck.path), "step": ck.step, "pairs_file": str(pairs_file),
