@@ -14,7 +14,8 @@ from flowprobe.checkpoint import list_checkpoints, load_checkpoint
 from flowprobe.couplings import FixedPairs, GaussianSampler, IndependentCoupling
 from flowprobe.diagnosis.copies import copies_check
 from flowprobe.diagnosis.membership import gradvar_check, membership_check
-from flowprobe.diagnosis.transport import pairing_check
+from flowprobe.diagnosis import EmpiricalPairField
+from flowprobe.diagnosis.transport import map_check, pairing_check
 from flowprobe.probes.memorization import PairSet
 from flowprobe.nets.mlp import MLP
 from flowprobe.objectives import CFMObjective
@@ -516,5 +517,29 @@ def test_heldout_pairs_of_a_map_read_a_net_that_learned_the_map_as_unseen_only_w
                          times=watch.times, n_max=64, generator=torch.Generator().manual_seed(3))
     assert [r["auc"] for r in reading.rows] == [r["auc"] for r in m.evidence["rows"]]
     assert reading.pairing_excess is None and reading.copy_closeness is not None
+    # the map check on the probe pairs (a sample of the 256 training pairs): the net that learned G lands both
+    direct, _ = map_check(net, PairSet(watch.train_sources_probe, watch.train_probe, {}),
+                          PairSet(watch.heldout_sources_probe, watch.heldout_probe, {}), n_max=64, method="euler",
+                          steps=watch.copy_steps, all_training_pairs=False)
+    assert not direct.evidence["all_training_pairs"] and reading.map_vote == direct.vote
+    assert direct.evidence["landed_train"] == direct.evidence["landed_heldout"] == 1.0  # 64 of 64 each: no vote yet
+    assert direct.vote is None and direct.evidence["excess_interval"][1] > 0.05
+    assert (reading.map_landed_train, reading.map_landed_heldout, reading.map_excess_lower) == (
+        direct.evidence["landed_train"], direct.evidence["landed_heldout"], direct.evidence["excess_interval"][0])
+    assert "map" not in reading.signals
     with pytest.raises(ValueError, match="heldout_sources needs train_sources"):
         MemorizationWatch(x1, x1_held, path, heldout_sources=x0_held)
+
+
+def test_the_map_check_fires_the_watch_on_a_net_that_reproduces_only_its_pairs():
+    """The exact pair field of 8 pairs of the map x1 = 2 x0 + 1 carries its 8 training sources to their partners and
+    held-out sources of the same map elsewhere: the watch's map check votes memorises and the detector fires on it."""
+    g = torch.Generator().manual_seed(8)
+    x0, x0_held = torch.randn(8, 2, generator=g), torch.randn(200, 2, generator=g)
+    net = EmpiricalPairField(x0, 2 * x0 + 1, bandwidth=1e-3)
+    watch = MemorizationWatch(2 * x0 + 1, 2 * x0_held + 1, LinearPath(), n_probe=64, train_sources=x0,
+                              heldout_sources=x0_held, copy_every=1, seed=0)
+    with pytest.warns(MemorizationWarning, match="of held-out sources of the same map"):
+        reading = watch.update(1, net)
+    assert watch.all_training_pairs and reading.map_landed_train == 1.0 and reading.map_landed_heldout < 0.5
+    assert reading.map_vote == "memorises" and "map" in reading.signals and watch.fired_at == 1

@@ -93,9 +93,12 @@ def pairing_check(net, pairs: PairSet, *, n_max: int = 1000, method: str = "eule
 
 
 def map_check(net, pairs: PairSet, heldout_pairs: PairSet, *, n_max: int = 1000, method: str = "euler",
-              steps: int = 100, batch_size: int = 500, device=None) -> tuple[CheckResult, dict]:
+              steps: int = 100, batch_size: int = 500, device=None,
+              all_training_pairs: bool | None = None) -> tuple[CheckResult, dict]:
     """The map check (module docstring) on the first ``n_max`` training pairs and held-out pairs; returns (the check,
-    the end points and per-source errors of both groups)."""
+    the end points and per-source errors of both groups). ``all_training_pairs``: whether the pairs integrated are
+    every pair the net trained on (default: whether ``pairs`` has no more than ``n_max`` rows; pass False when
+    ``pairs`` is itself a sample of the training pairs)."""
     device = pairs.x0.device if device is None else device
     n_all = pairs.x0.shape[0]
     scale = float(pairs.x1.reshape(n_all, -1).double().pow(2).sum(1).mean().sqrt())
@@ -108,7 +111,7 @@ def map_check(net, pairs: PairSet, heldout_pairs: PairSet, *, n_max: int = 1000,
         out[name] = {"endpoints": end.cpu(), "errors": err}
         counts[name] = (int((err <= tol).sum()), int(err.numel()))
     (k_tr, n_tr), (k_ho, n_ho) = counts["train"], counts["heldout"]
-    whole = n_tr == n_all
+    whole = n_tr == n_all if all_training_pairs is None else bool(all_training_pairs) and n_tr == n_all
     excess, lower, upper = newcombe_interval(k_tr, n_tr, k_ho, n_ho)
     if whole:  # the training share is a fact: the interval is the held-out share's alone
         lo_ho, hi_ho = wilson_interval(k_ho, n_ho)

@@ -13,7 +13,9 @@ reading runs on the current net
   unseen ones, which moves before copies appear); and, for paired training (``train_sources``), the pairing check
   (:func:`flowprobe.diagnosis.transport.pairing_check`) on the probe pairs with the same solver: how often a training
   source lands nearest its own training partner, over chance. For pairs of a deterministic map (reflow's
-  (x0, G(x0))) ``heldout_sources`` gives the held-out targets their own sources, and the pairing check is not read.
+  (x0, G(x0))) ``heldout_sources`` gives the held-out targets their own sources, the pairing check is not read, and
+  the map check (:func:`flowprobe.diagnosis.transport.map_check`) runs instead on the probe pairs: the share of
+  training sources that land on their partners against the share of held-out sources of the same map.
 
 Every generator is re-seeded from ``seed`` at each reading, so the probe samples, the source draws x0, the noise
 z and the times are the same at every reading (the readings are comparable along training), the watch keeps no
@@ -28,7 +30,8 @@ The detector (:mod:`flowprobe.watch.detector`; its constants are module constant
    measured so far (:func:`score_inputs`; their null values 0.5 and 0 before the first copy check or without paired
    sources) (without gradient variance, from the others with their own weights and threshold); or
 2. the copy check's excess copy fraction (generated over held-out) has its lower bound above
-   :data:`WATCH_COPY_EXCESS` (one reading suffices: a copy is direct evidence).
+   :data:`WATCH_COPY_EXCESS` (one reading suffices: a copy is direct evidence); or
+3. (held-out pairs of a map) the map check votes memorises (direct evidence too).
 
 When it first fires it warns once (``warnings.warn`` with :class:`MemorizationWarning`, one line: what it saw
 and at which step). With ``on_fire="stop"`` a fired reading has ``stop=True``; as a :func:`flowprobe.train.fit`

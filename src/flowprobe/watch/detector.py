@@ -36,17 +36,19 @@ WATCH_COPY_EXCESS = COPY_EXCESS_MARGIN
 
 @dataclass
 class WatchReading:
-    """One reading at optimiser step ``step``. Membership: ``auc`` (max over t), its lower bound ``auc_lower`` and
-    time ``auc_t`` (the t with the largest lower bound), ``rows`` (per t: auc, bounds, losses). Gradient variance:
-    ``gradvar_ratio`` and its interval (None when it was not measured). Copies (only every ``copy_every``
-    steps, else None): ``copy_fraction``, ``copy_reference_fraction``, ``copy_excess`` and its lower bound,
-    ``copy_left_out`` (generated samples non-finite or far from the data, left out), ``copy_closeness`` (the
-    chance a generated sample is relatively nearer a training sample than a held-out one is). Pairing (paired
-    training, with the copies): ``pairing_recall`` of the training partner on the ``pairing_contested`` probe pairs,
-    ``pairing_chance``, ``pairing_excess`` = recall - chance. ``inputs``: what the score read (:func:`score_inputs`);
-    ``score``: the memorisation score (:func:`memorisation_score`). ``signals``: which detector conditions held at
-    this reading ("score", "copies"); ``fired``: the detector fires; ``stop``: a stop is requested
-    (``on_fire="stop"``); ``message``: the one line saying why."""
+    """One reading at optimiser step ``step``. Membership: ``auc`` (max over t), its lower bound ``auc_lower`` and time
+    ``auc_t`` (the t with the largest lower bound), ``rows`` (per t: auc, bounds, losses). Gradient variance:
+    ``gradvar_ratio`` and its interval (None when it was not measured). Copies (only every ``copy_every`` steps, else
+    None): ``copy_fraction``, ``copy_reference_fraction``, ``copy_excess`` and its lower bound, ``copy_left_out``
+    (generated samples non-finite or far from the data, left out), ``copy_closeness`` (the chance a generated sample
+    is relatively nearer a training sample than a held-out one is). Pairing (paired training, with the copies):
+    ``pairing_recall`` of the training partner on the ``pairing_contested`` probe pairs, ``pairing_chance``,
+    ``pairing_excess`` = recall - chance. Map (pairs of a map with held-out pairs, with the copies;
+    :func:`~flowprobe.diagnosis.transport.map_check` on the probe pairs): the shares of training and held-out sources
+    that land on their partners, the excess, its lower bound and the check's ``map_vote``. ``inputs``: what the score
+    read (:func:`score_inputs`); ``score``: the memorisation score (:func:`memorisation_score`). ``signals``: which
+    detector conditions held at this reading ("score", "copies", "map"); ``fired``: the detector fires; ``stop``: a
+    stop is requested (``on_fire="stop"``); ``message``: the one line saying why."""
 
     step: int
     auc: float = float("nan")
@@ -67,6 +69,11 @@ class WatchReading:
     pairing_chance: float | None = None
     pairing_contested: int | None = None
     pairing_excess: float | None = None
+    map_landed_train: float | None = None
+    map_landed_heldout: float | None = None
+    map_excess: float | None = None
+    map_excess_lower: float | None = None
+    map_vote: str | None = None
     inputs: dict = field(default_factory=dict)
     score: float = float("nan")
     signals: list = field(default_factory=list)
@@ -131,9 +138,9 @@ def detect(r: "WatchReading", previous: dict | None = None, weights: Sequence[fl
            threshold: float = WATCH_SCORE_THRESHOLD, threshold_membership: float = WATCH_SCORE_THRESHOLD_MEMBERSHIP,
            copy_excess: float = WATCH_COPY_EXCESS) -> list[str]:
     """The detector on one reading (module docstring), ``previous`` the inputs of the reading before
-    (:func:`score_inputs`): sets ``r.inputs``, ``r.score`` and ``r.signals`` (which conditions hold, "score" and
-    "copies") and returns what it saw, a phrase per condition that holds. The benchmark replays stored readings
-    through it with other constants."""
+    (:func:`score_inputs`): sets ``r.inputs``, ``r.score`` and ``r.signals`` (which conditions hold: "score",
+    "copies", and "map" when the map check votes memorises) and returns what it saw, a phrase per condition that
+    holds. The benchmark replays stored readings through it with other constants."""
     r.inputs = score_inputs(r, previous)
     r.score = memorisation_score(**r.inputs, weights=weights, weights_membership=weights_membership)
     with_gv = has_ratio(r.gradvar_ratio)
@@ -152,4 +159,8 @@ def detect(r: "WatchReading", previous: dict | None = None, weights: Sequence[fl
         r.signals.append("copies")
         said.append(f"{r.copy_fraction:.0%} of generated samples copy training samples vs "
                     f"{r.copy_reference_fraction:.0%} of held-out samples")
+    if r.map_vote == "memorises":
+        r.signals.append("map")
+        said.append(f"{r.map_landed_train:.0%} of training sources land on their partners vs "
+                    f"{r.map_landed_heldout:.0%} of held-out sources of the same map")
     return said

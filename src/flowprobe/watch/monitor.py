@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..couplings import GaussianSampler
 from ..diagnosis.copies import copies_check
 from ..diagnosis.membership import gradvar_check, membership_check
-from ..diagnosis.transport import pairing_check
+from ..diagnosis.transport import map_check, pairing_check
 from ..io import append_jsonl, truncate_jsonl
 from ..paths import ProbabilityPath
 from ..probes.memorization import PairSet
@@ -59,8 +59,9 @@ class MemorizationWatch:
     shape); ``train_sources``: the training sources x0_i paired with ``train_data`` (paired training, e.g.
     :class:`~flowprobe.couplings.FixedPairs`; the pairing check then runs with each copy check), else None;
     ``heldout_sources``: for pairs drawn from a deterministic map (reflow's (x0, G(x0))), the sources of the held-out
-    targets, so that membership and gradient variance compare training pairs with held-out pairs of the same map
-    (the pairing check is then not read: reproducing the partners is what training asks for).
+    targets, so that membership and gradient variance compare training pairs with held-out pairs of the same map,
+    and the map check runs with each copy check (the pairing check is then not read: reproducing the partners is
+    what training asks for; reproducing them for the training sources only is memorisation).
     ``n_probe`` samples of each group (chosen once with ``seed``), probe ``times``; ``gradvar``: measure gradient
     variance (``gradvar_samples`` per time and group, ``gradvar_method`` "auto" = ghost, else exact);
     ``copy_every``: steps between copy checks (a multiple of ``every``; None: 4 ``every``; 0: never) on ``n_copy``
@@ -97,6 +98,7 @@ class MemorizationWatch:
         i_tr = torch.randperm(train_data.shape[0], generator=g)[:n_probe]
         i_ho = torch.randperm(heldout_data.shape[0], generator=g)[:n_probe]
         self.train_data = train_data.detach()
+        self.all_training_pairs = i_tr.numel() == train_data.shape[0]  # the probe holds every training pair
         self.train_probe = train_data.detach()[i_tr.to(train_data.device)]
         self.heldout_probe = heldout_data.detach()[i_ho.to(heldout_data.device)]
         i_ref = torch.randperm(heldout_data.shape[0], generator=g)[:copy_reference]
@@ -161,6 +163,17 @@ class MemorizationWatch:
         n = tr.shape[0]
         pairs = PairSet(src, tr, {"assigned": torch.arange(n, device=device)})
         check, _, _ = pairing_check(net, pairs, n_max=n, method="euler", steps=self.copy_steps, device=device)
+        return check
+
+    def map_pairs(self, net, device):
+        """:func:`~flowprobe.diagnosis.transport.map_check` on the probe pairs (training and held-out pairs of the
+        map), Euler with ``copy_steps``; None without held-out pairs."""
+        tr, ho, src, ho_src = self.probes(device)
+        if ho_src is None:
+            return None
+        check, _ = map_check(net, PairSet(src, tr, {}), PairSet(ho_src, ho, {}), n_max=max(tr.shape[0], ho.shape[0]),
+                             method="euler", steps=self.copy_steps, device=device,
+                             all_training_pairs=self.all_training_pairs)
         return check
 
     # ------------------------------------------------------------------------------------------- reading
@@ -239,6 +252,12 @@ class MemorizationWatch:
                 ev = p.evidence
                 reading.pairing_recall, reading.pairing_chance = ev["recall_assigned"], ev["chance"]
                 reading.pairing_contested, reading.pairing_excess = ev["n_contested"], ev["excess"]
+            m = self.map_pairs(net, device)
+            if m is not None:
+                ev = m.evidence
+                reading.map_landed_train, reading.map_landed_heldout = ev["landed_train"], ev["landed_heldout"]
+                reading.map_excess, reading.map_excess_lower = ev["excess"], ev["excess_interval"][0]
+                reading.map_vote = m.vote
         return reading
 
     def judge(self, r: WatchReading) -> None:
@@ -265,7 +284,8 @@ class MemorizationWatch:
         scalars = {"watch/score": r.score, "watch/auc": r.auc, "watch/auc_lower": r.auc_lower,
                    "watch/gradvar_ratio": r.gradvar_ratio,
                    "watch/copy_excess": r.copy_excess, "watch/copy_closeness": r.copy_closeness,
-                   "watch/pairing_excess": r.pairing_excess, "watch/fired": float(r.fired)}
+                   "watch/pairing_excess": r.pairing_excess, "watch/map_excess": r.map_excess,
+                   "watch/fired": float(r.fired)}
         for row in r.rows:
             scalars[f"watch/auc_t{row['t']:g}"] = row["auc"]
         for name, v in scalars.items():
