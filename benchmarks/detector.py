@@ -22,8 +22,9 @@ and the seeds given (seed 0 is the tune half: the detector's score is chosen, fi
 seed 1 the report half; seed 2 the fresh half of the two-signal score (membership and gradient variance), read after
 that score was fixed and before the four-input score (with the copy closeness and the pairing excess) was designed;
 seeds 4 and 5 the fresh halves of the four-input score, run after its constants were committed (seed 5 after seed 4
-was read); the UNet runs, seed 3, and seed 6, settings outside the grid (the mixture in d = 64, path noise sigma =
-1), are reported apart).
+was read); seeds 8 and 9 the fresh halves of the flag's thresholds per kind of training (independent, paired; chosen on
+the tune half's runs of each kind, committed before seeds 8 and 9 were run); the UNet runs, seed 3, seed 6, settings
+outside the grid (the mixture in d = 64, path noise sigma = 1), and seed 7, reflow pairs, are reported apart).
 
 Labels come from the END of training and from the diagnosis' decisive checks only, never from the watch: a run
 memorises when :func:`flowprobe.diagnosis.copies.copies_check` on 512 generated samples (RK4, 32 steps) against 512
@@ -72,7 +73,7 @@ from flowprobe.paths import make_path
 from flowprobe.probes.memorization import PairSet
 from flowprobe.solvers import push_forward
 from flowprobe.train import fit
-from flowprobe.watch import (WATCH_COPY_EXCESS, WATCH_SCORE_THRESHOLD,
+from flowprobe.watch import (WATCH_COPY_EXCESS, WATCH_SCORE_THRESHOLD, WATCH_SCORE_THRESHOLDS,
                              WATCH_SCORE_THRESHOLD_MEMBERSHIP, WATCH_SCORE_WEIGHTS, WATCH_SCORE_WEIGHTS_MEMBERSHIP,
                              MemorizationWatch, WatchReading, detect, score_terms)
 
@@ -280,9 +281,9 @@ def judged(r: dict, constants: dict | None = None) -> list[WatchReading]:
     hit = _JUDGED.get(key)
     if hit is not None and hit[0] is r:
         return hit[1]
-    out, previous = [reading_of(x) for x in r["readings"]], None
+    out, previous, kwargs = [reading_of(x) for x in r["readings"]], None, detect_constants(r, constants)
     for x in out:
-        detect(x, previous, **(constants or {}))
+        detect(x, previous, **kwargs)
         previous = x.inputs
     _JUDGED[key] = (r, out)
     return out
@@ -357,7 +358,20 @@ INPUTS = ("auc", "gradvar", "closeness", "pairing")
 L2 = 0.01
 #: the detector's constants as flowprobe.watch ships them
 SHIPPED = {"weights": WATCH_SCORE_WEIGHTS, "weights_membership": WATCH_SCORE_WEIGHTS_MEMBERSHIP,
-           "threshold": WATCH_SCORE_THRESHOLD, "threshold_membership": WATCH_SCORE_THRESHOLD_MEMBERSHIP}
+           "threshold": WATCH_SCORE_THRESHOLD, "threshold_membership": WATCH_SCORE_THRESHOLD_MEMBERSHIP,
+           "thresholds_by_kind": dict(WATCH_SCORE_THRESHOLDS)}
+#: the watch's kind of training (flowprobe.watch.KINDS) of each coupling of the suite
+KIND_OF = {"independent": "independent", "paired": "paired", "reflow": "map"}
+
+
+def detect_constants(r: dict, constants: dict | None) -> dict:
+    """The keyword arguments of flowprobe.watch.detect for run ``r`` from ``constants`` (default: the shipped ones):
+    ``thresholds_by_kind`` becomes the threshold of the run's kind (the pooled ``threshold`` for a kind it lacks)."""
+    c = dict(SHIPPED if constants is None else constants)
+    by_kind = c.pop("thresholds_by_kind", None)
+    if by_kind:
+        c["threshold"] = by_kind.get(KIND_OF[r["coupling"]], c["threshold"])
+    return c
 
 
 def fit_score(runs: list, names: tuple, with_gv: bool = True) -> tuple:
@@ -450,7 +464,9 @@ def tune_score(runs: list) -> tuple[str, dict]:
 #: the scores shipped before, fitted on the same tune half, replayed for comparison: the two-signal score (membership
 #: and gradient variance, before the copy closeness and the pairing excess were read)
 REPLAYED = {"two-signal score": {"weights": (-8.519, 6.6952, 1.4785), "weights_membership": (-12.946, 14.2338),
-                                 "threshold": 0.8472, "threshold_membership": 0.497}}
+                                 "threshold": 0.8472, "threshold_membership": 0.497},
+            "shipped score with its pooled threshold (one for every kind of training)":
+                {k: v for k, v in SHIPPED.items() if k != "thresholds_by_kind"}}
 #: the threshold rule session 6 shipped (membership AUC > 0.6 with lower bound > 0.5, and GV(train) / GV(held-out)
 #: upper bound < 0.25, one reading; or copies), and the first rule (either, two readings), replayed for comparison
 OLD_RULES = {"threshold rule (membership and GV collapse)": {"auc": 0.6, "lower": 0.5, "consecutive": 1,
@@ -527,7 +543,9 @@ def replay_check(runs: list) -> None:
 
 
 #: the MLP seeds of the grid the score was not tuned on
-HELD = (1, 2, 4, 5)
+HELD = (1, 2, 4, 5, 8, 9)
+#: the fresh seeds of the thresholds per kind of training (run after they were committed)
+FRESH_BY_KIND = (8, 9)
 
 
 def report(args) -> None:
@@ -539,7 +557,13 @@ def report(args) -> None:
                   [r for r in mlp if r["seed"] == 2],
               "fresh (seed 4, run after the four-input score was committed)": [r for r in mlp if r["seed"] == 4],
               "fresh (seed 5, run after seed 4 was read)": [r for r in mlp if r["seed"] == 5],
-              "MLP runs not tuned on (seeds 1, 2, 4, 5)": [r for r in mlp if r["seed"] in HELD],
+              "fresh (seeds 8 and 9, run after the thresholds per kind were committed)":
+                  [r for r in mlp if r["seed"] in FRESH_BY_KIND],
+              "independent-coupling runs of seeds 8 and 9": [r for r in mlp if r["seed"] in FRESH_BY_KIND and
+                                                             r["coupling"] == "independent"],
+              "paired runs of seeds 8 and 9": [r for r in mlp if r["seed"] in FRESH_BY_KIND and
+                                               r["coupling"] == "paired"],
+              "MLP runs not tuned on (seeds 1, 2, 4, 5, 8, 9)": [r for r in mlp if r["seed"] in HELD],
               "independent-coupling MLP runs not tuned on": [r for r in mlp if r["seed"] in HELD and
                                                              r["coupling"] == "independent"],
               "paired MLP runs not tuned on": [r for r in mlp if r["seed"] in HELD and r["coupling"] == "paired"],
@@ -552,6 +576,8 @@ def report(args) -> None:
           f"{sum(r['label']['memorises'] for r in runs)} memorise")
     replay_check(runs)
     name, tuned = tune_score(halves["tune (seed 0)"])
+    tuned["thresholds_by_kind"] = {kind: choose_threshold([r for r in halves["tune (seed 0)"] if r["coupling"] == kind],
+                                                          tuned) for kind in COUPLINGS}
     print(f"chosen on the tune half: '{name}', {tuned}")
     print(f"shipped in flowprobe.watch: {SHIPPED} -- " + ("the same" if tuned == SHIPPED else "DIFFERENT"))
     for kind in COUPLINGS:  # an alternative looked at on the tune half alone and not shipped: constants per coupling

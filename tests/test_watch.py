@@ -117,9 +117,9 @@ def test_the_score_is_the_fitted_log_odds_and_the_detector_thresholds_it():
     """With the shipped weights the score is b + w_auc auc - w_gv log(ratio) + w_close closeness + w_pair pairing
     (membership weights without a ratio); the fitted weights have the signs the paper predicts (a lower
     GV(train)/GV(held-out), samples nearer the training set, partners reproduced: memorisation; membership no
-    sign against it), and a reading fires exactly when its score reaches the threshold of its kind (or on
-    copies)."""
-    from flowprobe.watch import (WATCH_SCORE_THRESHOLD_MEMBERSHIP, WATCH_SCORE_WEIGHTS,
+    sign against it), and a reading fires exactly when its score reaches the threshold of its kind of training
+    (independent, paired, or pairs of a map: the pooled threshold)."""
+    from flowprobe.watch import (WATCH_SCORE_THRESHOLD_MEMBERSHIP, WATCH_SCORE_THRESHOLDS, WATCH_SCORE_WEIGHTS,
                                  WATCH_SCORE_WEIGHTS_MEMBERSHIP, WatchReading, memorisation_score)
 
     b, w_auc, w_gv, w_close, w_pair = WATCH_SCORE_WEIGHTS
@@ -131,21 +131,29 @@ def test_the_score_is_the_fitted_log_odds_and_the_detector_thresholds_it():
                                                                       + 0.25 * w_pair_m)
     assert math.isnan(memorisation_score(float("nan"), 0.1))
     net, coupling, x0, x1, heldout = memorising_problem()
-    watch = MemorizationWatch(x1, heldout, LinearPath(), every=50, train_sources=x0)
-    # before any copy check (closeness 0.5, no pairing excess): the ratio at which a reading with membership AUC
-    # 0.7 crosses the threshold, the AUC at which a reading without a ratio does, and readings either side of them
-    crossing = math.exp((b + 0.7 * w_auc + 0.5 * w_close - WATCH_SCORE_THRESHOLD) / w_gv)
-    auc_crossing = (WATCH_SCORE_THRESHOLD_MEMBERSHIP - b_m - 0.5 * w_close_m) / w_m
-    assert 0.5 < auc_crossing < 1
-    cases = ((0.7, crossing * 0.99, True), (0.7, crossing * 1.01, False), (auc_crossing + 1e-3, None, True),
-             (auc_crossing - 1e-3, None, False), (1.0, 1.0, w_auc + b + 0.5 * w_close >= WATCH_SCORE_THRESHOLD))
-    for auc_value, ratio, expected in cases:
-        r = WatchReading(step=50, auc=auc_value, auc_lower=0.5, auc_t=0.5, gradvar_ratio=ratio)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", MemorizationWarning)
-            watch.judge(r)
-        assert r.fired is expected and r.signals == (["score"] if expected else [])
-        assert not expected or r.message.startswith("memorisation watch fired at step 50: memorisation score")
+    watches = {"independent": MemorizationWatch(x1, heldout, LinearPath(), every=50),
+               "paired": MemorizationWatch(x1, heldout, LinearPath(), every=50, train_sources=x0),
+               "map": MemorizationWatch(x1, heldout, LinearPath(), every=50, train_sources=x0,
+                                        heldout_sources=torch.randn_like(heldout))}
+    expected_thresholds = {**WATCH_SCORE_THRESHOLDS, "map": WATCH_SCORE_THRESHOLD}
+    assert WATCH_SCORE_THRESHOLDS["independent"] < WATCH_SCORE_THRESHOLD < WATCH_SCORE_THRESHOLDS["paired"]
+    for kind, watch in watches.items():
+        threshold = expected_thresholds[kind]
+        assert watch.kind == kind and watch.threshold == threshold
+        # before any copy check (closeness 0.5, no pairing excess): the ratio at which a reading with membership AUC
+        # 0.7 crosses the threshold, the AUC at which a reading without a ratio does, and readings either side
+        crossing = math.exp((b + 0.7 * w_auc + 0.5 * w_close - threshold) / w_gv)
+        auc_crossing = (WATCH_SCORE_THRESHOLD_MEMBERSHIP - b_m - 0.5 * w_close_m) / w_m
+        assert 0.5 < auc_crossing < 1
+        cases = ((0.7, crossing * 0.99, True), (0.7, crossing * 1.01, False), (auc_crossing + 1e-3, None, True),
+                 (auc_crossing - 1e-3, None, False), (1.0, 1.0, w_auc + b + 0.5 * w_close >= threshold))
+        for auc_value, ratio, expected in cases:
+            r = WatchReading(step=50, auc=auc_value, auc_lower=0.5, auc_t=0.5, gradvar_ratio=ratio)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", MemorizationWarning)
+                watch.judge(r)
+            assert r.fired is expected and r.signals == (["score"] if expected else []), (kind, auc_value, ratio)
+            assert not expected or r.message.startswith("memorisation watch fired at step 50: memorisation score")
 
 
 def test_the_score_reads_the_latest_copy_closeness_and_pairing_excess():

@@ -12,7 +12,8 @@ from ..diagnosis.verdict import COPY_EXCESS_MARGIN
 
 __all__ = ["WatchReading", "memorisation_score", "score_terms", "score_inputs", "detect", "finite_number", "has_ratio",
            "WATCH_SCORE_WEIGHTS", "WATCH_SCORE_WEIGHTS_MEMBERSHIP", "NULL_INPUTS", "WATCH_SCORE_THRESHOLD",
-           "WATCH_SCORE_THRESHOLD_MEMBERSHIP", "WATCH_COPY_EXCESS"]
+           "WATCH_SCORE_THRESHOLD_MEMBERSHIP", "WATCH_COPY_EXCESS", "WATCH_SCORE_THRESHOLDS", "score_threshold",
+           "KINDS"]
 
 #: The memorisation score of a reading, score = b + w_auc * (max_t membership AUC) + w_gv * (-log GV(train) /
 #: GV(held-out)) + w_close * (copy closeness) + w_pair * (pairing excess): (b, w_auc, w_gv, w_close, w_pair), the
@@ -28,8 +29,22 @@ NULL_INPUTS = {"closeness": 0.5, "pairing": 0.0}
 #: The detector fires when a reading's score reaches this (the threshold with the best balanced accuracy on the tune
 #: half, averaged over 25, 50 and 100% of training) ...
 WATCH_SCORE_THRESHOLD = 0.4379
+#: The threshold per kind of training, chosen the same way on the tune half's runs of that kind alone (one number
+#: each; the score's weights stay common): "independent" (fresh sources against a training set, where memorising means
+#: copying and the flag needs to fire earlier) and "paired" (fixed pairs with a pairing check). Pairs of a map with
+#: held-out pairs ("map", reflow) and readings without gradient variance use the pooled thresholds.
+WATCH_SCORE_THRESHOLDS = {"independent": -2.1635, "paired": 1.7525}
 #: ... or, for a membership-only score, this.
 WATCH_SCORE_THRESHOLD_MEMBERSHIP = -0.5782
+#: The kinds of training the watch tells apart (by what it is given: no sources; training sources; also held-out
+#: sources of a map).
+KINDS = ("independent", "paired", "map")
+
+
+def score_threshold(kind: str | None) -> float:
+    """The score threshold for a kind of training (:data:`WATCH_SCORE_THRESHOLDS`, else the pooled
+    :data:`WATCH_SCORE_THRESHOLD`)."""
+    return WATCH_SCORE_THRESHOLDS.get(kind, WATCH_SCORE_THRESHOLD)
 #: Copies fire when the lower bound of the excess copy fraction is above this (the diagnosis margin).
 WATCH_COPY_EXCESS = COPY_EXCESS_MARGIN
 

@@ -21,7 +21,7 @@ from ..io import append_jsonl, truncate_jsonl
 from ..paths import ProbabilityPath
 from ..probes.memorization import PairSet
 from ..solvers import push_forward
-from .detector import WATCH_SCORE_THRESHOLD, WatchReading, detect, finite_number
+from .detector import WatchReading, detect, finite_number, score_threshold
 
 __all__ = ["MemorizationWatch", "MemorizationDetected", "MemorizationWarning", "WATCH_FAR_FACTOR", "DEFAULT_EVERY",
            "DEFAULT_TIMES", "ON_FIRE"]
@@ -99,6 +99,8 @@ class MemorizationWatch:
         i_ho = torch.randperm(heldout_data.shape[0], generator=g)[:n_probe]
         self.train_data = train_data.detach()
         self.all_training_pairs = i_tr.numel() == train_data.shape[0]  # the probe holds every training pair
+        self.kind = "independent" if train_sources is None else "paired" if heldout_sources is None else "map"
+        self.threshold = score_threshold(self.kind)
         self.train_probe = train_data.detach()[i_tr.to(train_data.device)]
         self.heldout_probe = heldout_data.detach()[i_ho.to(heldout_data.device)]
         i_ref = torch.randperm(heldout_data.shape[0], generator=g)[:copy_reference]
@@ -262,7 +264,7 @@ class MemorizationWatch:
 
     def judge(self, r: WatchReading) -> None:
         """Apply the detector (:func:`detect`) to reading ``r``; warn the first time it fires."""
-        said = detect(r, self.inputs)
+        said = detect(r, self.inputs, threshold=self.threshold)
         self.inputs = r.inputs
         r.fired = bool(r.signals)
         r.stop = r.fired and self.on_fire == "stop"
@@ -317,7 +319,7 @@ class MemorizationWatch:
             records = [r for r in map(json.loads, self.log_path.read_text().splitlines()) if r.get("event") == "watch"]
         if not records:
             return None
-        return plot_watch(path, records, WATCH_SCORE_THRESHOLD, self.fired_at)
+        return plot_watch(path, records, self.threshold, self.fired_at)
 
     def close(self) -> None:
         """Close the TensorBoard writer, if any."""
