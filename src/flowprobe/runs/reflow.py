@@ -272,7 +272,8 @@ def reflow(checkpoint: str | Path, out: str | Path, options: ReflowOptions, devi
         net, ck = load_model(out / f"round-{k}", dev, options.use_ema)
         previous = ck.path
     results = {"version": __version__, "checkpoint": str(checkpoint), "out": str(out), "pairs": options.pairs,
-               "rounds": options.rounds, "init": options.init, "seed": options.seed, "overrides": options.overrides,
+               "heldout_pairs": options.heldout, "rounds": options.rounds, "init": options.init, "seed": options.seed,
+               "overrides": options.overrides,
                "n_eval": n_eval, "solver": base.sample.solver, "steps": base.sample.steps,
                "data_kind": base.data.data_kind, "energy_distance_reference": reference, "per_round": rows}
     write_json(out / "results.json", results)
@@ -305,6 +306,7 @@ def _round(k, net, previous, base, source, options, out, dev, x0_eval, ref, say)
     result = train_from_config(cfg, run_dir, dev, progress=False)
     trained, ck = load_model(run_dir, dev, options.use_ema)
     row = {"round": k, "checkpoint": str(ck.path), "step": ck.step, "pairs_file": str(pairs_file),
+           "heldout_pairs_file": None if heldout_file is None else str(heldout_file),
            "final_loss": result.final_loss, **_measure(trained, cfg, x0_eval, ref),
            **_pairing_probe(trained, cfg, x0, x1, ot), "seconds": time.perf_counter() - t0}
     if ot_note is not None:
