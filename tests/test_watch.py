@@ -117,8 +117,9 @@ def test_the_score_is_the_fitted_log_odds_and_the_detector_thresholds_it():
     """With the shipped weights the score is b + w_auc auc - w_gv log(ratio) + w_close closeness + w_pair pairing
     (membership weights without a ratio); the fitted weights have the signs the paper predicts (a lower
     GV(train)/GV(held-out), samples nearer the training set, partners reproduced: memorisation; membership no
-    sign against it), and a reading fires exactly when its score reaches the threshold of its kind of training
-    (independent, paired, or pairs of a map: the pooled threshold)."""
+    sign against it), and a reading fires exactly when its score reaches the threshold in use: the pooled one, or
+    with ``early=True`` that of its kind of training (independent, paired; pairs of a map: the pooled one), or the
+    caller's own."""
     from flowprobe.watch import (WATCH_SCORE_THRESHOLD_MEMBERSHIP, WATCH_SCORE_THRESHOLDS, WATCH_SCORE_WEIGHTS,
                                  WATCH_SCORE_WEIGHTS_MEMBERSHIP, WatchReading, memorisation_score)
 
@@ -131,14 +132,22 @@ def test_the_score_is_the_fitted_log_odds_and_the_detector_thresholds_it():
                                                                       + 0.25 * w_pair_m)
     assert math.isnan(memorisation_score(float("nan"), 0.1))
     net, coupling, x0, x1, heldout = memorising_problem()
-    watches = {"independent": MemorizationWatch(x1, heldout, LinearPath(), every=50),
-               "paired": MemorizationWatch(x1, heldout, LinearPath(), every=50, train_sources=x0),
-               "map": MemorizationWatch(x1, heldout, LinearPath(), every=50, train_sources=x0,
-                                        heldout_sources=torch.randn_like(heldout))}
-    expected_thresholds = {**WATCH_SCORE_THRESHOLDS, "map": WATCH_SCORE_THRESHOLD}
+    held_src = torch.randn_like(heldout)
+    watches, expected_thresholds = {}, {}
+    for early in (False, True):  # the pooled threshold by default; with early=True the kind's early-warning one
+        watches.update({("independent", early): MemorizationWatch(x1, heldout, LinearPath(), every=50, early=early),
+                        ("paired", early): MemorizationWatch(x1, heldout, LinearPath(), every=50, train_sources=x0,
+                                                             early=early),
+                        ("map", early): MemorizationWatch(x1, heldout, LinearPath(), every=50, train_sources=x0,
+                                                          heldout_sources=held_src, early=early)})
+        expected_thresholds.update({(k, early): WATCH_SCORE_THRESHOLDS.get(k, WATCH_SCORE_THRESHOLD) if early
+                                    else WATCH_SCORE_THRESHOLD for k in ("independent", "paired", "map")})
+    watches[("paired", "own")] = MemorizationWatch(x1, heldout, LinearPath(), every=50, train_sources=x0, early=True,
+                                                   threshold=-1.0)
+    expected_thresholds[("paired", "own")] = -1.0
     assert WATCH_SCORE_THRESHOLDS["independent"] < WATCH_SCORE_THRESHOLD < WATCH_SCORE_THRESHOLDS["paired"]
-    for kind, watch in watches.items():
-        threshold = expected_thresholds[kind]
+    for (kind, mode), watch in watches.items():
+        threshold = expected_thresholds[(kind, mode)]
         assert watch.kind == kind and watch.threshold == threshold
         # before any copy check (closeness 0.5, no pairing excess): the ratio at which a reading with membership AUC
         # 0.7 crosses the threshold, the AUC at which a reading without a ratio does, and readings either side

@@ -50,6 +50,15 @@ def test_stop_ends_the_run_with_exit_4_and_the_readings_match_a_rebuilt_watch(tm
         warnings.simplefilter("ignore", MemorizationWarning)
         again = watch.update(fired, loaded.net).to_dict()
     assert {**again, "seconds": 0} == {**got[-1], "seconds": 0}
+    # watch.early: the early-warning threshold of the run's kind of training (fixed pairs)
+    from dataclasses import replace
+
+    from flowprobe.watch import WATCH_SCORE_THRESHOLD, WATCH_SCORE_THRESHOLDS
+
+    early = replace(loaded.config, watch=replace(loaded.config.watch, early=True))
+    assert watch.kind == "paired" and watch.threshold == WATCH_SCORE_THRESHOLD
+    assert config_watch(early, loaded.coupling, loaded.source, loaded.target, loaded.objective.path, None,
+                        "cpu").threshold == WATCH_SCORE_THRESHOLDS["paired"]
 
 
 def test_the_watch_leaves_the_run_bitwise_unchanged_and_logs_each_reading_once_on_resume(tmp_path):

@@ -252,14 +252,16 @@ class WatchConfig:
     with ``log.tensorboard``, to TensorBoard. ``on_fire``: warn, or stop training (the command exits with 4, the
     checkpoints written so far kept). ``n_probe`` training and held-out samples a group; ``copy_every`` steps
     between copy checks (default 4 ``every``; 0: none); ``n_heldout`` held-out samples drawn or loaded (the probes
-    and the copy check's baseline). The training samples are the run's (its pool, images or fixed pairs); the
-    held-out ones are those ``flowprobe diagnose`` would use for the run."""
+    and the copy check's baseline); ``early``: the early-warning thresholds per kind of training (earlier flags on
+    copying, more late false alarms; ``docs/detector.md``). The training samples are the run's (its pool, images or
+    fixed pairs); the held-out ones are those ``flowprobe diagnose`` would use for the run."""
 
     every: int | None = option(None, ge=1)
     on_fire: str = option("warn", choices=("warn", "stop"))
     n_probe: int = option(64, ge=2, le=100_000)
     copy_every: int | None = option(None, ge=0)
     n_heldout: int = option(512, ge=2, le=1_000_000)
+    early: bool = False
 
 
 @dataclass

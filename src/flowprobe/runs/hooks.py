@@ -79,4 +79,4 @@ def config_watch(cfg, coupling, source, target, path, log: str | Path, device, w
                              train_sources=sources, copy_every=w.copy_every, log_path=log, on_fire=w.on_fire,
                              heldout_sources=None if held_pairs is None else
                              held_pairs.x0[:w.n_heldout].to(x_train.device, x_train.dtype),
-                             use_ema=cfg.ema_decay is not None)
+                             use_ema=cfg.ema_decay is not None, early=w.early)

@@ -24,13 +24,12 @@ diagnosis functions return on the same net with the same probe set and seed (``t
 
 The detector (:mod:`flowprobe.watch.detector`; its constants are module constants there) fires at a reading when
 
-1. the reading's memorisation score :func:`memorisation_score` reaches the threshold of the kind of training
-   (:func:`score_threshold`: :data:`WATCH_SCORE_THRESHOLDS` for independent and paired training, else the pooled
-   :data:`WATCH_SCORE_THRESHOLD`); the score is the log-odds, fitted by logistic regression on the tune half of
-   ``benchmarks/detector.py``, that the run memorises, from the reading's max_t membership AUC and -log GV(train) /
-   GV(held-out), and the latest copy closeness and pairing excess measured so far (:func:`score_inputs`; their null
-   values 0.5 and 0 before the first copy check or without paired sources) (without gradient variance, from the
-   others with their own weights and threshold); or
+1. the reading's memorisation score :func:`memorisation_score` reaches :data:`WATCH_SCORE_THRESHOLD` (with
+   ``early=True``, the early-warning threshold of the kind of training, :func:`score_threshold`); the score is the
+   log-odds, fitted by logistic regression on the tune half of ``benchmarks/detector.py``, that the run memorises,
+   from the reading's max_t membership AUC and -log GV(train) / GV(held-out), and the latest copy closeness and
+   pairing excess measured so far (:func:`score_inputs`; their null values 0.5 and 0 before the first copy check or
+   without paired sources) (without gradient variance, from the others with their own weights and threshold); or
 2. the copy check's excess copy fraction (generated over held-out) has its lower bound above
    :data:`WATCH_COPY_EXCESS` (one reading suffices: a copy is direct evidence); or
 3. (held-out pairs of a map) the map check votes memorises (direct evidence too).

@@ -29,10 +29,11 @@ NULL_INPUTS = {"closeness": 0.5, "pairing": 0.0}
 #: The detector fires when a reading's score reaches this (the threshold with the best balanced accuracy on the tune
 #: half, averaged over 25, 50 and 100% of training) ...
 WATCH_SCORE_THRESHOLD = 0.4379
-#: The threshold per kind of training, chosen the same way on the tune half's runs of that kind alone (one number
-#: each; the score's weights stay common): "independent" (fresh sources against a training set, where memorising means
-#: copying and the flag needs to fire earlier) and "paired" (fixed pairs with a pairing check). Pairs of a map with
-#: held-out pairs ("map", reflow) and readings without gradient variance use the pooled thresholds.
+#: The early-warning thresholds per kind of training (``MemorizationWatch(early=True)``), chosen the same way on the
+#: tune half's runs of that kind alone (one number each; the score's weights stay common): "independent" (fresh sources
+#: against a training set, where memorising means copying) and "paired" (fixed pairs with a pairing check). Pairs of a
+#: map ("map", reflow) and readings without gradient variance use the pooled thresholds. They flag copying under an
+#: independent coupling much earlier, at the price of late false alarms on small training sets (docs/detector.md).
 WATCH_SCORE_THRESHOLDS = {"independent": -2.1635, "paired": 1.7525}
 #: ... or, for a membership-only score, this.
 WATCH_SCORE_THRESHOLD_MEMBERSHIP = -0.5782
@@ -41,10 +42,10 @@ WATCH_SCORE_THRESHOLD_MEMBERSHIP = -0.5782
 KINDS = ("independent", "paired", "map")
 
 
-def score_threshold(kind: str | None) -> float:
-    """The score threshold for a kind of training (:data:`WATCH_SCORE_THRESHOLDS`, else the pooled
-    :data:`WATCH_SCORE_THRESHOLD`)."""
-    return WATCH_SCORE_THRESHOLDS.get(kind, WATCH_SCORE_THRESHOLD)
+def score_threshold(kind: str | None, early: bool = False) -> float:
+    """The score threshold: the pooled :data:`WATCH_SCORE_THRESHOLD`, or with ``early`` the early-warning threshold
+    of the kind of training (:data:`WATCH_SCORE_THRESHOLDS`; the pooled one for a kind it lacks)."""
+    return WATCH_SCORE_THRESHOLDS.get(kind, WATCH_SCORE_THRESHOLD) if early else WATCH_SCORE_THRESHOLD
 #: Copies fire when the lower bound of the excess copy fraction is above this (the diagnosis margin).
 WATCH_COPY_EXCESS = COPY_EXCESS_MARGIN
 

@@ -67,7 +67,9 @@ class MemorizationWatch:
     ``copy_every``: steps between copy checks (a multiple of ``every``; None: 4 ``every``; 0: never) on ``n_copy``
     generated samples (Euler, ``copy_steps`` steps), against up to ``copy_reference`` held-out samples (the baseline
     copy fraction of real unseen samples). ``use_ema``: as a fit hook, read the EMA copy (``state.model``) instead
-    of the trained net.
+    of the trained net. ``early``: fire on the early-warning score threshold of the kind of training (``kind``:
+    independent, paired, or map) instead of the pooled one; ``threshold``: a score threshold of your own (overrides
+    both; ``self.threshold`` is the one in use).
     """
 
     def __init__(self, train_data: Tensor, heldout_data: Tensor, path: ProbabilityPath, *,
@@ -76,7 +78,7 @@ class MemorizationWatch:
                  gradvar_samples: int = 32, gradvar_method: str = "auto", copy_every: int | None = None,
                  n_copy: int = 128, copy_steps: int = 16, copy_reference: int = 512, log_path: str | Path | None = None,
                  tensorboard_dir: str | Path | None = None, on_fire: str = "warn", use_ema: bool = False,
-                 heldout_sources: Tensor | None = None):
+                 heldout_sources: Tensor | None = None, early: bool = False, threshold: float | None = None):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an integer >= 1, got {every!r}")
         if on_fire not in ON_FIRE:
@@ -100,7 +102,8 @@ class MemorizationWatch:
         self.train_data = train_data.detach()
         self.all_training_pairs = i_tr.numel() == train_data.shape[0]  # the probe holds every training pair
         self.kind = "independent" if train_sources is None else "paired" if heldout_sources is None else "map"
-        self.threshold = score_threshold(self.kind)
+        self.early = bool(early)
+        self.threshold = float(threshold) if threshold is not None else score_threshold(self.kind, self.early)
         self.train_probe = train_data.detach()[i_tr.to(train_data.device)]
         self.heldout_probe = heldout_data.detach()[i_ho.to(heldout_data.device)]
         i_ref = torch.randperm(heldout_data.shape[0], generator=g)[:copy_reference]
