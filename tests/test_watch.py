@@ -548,7 +548,7 @@ def test_heldout_pairs_of_a_map_read_a_net_that_learned_the_map_as_unseen_only_w
         MemorizationWatch(x1, x1_held, path, heldout_sources=x0_held)
 
 
-def test_the_map_check_fires_the_watch_on_a_net_that_reproduces_only_its_pairs():
+def test_the_map_check_fires_the_watch_on_a_net_that_reproduces_only_its_pairs(tmp_path):
     """The exact pair field of 8 pairs of the map x1 = 2 x0 + 1 carries its 8 training sources to their partners and
     held-out sources of the same map elsewhere: the watch's map check votes memorises and the detector fires on it."""
     g = torch.Generator().manual_seed(8)
@@ -560,3 +560,4 @@ def test_the_map_check_fires_the_watch_on_a_net_that_reproduces_only_its_pairs()
         reading = watch.update(1, net)
     assert watch.all_training_pairs and reading.map_landed_train == 1.0 and reading.map_landed_heldout < 0.5
     assert reading.map_vote == "memorises" and "map" in reading.signals and watch.fired_at == 1
+    assert watch.plot(tmp_path / "watch.png").is_file()  # the map excess is drawn beside the copy excess

@@ -221,8 +221,9 @@ def _warnings(checks: dict[str, CheckResult]) -> list[str]:
     mapped = checks.get("map")
     if mapped is not None and mapped.ran and mapped.evidence["landed_heldout"] < MAP_LEARNED_SHARE:
         out.append(f"only {mapped.evidence['landed_heldout']:.1%} of the held-out sources of the map land on their "
-                   f"partners (under {MAP_LEARNED_SHARE:.0%}): the net has not learned the map; a map vote of "
-                   f"'generalises' would only mean 'does not reproduce its training pairs better'")
+                   f"partners (under {MAP_LEARNED_SHARE:.0%}): the net has not learned the map"
+                   + ("" if mapped.vote == "memorises" else "; the map check's 'generalises' only means it does not "
+                      "reproduce its training pairs better than new ones"))
     transport = checks.get("transport")
     if transport is not None and transport.ran and transport.evidence.get("non_finite_end_points"):
         out.append(f"{transport.evidence['non_finite_end_points']} transport end points are not finite")

@@ -152,9 +152,9 @@ def plot_gradvar(path: str | Path, rows: Sequence[dict]) -> Path:
 
 def plot_watch(path: str | Path, readings: Sequence[dict], threshold: float, fired_at: int | None = None) -> Path:
     """The memorisation watch's readings over training steps: max_t membership AUC with its lower bound and the copy
-    closeness, GV(train) / GV(held-out) with its interval (log scale), the copy check's excess copy fraction and the
-    pairing excess where they ran, and the
-    memorisation score against the detector's ``threshold``; a dotted line where the detector first fired."""
+    closeness, GV(train) / GV(held-out) with its interval (log scale), the copy check's excess copy fraction, the
+    pairing excess and the map check's excess where they ran, and the memorisation score against the detector's
+    ``threshold``; a dotted line where the detector first fired."""
     step = _col(readings, "step")
     fig, grid = plt.subplots(2, 2, figsize=(11, 7))
     axes = grid.ravel()
@@ -181,8 +181,13 @@ def plot_watch(path: str | Path, readings: Sequence[dict], threshold: float, fir
     if np.isfinite(pairing).any():
         paired = np.isfinite(pairing)
         axes[2].plot(step[paired], pairing[paired], marker="^", color="C4", label="pairing recall - chance")
+    mapped = _col(readings, "map_excess")
+    if np.isfinite(mapped).any():
+        on = np.isfinite(mapped)
+        axes[2].plot(step[on], mapped[on], marker="v", color="C5", label="map: landed train - held-out")
+        axes[2].plot(step[on], _col(readings, "map_excess_lower")[on], ls="--", color="C5", label="its lower bound")
     axes[2].axhline(0.0, color="0.5", lw=1)
-    axes[2].set_ylabel("excess: copies (generated - held-out), pairing")
+    axes[2].set_ylabel("excess: copies (generated - held-out), pairing, map")
     axes[3].plot(step, _col(readings, "score"), marker="o")
     axes[3].axhline(threshold, color="red", ls="--", lw=1, label=f"threshold {threshold:g}")
     axes[3].set_ylabel("memorisation score (log-odds)")
