@@ -34,10 +34,12 @@ contested pairs exceeds chance by more than PAIRING_EXCESS_MARGIN, with its inte
 contested pairs for the vote (N < 30), when the recall exceeds chance by that margin and an exact one-sided binomial
 test against chance gives p < 0.025 (the pairs are the whole training set, so their recall is a fact, not an
 estimate), or (reflow runs) when :func:`flowprobe.diagnosis.transport.map_check` votes memorises: its 512 held-out
-pairs of the map are the label's copy reference and their sources, and every training pair is integrated, so the
-training share that lands within MAP_TOLERANCE of its partner is a fact and the interval is the held-out share's.
+pairs of the map are the label's copy reference and their sources, every training pair is integrated, and the share
+of training sources that land within MAP_TOLERANCE of their partner is compared with the held-out share (Newcombe's
+interval; with fewer than 30 training pairs, Fisher's exact one-sided test at 2.5% and the excess above the margin).
 (This part of the label was declared after the reflow runs' watch readings had been read, and before the map check
-was computed on any of them.)
+was computed on any of them; its first version took the training share as exact, which a review showed to
+false-alarm on small training sets, and was replaced by the rule above before the runs were relabelled.)
 
 ``report`` refits the score on the tune half (SCORE_CANDIDATES, fit_score, choose_threshold) and says whether the
 shipped constants are the refitted ones, then prints per half the ROC AUC at 25 / 50 / 100% of training of the
@@ -144,7 +146,7 @@ def label(net, train, x0_pairs, seed: int, reference: torch.Tensor | None = None
         out.update({"pairing_recall": rec, "pairing_recall_ot": ev["recall_ot"], "pairing_contested": m,
                     "pairing_chance": chance, "pairing_p_value": p_value, "pairing_vote": check.vote})
         memorises = memorises or check.vote == "memorises" or reproduced
-    if map_pairs is not None:  # every training pair is integrated, so their share is a fact (map_check)
+    if map_pairs is not None:  # every training pair is integrated (map_check)
         n = train.shape[0]
         check, _ = map_check(net, PairSet(map_pairs[0], train, {}), PairSet(map_pairs[1], reference, {}),
                              n_max=max(n, reference.shape[0]), method="rk4", steps=32)

@@ -513,6 +513,8 @@ def _translation_pairs(n: int, seed: int, c=(3.0, 1.0)) -> PairSet:
 
 
 def test_map_check_shares_and_intervals_by_brute_force():
+    from scipy.stats import fisher_exact
+
     from flowprobe.diagnosis.transport import map_check
     from flowprobe.diagnosis.verdict import MAP_TOLERANCE
 
@@ -525,21 +527,43 @@ def test_map_check_shares_and_intervals_by_brute_force():
     held = PairSet(held.x0, held.x1 + miss, {})
     check, arrays = map_check(net, train, held, steps=4)
     ev = check.evidence
-    assert ev["tolerance"] == pytest.approx(tol, rel=1e-9) and ev["all_training_pairs"]
-    assert ev["landed_train"] == 1.0 and ev["landed_heldout"] == 70 / 200
-    lo, hi = wilson_interval(70, 200)  # the training share is a fact: the interval is the held-out share's
-    assert ev["excess_interval"] == pytest.approx([1 - hi, 1 - lo], abs=1e-12)
+    assert ev["tolerance"] == pytest.approx(tol, rel=1e-9)
+    assert ev["landed_train"] == 1.0 and ev["landed_heldout"] == 70 / 200 and ev["exact_p"] is None
+    _, lo, hi = newcombe_interval(40, 40, 70, 200)
+    assert ev["excess_interval"] == pytest.approx([lo, hi], abs=1e-12)
     assert check.vote == "memorises" and check.role == "decisive"
     assert arrays["heldout"]["errors"][off].min() == pytest.approx(3 * tol, rel=1e-5)
-    # a subset of the training pairs is an estimate: Newcombe's interval of both shares
-    part, _ = map_check(net, train, held, n_max=35, steps=4)
-    _, nlo, nhi = newcombe_interval(35, 35, 14, 35)  # rows 0-6 and 20-26 of the first 35 land
+    part, _ = map_check(net, train, held, n_max=35, steps=4)  # the first 35 of each: rows 0-6 and 20-26 land
+    _, nlo, nhi = newcombe_interval(35, 35, 14, 35)
     assert part.evidence["excess_interval"] == pytest.approx([nlo, nhi], abs=1e-12) and part.vote == "memorises"
+    # fewer than MIN_SAMPLES training pairs: Fisher's exact one-sided test (scipy's), memorisation only
+    few_train, _ = map_check(net, _translation_pairs(8, 4), held, steps=4)
+    p_scipy = fisher_exact([[8, 0], [70, 130]], alternative="greater")[1]
+    assert few_train.evidence["exact_p"] == pytest.approx(p_scipy, rel=1e-9) and few_train.vote == "memorises"
     # every held-out source lands: no excess, generalises; too few held-out pairs: no vote
     same, _ = map_check(net, train, _translation_pairs(200, 2), steps=4)
     assert same.evidence["excess"] == 0.0 and same.vote == "generalises"
     few, _ = map_check(net, train, _translation_pairs(20, 3), steps=4)
     assert few.vote is None and "too few held-out pairs" in few.reason
+
+
+@pytest.mark.parametrize("n_train", [8, 20, 40])
+def test_map_vote_false_alarms_under_the_null_stay_below_the_level(n_train):
+    """When training and held-out sources land alike (both shares Binomial draws of one p), the map vote says
+    memorises in at most (1 - CONFIDENCE) / 2 of 4000 simulated cases: for few training pairs too, whose share is a
+    draw like the held-out one (a rule that took it as exact would say memorises in about a third of them at N = 8)."""
+    from flowprobe.diagnosis.stats import exact_greater_p
+    from flowprobe.diagnosis.verdict import CONFIDENCE, MIN_SAMPLES, map_vote
+
+    g = torch.Generator().manual_seed(n_train)
+    k_tr = torch.binomial(torch.full((4000,), float(n_train)), torch.full((4000,), 0.3), generator=g).long()
+    k_ho = torch.binomial(torch.full((4000,), 1000.0), torch.full((4000,), 0.3), generator=g).long()
+    said = 0
+    for a, b in zip(k_tr.tolist(), k_ho.tolist()):
+        d, lo, hi = newcombe_interval(a, n_train, b, 1000)
+        p = exact_greater_p(a, n_train, b, 1000) if n_train < MIN_SAMPLES else None
+        said += map_vote(n_train, 1000, d, lo, hi, p).vote == "memorises"
+    assert said / 4000 <= (1 - CONFIDENCE) / 2
 
 
 def test_diagnose_with_heldout_pairs_of_a_map(tmp_path):
@@ -568,3 +592,12 @@ def test_diagnose_with_heldout_pairs_of_a_map(tmp_path):
     assert learned.label == "generalises" and not any("learned the map" in w for w in learned.warnings)
     with pytest.raises(ValueError, match="heldout_pairs needs the training pairs"):
         diagnose(_Constant([3.0, 1.0]), torch.zeros(10, 2), heldout_pairs=_translation_pairs(50, 6))
+
+
+def test_map_figure_leaves_out_non_finite_errors_and_refuses_a_zero_tolerance(tmp_path):
+    from flowprobe.report.diagnosis import plot_map_errors
+
+    errors = torch.tensor([0.01, 0.2, float("nan"), float("inf"), 0.0])
+    assert plot_map_errors(tmp_path / "m.png", errors, torch.tensor([0.5, 1.0]), 0.1).is_file()
+    with pytest.raises(ValueError, match="tolerance must be > 0"):
+        plot_map_errors(tmp_path / "z.png", errors, errors, 0.0)

@@ -296,6 +296,8 @@ def test_a_base_runs_watch_goes_into_reflow_rounds_with_heldout_pairs(base_run, 
         round_config(base, pairs, None, ["data.heldout_pairs=other.safetensors"], held)
     with pytest.raises(ConfigError, match="data.heldout_pairs: held-out pairs of a map go with its training pairs"):
         from_dict(TrainConfig, {**BASE, "data": {**BASE["data"], "heldout_pairs": str(held)}})
+    with pytest.raises(ConfigError, match="coupling.kind: fixed_pairs"):  # a pairs file drawn apart is no map
+        from_dict(TrainConfig, {**BASE, "data": {**BASE["data"], "pairs": str(pairs), "heldout_pairs": str(held)}})
 
 
 def test_the_watch_on_a_reflow_round_reads_its_heldout_pairs(base_run, tmp_path):
@@ -317,6 +319,21 @@ def test_the_watch_on_a_reflow_round_reads_its_heldout_pairs(base_run, tmp_path)
     # every held-out probe row is a held-out pair (its target and its own source), never a training pair
     rows = [(a.tolist(), b.tolist()) for a, b in zip(held.x0, held.x1)]
     assert all((s.tolist(), x.tolist()) in rows for s, x in zip(watch.heldout_sources_probe, watch.heldout_probe))
+    # held-out pairs of another shape: a one-line error naming the key before training, not a crash at a reading
+    from dataclasses import replace
+
+    bad = save_pairs(tmp_path / "bad.safetensors", torch.randn(40, 3), torch.randn(40, 3))
+    wrong = replace(cfg, data=replace(cfg.data, heldout_pairs=str(bad)))
+    with pytest.raises(ConfigError, match=r"data.heldout_pairs: .* shape \(3,\), the training pairs \(2,\)"):
+        config_watch(wrong, FixedPairs(train.x0, train.x1), None, None, None, tmp_path / "log.jsonl", "cpu")
+    # diagnose with the round's pairs given explicitly still finds the round's held-out pairs
+    from flowprobe.diagnosis import DiagnoseOptions
+    from flowprobe.runs.diagnose import diagnose as diagnose_run
+
+    d = diagnose_run(out / "round-1", pairs=cfg.data.pairs, device="cpu", options=DiagnoseOptions(
+        n_generate=48, steps=8, membership_samples=32, gradvar_samples=8, pairs_max=64, transport_samples=16),
+        figures=False)
+    assert d.checks["map"].ran and d.data["heldout_pairs"] == 48
 
 
 def test_diagnose_command_takes_heldout_pairs(base_run, tmp_path, capsys):

@@ -165,6 +165,8 @@ def diagnose(net, train: Tensor | None = None, heldout: Tensor | None = None, *,
     if heldout_pairs is not None:
         if pairs is None or heldout is not None:
             raise ValueError("heldout_pairs needs the training pairs (pairs) and replaces heldout: give one of them")
+        if heldout_pairs.x0.shape[0] < 2:
+            raise ValueError(f"heldout_pairs: need at least 2 held-out pairs, got {heldout_pairs.x0.shape[0]}")
         if heldout_pairs.x0.shape[1:] != pairs.x0.shape[1:]:
             raise ValueError(f"held-out pairs have shape {tuple(heldout_pairs.x0.shape[1:])}, the training pairs "
                              f"{tuple(pairs.x0.shape[1:])}")

@@ -121,7 +121,7 @@ def _figures(diagnosis: Diagnosis, out: Path) -> dict[str, list[str]]:
         figs["pairing"] = [plot_pairing_histograms(pairing["endpoints"], pairing["targets"], pairing["partners"],
                                                    out / "pairing.png").name]
     mapped, map_check = art.get("map"), diagnosis.checks.get("map")
-    if mapped is not None and map_check is not None and map_check.ran:
+    if mapped is not None and map_check is not None and map_check.ran and map_check.evidence["tolerance"] > 0:
         figs["map"] = [plot_map_errors(out / "map.png", mapped["train"]["errors"], mapped["heldout"]["errors"],
                                        map_check.evidence["tolerance"]).name]
     gv = diagnosis.checks.get("gradvar")

@@ -21,7 +21,8 @@ from statistics import NormalDist
 import torch
 from torch import Tensor
 
-__all__ = ["wilson_interval", "newcombe_interval", "auc", "auc_brute_force", "mean_se", "normal_quantile", "Z95"]
+__all__ = ["wilson_interval", "newcombe_interval", "exact_greater_p", "auc", "auc_brute_force", "mean_se",
+           "normal_quantile", "Z95"]
 
 
 def normal_quantile(p: float) -> float:
@@ -62,6 +63,17 @@ def newcombe_interval(k1: int, n1: int, k2: int, n2: int, z: float = Z95) -> tup
     lower = d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
     upper = d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
     return d, max(-1.0, lower), min(1.0, upper)
+
+
+def exact_greater_p(k1: int, n1: int, k2: int, n2: int) -> float:
+    """One-sided p-value of Fisher's exact test that the proportion k1 / n1 exceeds k2 / n2: P(X >= k1) for X
+    hypergeometric (n1 draws from n1 + n2 items of which k1 + k2 are successes), in exact integer arithmetic."""
+    if not (0 <= k1 <= n1 and 0 <= k2 <= n2) or n1 + n2 == 0:
+        raise ValueError(f"need 0 <= k1 <= n1 and 0 <= k2 <= n2, got {k1}/{n1} and {k2}/{n2}")
+    total, successes = n1 + n2, k1 + k2
+    tail = sum(math.comb(successes, k) * math.comb(total - successes, n1 - k)
+               for k in range(k1, min(n1, successes) + 1))
+    return tail / math.comb(total, n1)
 
 
 def _midranks(values: Tensor) -> Tensor:

@@ -13,8 +13,9 @@ Map (check 5, with held-out pairs of a deterministic map x1 = G(x0), such as ref
 trained on such pairs is meant to reproduce its partners: that is the map. What it should not do is reproduce them
 *only* for its training sources. The training sources and the held-out sources are integrated, and each lands on
 its partner when its end point is within MAP_TOLERANCE x the root-mean-square norm of the training targets. The
-vote is on the excess share of training over held-out sources that land (Newcombe interval; when every training
-pair was integrated, their share is a fact and the interval is the held-out share's). A net that learned the map
+vote is on the excess share of training over held-out sources that land (Newcombe interval; with fewer than
+MIN_SAMPLES training pairs, Fisher's exact one-sided test, which can only find memorisation). Non-finite end points
+count as not landed (and are counted). A net that learned the map
 lands both alike (or, undertrained, neither); one that locked onto its pairs lands the training sources only.
 
 Transport (check 6, informational). Straightness S = E int_0^1 ||(x1 - x0) - v(t, x_t)||^2 dt along the net's own
@@ -37,7 +38,7 @@ from ..probes.memorization import PairSet, evaluate_pairs, limit_pairs
 from ..probes.straightness import straightness_from_trajectory
 from ..solvers import integrate, push_forward
 from .result import CheckResult
-from .stats import newcombe_interval, wilson_interval
+from .stats import exact_greater_p, newcombe_interval, wilson_interval
 from .verdict import (DECISIVE, INFORMATIONAL, MAP_TOLERANCE, MIN_SAMPLES, PAIRING_EXCESS_MARGIN, TRANSPORT_TOLERANCE,
                       map_vote, pairing_vote)
 
@@ -93,38 +94,36 @@ def pairing_check(net, pairs: PairSet, *, n_max: int = 1000, method: str = "eule
 
 
 def map_check(net, pairs: PairSet, heldout_pairs: PairSet, *, n_max: int = 1000, method: str = "euler",
-              steps: int = 100, batch_size: int = 500, device=None,
-              all_training_pairs: bool | None = None) -> tuple[CheckResult, dict]:
+              steps: int = 100, batch_size: int = 500, device=None) -> tuple[CheckResult, dict]:
     """The map check (module docstring) on the first ``n_max`` training pairs and held-out pairs; returns (the check,
-    the end points and per-source errors of both groups). ``all_training_pairs``: whether the pairs integrated are
-    every pair the net trained on (default: whether ``pairs`` has no more than ``n_max`` rows; pass False when
-    ``pairs`` is itself a sample of the training pairs)."""
+    the end points and per-source errors of both groups)."""
     device = pairs.x0.device if device is None else device
     n_all = pairs.x0.shape[0]
+    if n_all < 1 or heldout_pairs.x0.shape[0] < 1:
+        raise ValueError("the map check needs at least one training pair and one held-out pair")
     scale = float(pairs.x1.reshape(n_all, -1).double().pow(2).sum(1).mean().sqrt())
     tol = MAP_TOLERANCE * scale
-    out, counts = {}, {}
+    out, counts, non_finite = {}, {}, 0
     for name, ps in (("train", pairs), ("heldout", heldout_pairs)):
         x0, x1 = ps.x0[:n_max].to(device, torch.float32), ps.x1[:n_max].to(device, torch.float32)
         end = push_forward(net, x0, method=method, steps=steps, batch_size=batch_size)
         err = (end - x1).reshape(x1.shape[0], -1).double().norm(dim=1).cpu()
         out[name] = {"endpoints": end.cpu(), "errors": err}
-        counts[name] = (int((err <= tol).sum()), int(err.numel()))
+        counts[name] = (int((err <= tol).sum()), int(err.numel()))  # a non-finite error never lands
+        non_finite += int((~torch.isfinite(err)).sum())
     (k_tr, n_tr), (k_ho, n_ho) = counts["train"], counts["heldout"]
-    whole = n_tr == n_all if all_training_pairs is None else bool(all_training_pairs) and n_tr == n_all
     excess, lower, upper = newcombe_interval(k_tr, n_tr, k_ho, n_ho)
-    if whole:  # the training share is a fact: the interval is the held-out share's alone
-        lo_ho, hi_ho = wilson_interval(k_ho, n_ho)
-        lower, upper = excess - (hi_ho - k_ho / n_ho), excess + (k_ho / n_ho - lo_ho)
-    vote = map_vote(n_tr, n_ho, whole, excess, lower, upper)
-    med = {k: float(v["errors"].median()) / scale if scale > 0 else float("nan") for k, v in out.items()}
+    p_exact = exact_greater_p(k_tr, n_tr, k_ho, n_ho) if n_tr < MIN_SAMPLES else None
+    vote = map_vote(n_tr, n_ho, excess, lower, upper, p_exact)
+    med = {k: float(v["errors"].nanmedian()) / scale if scale > 0 else float("nan") for k, v in out.items()}
     summary = (f"{k_tr / n_tr:.1%} of {n_tr} training sources and {k_ho / n_ho:.1%} of {n_ho} held-out sources of the "
                f"map land within {MAP_TOLERANCE} x RMS norm of their partners (excess {excess:+.3f})")
-    evidence = {"n_train_pairs": n_tr, "n_heldout_pairs": n_ho, "all_training_pairs": whole, "solver": method,
-                "steps": steps, "tolerance": tol, "data_rms": scale, "landed_train": k_tr / n_tr,
-                "landed_heldout": k_ho / n_ho, "landed_heldout_interval": list(wilson_interval(k_ho, n_ho)),
-                "excess": excess, "excess_interval": [lower, upper], "median_relative_error_train": med["train"],
-                "median_relative_error_heldout": med["heldout"]}
+    evidence = {"n_train_pairs": n_tr, "n_heldout_pairs": n_ho, "solver": method, "steps": steps, "tolerance": tol,
+                "data_rms": scale, "landed_train": k_tr / n_tr,
+                "landed_train_interval": list(wilson_interval(k_tr, n_tr)), "landed_heldout": k_ho / n_ho,
+                "landed_heldout_interval": list(wilson_interval(k_ho, n_ho)), "excess": excess,
+                "excess_interval": [lower, upper], "exact_p": p_exact, "non_finite_end_points": non_finite,
+                "median_relative_error_train": med["train"], "median_relative_error_heldout": med["heldout"]}
     check = CheckResult("map", DECISIVE, True, vote.vote, summary, vote.reason, evidence,
                         {"map_tolerance": MAP_TOLERANCE, "pairing_excess_margin": PAIRING_EXCESS_MARGIN,
                          "min_samples": MIN_SAMPLES})

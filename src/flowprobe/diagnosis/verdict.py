@@ -67,7 +67,9 @@ TRANSPORT_TOLERANCE = 0.1
 #: its partner when its end point is within this fraction of the root-mean-square norm of the training targets (the
 #: transport check's tolerance). The check decides memorisation when the share of training sources that land on
 #: their partners exceeds the share of held-out sources by more than PAIRING_EXCESS_MARGIN, with the whole interval
-#: of the excess above it, and generalisation when the whole interval lies below it.
+#: of the excess above it, and generalisation when the whole interval lies below it; with fewer than MIN_SAMPLES
+#: training pairs (and enough held-out ones) it decides memorisation only, when the excess exceeds the margin and
+#: Fisher's exact one-sided test gives p below (1 - CONFIDENCE) / 2.
 MAP_TOLERANCE = TRANSPORT_TOLERANCE
 #: A warning (not a vote) when fewer than this share of the held-out sources of a map land on their partners: the
 #: net has not learned the map, and the map check's "generalises" only means it does not favour its training pairs.
@@ -166,13 +168,22 @@ def pairing_vote(n: int, chance: float, assigned: tuple[float, float, float],
     return Vote(None, f"{span}: the excess over chance straddles the margin {PAIRING_EXCESS_MARGIN}")
 
 
-def map_vote(n_train: int, n_heldout: int, whole: bool, excess: float, lower: float, upper: float) -> Vote:
-    """Map: the interval [lower, upper] of the excess share of training sources over held-out sources that land on
-    their partners, against :data:`PAIRING_EXCESS_MARGIN`. ``whole``: the training pairs are all the net trained on,
-    so their share is a fact and only the held-out share needs :data:`MIN_SAMPLES`."""
-    n_min = n_heldout if whole else min(n_train, n_heldout)
-    if n_min < MIN_SAMPLES:
-        return Vote(None, f"too few {'held-out ' if whole else ''}pairs ({n_min} < {MIN_SAMPLES})")
+def map_vote(n_train: int, n_heldout: int, excess: float, lower: float, upper: float,
+             p_exact: float | None = None) -> Vote:
+    """Map: the interval [lower, upper] (Newcombe) of the excess share of training sources over held-out sources that
+    land on their partners, against :data:`PAIRING_EXCESS_MARGIN`; with fewer than :data:`MIN_SAMPLES` training pairs,
+    the excess and ``p_exact`` (Fisher's exact one-sided p-value that the training share is the larger) instead, which
+    can only find memorisation."""
+    if n_heldout < MIN_SAMPLES:
+        return Vote(None, f"too few held-out pairs ({n_heldout} < {MIN_SAMPLES})")
+    alpha = (1 - CONFIDENCE) / 2
+    if n_train < MIN_SAMPLES:
+        said = f"excess {excess:+.3f} with {n_train} < {MIN_SAMPLES} training pairs, exact one-sided p = {p_exact:.3g}"
+        if p_exact is not None and excess > PAIRING_EXCESS_MARGIN and p_exact < alpha:
+            return Vote(MEMORISES, f"{said} (below {alpha:.3g}), excess above the margin {PAIRING_EXCESS_MARGIN}: "
+                                   f"the net carries its training sources to their partners, not the map's held-out "
+                                   f"sources")
+        return Vote(None, f"{said}: too few training pairs for an interval, and the exact test finds no memorisation")
     span = f"excess {excess:+.3f}, {CONFIDENCE:.0%} interval [{lower:+.3f}, {upper:+.3f}]"
     if lower > PAIRING_EXCESS_MARGIN:
         return Vote(MEMORISES, f"{span} lies above the margin {PAIRING_EXCESS_MARGIN}: the net carries its training "

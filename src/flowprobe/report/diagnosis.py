@@ -86,17 +86,22 @@ def plot_ratio_histogram(path: str | Path, ratios: Tensor, reference_ratios: Ten
 
 def plot_map_errors(path: str | Path, train_errors: Tensor, heldout_errors: Tensor, tolerance: float) -> Path:
     """Histograms (log scale) of ||Phi(x0) - x1|| for the training pairs and the held-out pairs of the map, with the
-    tolerance under which a source lands on its partner."""
+    tolerance under which a source lands on its partner (> 0; non-finite errors are left out of the histograms and
+    count as not landed)."""
+    if not tolerance > 0:
+        raise ValueError(f"tolerance must be > 0, got {tolerance}")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     vals = [v.detach().double().cpu().numpy() for v in (train_errors, heldout_errors)]
     positive = np.concatenate(vals)
-    positive = positive[positive > 0]
+    positive = positive[np.isfinite(positive) & (positive > 0)]
     lo = max(positive.min() if positive.size else tolerance / 100, tolerance / 1e4)
     hi = max(positive.max() if positive.size else tolerance * 10, tolerance * 2)
     bins = np.geomspace(lo, hi, 41)
     for v, label in zip(vals, ("training pairs", "held-out pairs")):
+        landed = (v <= tolerance).mean() if v.size else float("nan")
+        v = v[np.isfinite(v)]
         ax.hist(np.clip(v, lo, hi), bins=bins, alpha=0.55, density=False, weights=np.full(v.size, 1 / max(v.size, 1)),
-                label=f"{label} (landed {(v <= tolerance).mean():.1%})")
+                label=f"{label} (landed {landed:.1%})")
     ax.axvline(tolerance, color="red", ls="--", lw=1, label=f"tolerance {tolerance:.3g}")
     ax.set(xscale="log", xlabel="||Phi(x0) - x1|| (end point to partner)", ylabel="share of sources")
     ax.legend(fontsize=8)

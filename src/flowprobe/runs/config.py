@@ -359,8 +359,9 @@ def _pairs_and_init_checks(cfg: TrainConfig) -> None:
                        ("model.init", cfg.model.init)):
         if value is not None and not value.strip():
             raise ConfigError(f"{key}: empty; give a file path or leave it unset")
-    if cfg.data.heldout_pairs is not None and cfg.data.pairs is None:
-        raise ConfigError("data.heldout_pairs: held-out pairs of a map go with its training pairs (data.pairs)")
+    if cfg.data.heldout_pairs is not None and (cfg.data.pairs is None or cfg.coupling.kind != "fixed_pairs"):
+        raise ConfigError("data.heldout_pairs: held-out pairs of a map go with its training pairs (data.pairs with "
+                          "coupling.kind: fixed_pairs)")
     if cfg.data.pairs is not None and cfg.data.data_kind not in ("toy", "images"):
         raise ConfigError(f"data.pairs: a pairs file is the training set of a toy or image (data.dataset) run; this "
                           f"run's data.kind is {cfg.data.data_kind}")

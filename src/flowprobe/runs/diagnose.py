@@ -201,15 +201,19 @@ def heldout_data_of(cfg, target, n: int, seed: int, device, extra: dict | None =
     return None, "the run trained on the whole dataset"
 
 
-def heldout_pairs_of(cfg, device) -> PairSet | None:
+def heldout_pairs_of(cfg, device, shape: tuple | None = None) -> PairSet | None:
     """The held-out pairs of a run trained on pairs of a map (``data.heldout_pairs``), or None; a ConfigError naming
-    the key when the file cannot be read or its samples do not have the training pairs' shape."""
+    the key when the file cannot be read or its samples do not have the sample ``shape`` (the training pairs')."""
     if cfg.data.heldout_pairs is None:
         return None
     try:
-        return load_pairs(cfg.data.heldout_pairs, device)
+        held = load_pairs(cfg.data.heldout_pairs, device)
     except ConfigError as e:
         raise ConfigError(f"data.heldout_pairs: {e}") from None
+    if shape is not None and tuple(held.x0.shape[1:]) != tuple(shape):
+        raise ConfigError(f"data.heldout_pairs: {cfg.data.heldout_pairs} holds samples of shape "
+                          f"{tuple(held.x0.shape[1:])}, the training pairs {tuple(shape)}")
+    return held
 
 
 def resolve_data(spec, *, role: str, device, resolution=None, limit=None, seed=0, root=None,
@@ -287,7 +291,8 @@ def diagnose(model, train=None, heldout=None, out: str | Path | None = None, *, 
     if pairs is not None:
         _, train_pairs, pair_info = resolve_data(pairs, role="train", **kw)
         train_info["pairs"] = pair_info.get("source")
-    if x_train is None and train_pairs is None:
+    from_run = x_train is None and train_pairs is None
+    if from_run:
         if resolved.run is None:
             raise ConfigError("--train is required: give the training data (a file, folder, dataset name or pairs "
                               "file)")
@@ -295,14 +300,14 @@ def diagnose(model, train=None, heldout=None, out: str | Path | None = None, *, 
         if x_train is None and train_pairs is None:
             raise ConfigError(why)
         train_info = {"source": why}
-        if x_held is None and held_pairs is None:
-            held_pairs = heldout_pairs_of(resolved.run.config, device) if train_pairs is not None else None
-            if held_pairs is not None:
-                held_info = {"source": f"held-out pairs of the run's map ({resolved.run.config.data.heldout_pairs})"}
-            else:
-                n_held = max(options.n_generate, options.membership_samples)
-                x_held, held_why = _run_heldout(resolved.run, n_held, options.seed, device)
-                held_info = {"source": held_why}
+    if x_held is None and held_pairs is None and train_pairs is not None and resolved.run is not None:
+        held_pairs = heldout_pairs_of(resolved.run.config, device, tuple(train_pairs.x0.shape[1:]))
+        if held_pairs is not None:  # a run on pairs of a map (a reflow round): its own held-out pairs
+            held_info = {"source": f"held-out pairs of the run's map ({resolved.run.config.data.heldout_pairs})"}
+    if from_run and x_held is None and held_pairs is None:
+        n_held = max(options.n_generate, options.membership_samples)
+        x_held, held_why = _run_heldout(resolved.run, n_held, options.seed, device)
+        held_info = {"source": held_why}
     if held_pairs is not None and train_pairs is None:
         raise ConfigError(f"{held_info.get('source', 'heldout')}: held-out pairs of a map need the training pairs "
                           f"(--pairs, or a run trained on a pairs file); give held-out samples instead")

@@ -63,7 +63,7 @@ def config_watch(cfg, coupling, source, target, path, log: str | Path, device, w
     x_train, pairs, why = training_data_of(coupling, device)
     if x_train is None and pairs is None:
         raise ConfigError(f"watch: {why.replace(': pass --train', '')}; there is no training set to memorise")
-    held_pairs = heldout_pairs_of(cfg, device) if pairs is not None else None
+    held_pairs = heldout_pairs_of(cfg, device, tuple(pairs.x0.shape[1:])) if pairs is not None else None
     if held_pairs is not None:
         x_held, why_held = held_pairs.x1[:w.n_heldout], "held-out pairs"
     else:

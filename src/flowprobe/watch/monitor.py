@@ -87,6 +87,9 @@ class MemorizationWatch:
             raise ValueError("the watch needs n_probe >= 2 and at least 2 training and 2 held-out samples")
         if train_sources is not None and train_sources.shape != train_data.shape:
             raise ValueError(f"train_sources must have the shape of train_data {tuple(train_data.shape)}")
+        if tuple(train_data.shape[1:]) != tuple(heldout_data.shape[1:]):
+            raise ValueError(f"train_data and heldout_data must hold samples of one shape, got "
+                             f"{tuple(train_data.shape[1:])} and {tuple(heldout_data.shape[1:])}")
         if heldout_sources is not None and (train_sources is None or heldout_sources.shape != heldout_data.shape):
             raise ValueError("heldout_sources needs train_sources and the shape of heldout_data "
                              f"{tuple(heldout_data.shape)}")
@@ -100,7 +103,6 @@ class MemorizationWatch:
         i_tr = torch.randperm(train_data.shape[0], generator=g)[:n_probe]
         i_ho = torch.randperm(heldout_data.shape[0], generator=g)[:n_probe]
         self.train_data = train_data.detach()
-        self.all_training_pairs = i_tr.numel() == train_data.shape[0]  # the probe holds every training pair
         self.kind = "independent" if train_sources is None else "paired" if heldout_sources is None else "map"
         self.early = bool(early)
         self.threshold = float(threshold) if threshold is not None else score_threshold(self.kind, self.early)
@@ -177,8 +179,7 @@ class MemorizationWatch:
         if ho_src is None:
             return None
         check, _ = map_check(net, PairSet(src, tr, {}), PairSet(ho_src, ho, {}), n_max=max(tr.shape[0], ho.shape[0]),
-                             method="euler", steps=self.copy_steps, device=device,
-                             all_training_pairs=self.all_training_pairs)
+                             method="euler", steps=self.copy_steps, device=device)
         return check
 
     # ------------------------------------------------------------------------------------------- reading
