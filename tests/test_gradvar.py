@@ -536,3 +536,38 @@ def test_residual_gain_matches_the_closed_form_of_a_linear_field():
     assert out["white"]["gv"] != pytest.approx(out["actual"]["gv"], rel=1e-3)  # direction matters, not only size
     with pytest.raises(ValueError, match="reduction"):
         residual_gain(net, 0.3, x, res, reduction="mean")
+
+
+def test_a_zero_dim_parameter_is_measured_alike_by_every_estimator():
+    """A net with a scalar parameter (a learnable output scale): the ghost path's torch.func fallback and the exact
+    path give the brute-force (naive, one backward per sample) gradient variance."""
+    import warnings
+
+    from torch import nn
+
+    from flowprobe.couplings import GaussianSampler, IndependentCoupling, TensorSampler
+    from flowprobe.paths import LinearPath
+    from flowprobe.probes.gradvar import gradient_variance
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+            self.scale = nn.Parameter(torch.tensor(1.5))
+
+        def forward(self, t, x):
+            t = torch.as_tensor(t, dtype=x.dtype).reshape(-1).expand(x.shape[0])[:, None]
+            return self.scale * self.lin(torch.cat([x, t], 1))
+
+    torch.manual_seed(0)
+    net = Scaled()
+    coupling = IndependentCoupling(GaussianSampler((2,)), TensorSampler(torch.randn(64, 2)))
+    gv = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the ghost path says which parameters fall back
+        for method in ("ghost", "exact", "naive"):
+            r = gradient_variance(net, LinearPath(), coupling, [0.3, 0.7], n_samples=32, method=method,
+                                  generator=torch.Generator().manual_seed(1))
+            gv[method] = torch.tensor([row["gv"] for row in r.rows], dtype=torch.float64)
+    torch.testing.assert_close(gv["ghost"], gv["naive"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(gv["exact"], gv["naive"], rtol=1e-6, atol=0)

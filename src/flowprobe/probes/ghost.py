@@ -412,7 +412,7 @@ def run_ghost(net, params, t, x, u, reduction, chunk_size, mom, conv_rule: str =
             if fallback:
                 fg = vmap_grads(net, fallback, by_name, t[a:b], x[a:b], u[a:b], reduction)
                 for nm in fallback:
-                    g = fg[nm].flatten(1).double()
+                    g = fg[nm].reshape(fg[nm].shape[0], -1).double()  # 0-dim parameters too
                     sq[:, col[nm]] = g.pow(2).sum(1)
                     dot[:, col[nm]] = g @ mom.ref[nm].flatten().to(g.device)
             mom.add_norms(sq, dot)

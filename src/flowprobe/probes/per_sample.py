@@ -69,7 +69,7 @@ class Moments:
         for name in self.pnames:
             # reductions over one chunk in the gradients' dtype (a float64 copy of n x P would cost more
             # than the gradients themselves); accumulation across chunks in float64
-            g = grads[name].detach().flatten(1)
+            g = grads[name].detach().reshape(grads[name].shape[0], -1)  # 0-dim parameters too
             sq.append(g.pow(2).sum(1).double())
             dot.append((g @ self.ref[name].flatten().to(device=g.device, dtype=g.dtype)).double())
             if add_sums:
