@@ -36,6 +36,7 @@ from torch import Tensor
 from ..couplings import GaussianSampler
 from ..paths import LinearPath, ProbabilityPath
 from ..probes.consistency import parse_solver
+from ..probes.gradvar import PER_SAMPLE_ERRORS
 from ..probes.memorization import PairSet
 from ..seeds import seeded_generator
 from ..solvers import push_forward
@@ -288,7 +289,7 @@ def _membership(net, path, source, train, heldout, pairs, heldout_pairs, options
                                                   times=options.gradvar_times, n_samples=options.gradvar_samples,
                                                   method=options.gradvar_method, seed=options.seed,
                                                   heldout_sources=held_sources)
-            except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:  # a net torch.func cannot map
+            except PER_SAMPLE_ERRORS as e:  # a net torch.func cannot map
                 first = (str(e).strip().splitlines() or [""])[0]
                 checks["gradvar"] = CheckResult.skipped("gradvar", SUPPORTING, f"per-sample gradients failed: "
                                                         f"{type(e).__name__}: {first}")

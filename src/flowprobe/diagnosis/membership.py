@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..couplings import FixedPairs, IndependentCoupling, TensorSampler
 from ..objectives import squared_error
 from ..paths import ProbabilityPath
-from ..probes.gradvar import gradient_variance
+from ..probes.gradvar import PER_SAMPLE_ERRORS, gradient_variance
 from .result import CheckResult
 from .stats import auc, mean_se
 from .verdict import (GRADVAR_COLLAPSE_RATIO, GRADVAR_PARITY_RATIO, MEMBERSHIP_AUC_MARGIN, MIN_SAMPLES, SUPPORTING,
@@ -154,7 +154,7 @@ def gradvar_check(net: nn.Module, path: ProbabilityPath, source, train: Tensor, 
                                                    method=method, chunk_size=chunk_size, generator=gen, groups="all",
                                                    device=train.device)
             break
-        except (RuntimeError, ValueError, TypeError, NotImplementedError):
+        except PER_SAMPLE_ERRORS:
             if k == len(methods) - 1:
                 raise
     rows, logs, ses = [], [], []

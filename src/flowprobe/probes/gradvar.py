@@ -43,10 +43,13 @@ from .residual import matched_residuals, residual_gain
 __all__ = [
     "ESTIMATORS", "DIRECTIONS", "ENDPOINT_MARGIN", "GradStats", "GradVarResult", "gradient_variance",
     "per_sample_grad_stats", "parse_times", "resolve_groups", "sampler_device", "describe_path", "residual_gain",
-    "matched_residuals", "StepBound",
+    "matched_residuals", "StepBound", "PER_SAMPLE_ERRORS",
 ]
 
 DIRECTIONS = ("forward", "backward")
+#: The errors a net's per-sample gradients can fail with (a module torch.func or the ghost hooks cannot map, shapes
+#: they do not expect): callers that measure any user's net catch these and say why instead of stopping.
+PER_SAMPLE_ERRORS = (RuntimeError, ValueError, TypeError, NotImplementedError, IndexError)
 #: The CLI's time grid "a:b:K" is clipped to [ENDPOINT_MARGIN, 1 - ENDPOINT_MARGIN] (the paper's grid ends).
 ENDPOINT_MARGIN = 0.01
 

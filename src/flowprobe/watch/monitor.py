@@ -17,6 +17,7 @@ from ..couplings import GaussianSampler
 from ..diagnosis.copies import copies_check
 from ..diagnosis.membership import gradvar_check, membership_check
 from ..diagnosis.transport import map_check, pairing_check
+from ..probes.gradvar import PER_SAMPLE_ERRORS
 from ..io import append_jsonl, truncate_jsonl
 from ..paths import ProbabilityPath
 from ..probes.memorization import PairSet
@@ -232,7 +233,7 @@ class MemorizationWatch:
         if self.gradvar:
             try:
                 g = self.gradient_variance(net, device)
-            except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:  # a net torch.func cannot map
+            except PER_SAMPLE_ERRORS as e:  # a net torch.func cannot map
                 logger.warning("memorisation watch: no gradient-variance reading at step %d (%s)", step, e)
                 self.gradvar = False
                 return self.read_copies(step, net, device, reading)
