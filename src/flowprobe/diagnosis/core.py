@@ -24,7 +24,6 @@ A check that cannot run says why in the result (``Diagnosis.not_run()``). Progre
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -43,6 +42,7 @@ from ..solvers import push_forward
 from .copies import copies_check, split_baseline
 from .membership import gradvar_check, membership_check
 from .result import CheckResult, Diagnosis
+from .stats import rms_norm
 from .transport import map_check, pairing_check, transport_check
 from .verdict import (DECISIVE, FAR_FROM_DATA_FACTOR, INFORMATIONAL, MAP_LEARNED_SHARE, SUPPORTING, decide,
                       thresholds)
@@ -134,10 +134,6 @@ def _generator(seed: int, stream: int, device) -> torch.Generator:
     """Stream ``stream`` of ``seed`` (:func:`flowprobe.seeds.seeded_generator`): 1 sampling, 2 the copy
     baseline, 3 membership, 4 transport."""
     return seeded_generator(seed, stream, device)
-
-
-def _rms(x: Tensor) -> float:
-    return math.sqrt(x.reshape(x.shape[0], -1).double().pow(2).sum(1).mean().item())
 
 
 def diagnose(net, train: Tensor | None = None, heldout: Tensor | None = None, *, pairs: PairSet | None = None,
@@ -327,5 +323,5 @@ def _transport(net, train, source, options, run, checks, device, wanted) -> None
         return
     with run.stage("transport"):
         x0, _ = source.sample(options.transport_samples, _generator(options.seed, 4, device))
-        checks["transport"] = transport_check(net, x0.to(device, torch.float32), _rms(train),
+        checks["transport"] = transport_check(net, x0.to(device, torch.float32), rms_norm(train),
                                               solvers=tuple(options.transport_solvers))

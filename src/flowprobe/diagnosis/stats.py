@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["wilson_interval", "newcombe_interval", "exact_greater_p", "auc", "auc_brute_force", "mean_se",
-           "normal_quantile", "Z95"]
+           "normal_quantile", "rms_norm", "Z95"]
 
 
 def normal_quantile(p: float) -> float:
@@ -63,6 +63,12 @@ def newcombe_interval(k1: int, n1: int, k2: int, n2: int, z: float = Z95) -> tup
     lower = d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
     upper = d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
     return d, max(-1.0, lower), min(1.0, upper)
+
+
+def rms_norm(x: Tensor) -> float:
+    """The root-mean-square norm of the rows of ``x`` (N, ...): sqrt(mean_i ||x_i||^2), in float64 (the scale the
+    transport and map checks' tolerances are fractions of)."""
+    return math.sqrt(x.reshape(x.shape[0], -1).double().pow(2).sum(1).mean().item())
 
 
 def exact_greater_p(k1: int, n1: int, k2: int, n2: int) -> float:

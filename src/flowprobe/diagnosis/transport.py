@@ -38,7 +38,7 @@ from ..probes.memorization import PairSet, evaluate_pairs, limit_pairs
 from ..probes.straightness import straightness_from_trajectory
 from ..solvers import integrate, push_forward
 from .result import CheckResult
-from .stats import exact_greater_p, newcombe_interval, wilson_interval
+from .stats import exact_greater_p, newcombe_interval, rms_norm, wilson_interval
 from .verdict import (DECISIVE, INFORMATIONAL, MAP_TOLERANCE, MIN_SAMPLES, PAIRING_EXCESS_MARGIN, TRANSPORT_TOLERANCE,
                       map_vote, pairing_vote)
 
@@ -101,7 +101,7 @@ def map_check(net, pairs: PairSet, heldout_pairs: PairSet, *, n_max: int = 1000,
     n_all = pairs.x0.shape[0]
     if n_all < 1 or heldout_pairs.x0.shape[0] < 1:
         raise ValueError("the map check needs at least one training pair and one held-out pair")
-    scale = float(pairs.x1.reshape(n_all, -1).double().pow(2).sum(1).mean().sqrt())
+    scale = rms_norm(pairs.x1)
     tol = MAP_TOLERANCE * scale
     out, counts, non_finite = {}, {}, 0
     for name, ps in (("train", pairs), ("heldout", heldout_pairs)):

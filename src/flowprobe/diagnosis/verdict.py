@@ -178,7 +178,8 @@ def map_vote(n_train: int, n_heldout: int, excess: float, lower: float, upper: f
         return Vote(None, f"too few held-out pairs ({n_heldout} < {MIN_SAMPLES})")
     alpha = (1 - CONFIDENCE) / 2
     if n_train < MIN_SAMPLES:
-        said = f"excess {excess:+.3f} with {n_train} < {MIN_SAMPLES} training pairs, exact one-sided p = {p_exact:.3g}"
+        exact = "no exact test" if p_exact is None else f"exact one-sided p = {p_exact:.3g}"
+        said = f"excess {excess:+.3f} with {n_train} < {MIN_SAMPLES} training pairs, {exact}"
         if p_exact is not None and excess > PAIRING_EXCESS_MARGIN and p_exact < alpha:
             return Vote(MEMORISES, f"{said} (below {alpha:.3g}), excess above the margin {PAIRING_EXCESS_MARGIN}: "
                                    f"the net carries its training sources to their partners, not the map's held-out "

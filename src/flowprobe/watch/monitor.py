@@ -17,9 +17,9 @@ from ..couplings import GaussianSampler
 from ..diagnosis.copies import copies_check
 from ..diagnosis.membership import gradvar_check, membership_check
 from ..diagnosis.transport import map_check, pairing_check
-from ..probes.gradvar import PER_SAMPLE_ERRORS
 from ..io import append_jsonl, truncate_jsonl
 from ..paths import ProbabilityPath
+from ..probes.gradvar import PER_SAMPLE_ERRORS
 from ..probes.memorization import PairSet
 from ..solvers import push_forward
 from .detector import WatchReading, detect, finite_number, score_threshold
